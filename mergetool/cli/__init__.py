@@ -1,0 +1,1 @@
+"""The command-line edge: one module per subcommand; only this package prints or exits."""

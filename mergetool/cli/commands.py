@@ -1,0 +1,3 @@
+"""Imports every subcommand module so that each registers itself on the app."""
+
+from . import merge  # noqa: F401

@@ -1,0 +1,30 @@
+"""Options shared by the subcommands, and the one place where the device is chosen."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..errors import UsageError
+
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cuda, cuda:N or cpu.",
+                                     metavar="auto|cuda|cpu")]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or notes on stderr; errors only.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt pickle weights (weights_only).")]
+
+
+def pick_device(spec: str):
+    """``auto`` is CUDA when present; all tensor work of a command runs on the device chosen here."""
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError("--device", f"{spec} requested but CUDA is not available", "use --device cpu or auto")
+        return torch.device(spec)
+    if spec == "cpu":
+        return torch.device("cpu")
+    raise UsageError("--device", f"unknown device {spec!r}", "use auto, cuda or cpu")

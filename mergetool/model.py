@@ -1,0 +1,254 @@
+"""Base models: resolve (HF id in the offline cache, directory, GGUF file), fingerprint, read tensor by
+tensor, take a full fine-tuned model's task vector, and write a merged model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import MergetoolError
+from .io import FLOAT_DTYPES, LazySafetensors, dtype_size, write_blob
+from .updates import PREFIX, Dense, LowRank, Update
+
+log = logging.getLogger("mergetool")
+
+STRUCTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "head_dim", "tie_word_embeddings")
+COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+              "added_tokens.json")
+SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass
+class Base:
+    """A resolved base model: a directory, or a GGUF file inside ``dir``."""
+
+    name: str
+    dir: Path
+    gguf_file: str | None = None
+
+    def load_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_base(spec: str, gguf_file: str | None = None) -> Base:
+    p = Path(spec)
+    if p.is_file() and p.suffix == ".gguf":
+        return Base(spec, p.parent, p.name)
+    if p.is_dir():
+        if gguf_file is None and not (p / "config.json").exists():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                gguf_file = ggufs[0].name
+            else:
+                raise MergetoolError(spec, "is not a model directory (no config.json)",
+                                     "pass a Hugging Face model directory or a .gguf file")
+        return Base(spec, p, gguf_file)
+    if p.exists():
+        raise MergetoolError(spec, "is not a model directory or a .gguf file", "pass a model directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Base(spec, Path(snapshot_download(spec, local_files_only=True)), gguf_file)
+    except Exception:
+        raise MergetoolError(spec, "not a local path and not in the offline Hugging Face cache",
+                             "download the model first (huggingface-cli download) or pass a directory") from None
+
+
+def load_config(base: Base):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(base.dir), trust_remote_code=False, **base.load_kwargs())
+    except Exception as e:
+        raise MergetoolError(base.name, f"cannot read the model config ({e.__class__.__name__}: {str(e)[:120]})",
+                             "pass a Hugging Face model directory or a .gguf file") from None
+
+
+def fingerprint(base: Base) -> str:
+    """Hash of the base's structural config and parameter shapes (built on the meta device: no weights
+    are read, and a directory, a hub id and a GGUF file of one model agree)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(base)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+    d = cfg.to_dict()
+    doc = {"config": {k: d.get(k) for k in STRUCTURE_KEYS},
+           "shapes": sorted((n, list(p.shape)) for n, p in model.named_parameters())}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ModelTensors:
+    """The tensors of a model, read one at a time: safetensors shards (plain reads), pickles only with
+    ``allow_pickle`` (weights_only), or a GGUF file (dequantised once by transformers)."""
+
+    def __init__(self, base: Base, allow_pickle: bool = False):
+        self.base = base
+        self._where: dict[str, Callable[[], torch.Tensor]] = {}
+        self._specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        d = base.dir
+        if base.gguf_file:
+            self._from_state_dict(self._gguf_state_dict())
+            return
+        files = sorted(d.glob("*.safetensors"))
+        if files:
+            for f in files:
+                lz = LazySafetensors(f)
+                for k in lz.keys():
+                    s = lz.spec(k)
+                    self._specs[k] = (s.dtype, s.shape)
+                    self._where[k] = (lambda lz=lz, k=k: lz.read(k))
+            return
+        pickles = sorted(d.glob("*.bin")) + sorted(d.glob("*.pt"))
+        if not pickles:
+            raise MergetoolError(str(d), "holds no model weights (*.safetensors)", "pass a model directory")
+        if not allow_pickle:
+            raise MergetoolError(str(d), "holds pickle weights (*.bin) only",
+                                 "convert them to safetensors, or pass --allow-pickle if you trust the source")
+        sd = {}
+        for f in pickles:
+            sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        self._from_state_dict(sd)
+
+    def _gguf_state_dict(self) -> dict[str, torch.Tensor]:
+        from transformers import AutoModelForCausalLM
+
+        log.info("dequantising %s (GGUF) ...", self.base.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(str(self.base.dir), gguf_file=self.base.gguf_file,
+                                                     torch_dtype=torch.float32, trust_remote_code=False)
+        return model.state_dict()
+
+    def _from_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for k, t in sd.items():
+            self._specs[k] = (t.dtype, tuple(t.shape))
+            self._where[k] = (lambda t=t: t)
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self._specs[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._where[name]()
+
+
+def module_of(param: str) -> str:
+    """PEFT-style module key of a model parameter (``x.weight`` -> ``base_model.model.x``)."""
+    return PREFIX + (param[: -len(".weight")] if param.endswith(".weight") else param)
+
+
+def task_vector(ft_dir: Path, base: Base | None, allow_pickle: bool = False) -> Update:
+    """A full fine-tuned model's task vector against ``base``, computed tensor by tensor on demand."""
+    if base is None:
+        raise MergetoolError(str(ft_dir), "is a full model directory; its task vector needs the base",
+                             "pass --base MODEL")
+    ft = ModelTensors(Base(str(ft_dir), Path(ft_dir)), allow_pickle)
+    bt = ModelTensors(base, allow_pickle)
+    modules: dict = {}
+    for name in ft.keys():
+        dt, shape = ft.spec(name)
+        if dt not in FLOAT_DTYPES:
+            continue
+        if name not in bt._specs:
+            raise MergetoolError(str(ft_dir), f"tensor {name!r} is not in the base {base.name}",
+                                 "pass the base this model was fine-tuned from")
+        if bt.spec(name)[1] != shape:
+            raise MergetoolError(str(ft_dir), f"tensor {name!r} has shape {shape}, the base has {bt.spec(name)[1]}",
+                                 "pass the base this model was fine-tuned from")
+
+        def load(device, name=name):
+            a = ft.read(name).to(device, non_blocking=True)
+            b = bt.read(name).to(device, non_blocking=True)
+            d = a.float() - b.float()
+            if not bool(torch.isfinite(d).all()):
+                raise MergetoolError(str(ft_dir), f"tensor {name!r} holds NaN or Inf", "the model is broken")
+            return d
+
+        modules[module_of(name)] = Dense(loader=load, shape_=shape)
+    dtypes = {ft.spec(n)[0] for n in ft.keys() if ft.spec(n)[0] in FLOAT_DTYPES}
+    return Update(Path(ft_dir).name, modules, {"base_model": base.name, "kind": "dense"},
+                  max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32)
+
+
+def save_model(base: Base, out_dir: Path, merged: Iterator[tuple[str, object]], device: torch.device,
+               allow_pickle: bool = False) -> dict:
+    """Write θ_base + merged (λ already applied) as sharded safetensors, tensor by tensor, with the base's
+    config and tokenizer files. ``merged`` may be a stream; it is consumed in the base's tensor order."""
+    bt = ModelTensors(base, allow_pickle)
+    names = bt.keys()
+    pending: dict[str, object] = {}
+    it = iter(merged)
+    used = 0
+
+    def delta_for(name: str):
+        mod = module_of(name)
+        while mod not in pending:
+            try:
+                k, v = next(it)
+            except StopIteration:
+                return None
+            pending[k] = v
+        return pending.pop(mod)
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        dt, shape = bt.spec(n)
+        b = dtype_size(dt) * int(torch.Size(shape).numel())
+        if shards[-1] and size + b > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += b
+    weight_map = {}
+    total = len(shards)
+    for i, shard in enumerate(shards):
+        fname = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+
+        def tensors(shard=shard):
+            nonlocal used
+            for n in shard:
+                t = bt.read(n)
+                d = delta_for(n)
+                if d is not None:
+                    used += 1
+                    dd = d.delta(device) if isinstance(d, (LowRank, Dense)) else d
+                    t = (t.to(device).float() + dd.reshape(t.shape)).to(t.dtype)
+                yield n, t
+
+        specs = [(n, bt.spec(n)[0], bt.spec(n)[1]) for n in shard]
+        with open(out_dir / fname, "wb") as fh:
+            write_blob(fh, tensors(), {"format": "pt"}, specs)
+        weight_map.update({n: fname for n in shard})
+    leftover = list(pending) + [k for k, _ in it]
+    if leftover:
+        raise MergetoolError("--save-model", f"{len(leftover)} merged modules are not in the base "
+                             f"(e.g. {leftover[0]})", "pass the base the adapters were trained on")
+    if total > 1:
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(dtype_size(bt.spec(n)[0]) * int(torch.Size(bt.spec(n)[1]).numel())
+                                            for n in names)}, "weight_map": weight_map}, indent=2))
+    _copy_model_files(base, out_dir)
+    return {"tensors": len(names), "patched": used, "shards": total}
+
+
+def _copy_model_files(base: Base, out_dir: Path) -> None:
+    if base.gguf_file:
+        from transformers import AutoConfig, AutoTokenizer
+
+        AutoConfig.from_pretrained(str(base.dir), gguf_file=base.gguf_file).save_pretrained(out_dir)
+        AutoTokenizer.from_pretrained(str(base.dir), gguf_file=base.gguf_file).save_pretrained(out_dir)
+        return
+    for f in COPY_FILES:
+        if (base.dir / f).exists():
+            shutil.copy2(base.dir / f, out_dir / f)

@@ -1,0 +1,101 @@
+"""Fixtures: random LoRA adapters with PEFT key names and a tiny Llama built from a config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergetool.io import blob_bytes
+from mergetool.updates import PREFIX, LowRank, Update
+
+HIDDEN, INTER, LAYERS = 64, 128, 2
+TARGETS = {"q_proj": (HIDDEN, HIDDEN), "v_proj": (HIDDEN // 2, HIDDEN), "up_proj": (INTER, HIDDEN)}
+
+
+def module_name(layer: int, proj: str) -> str:
+    part = "mlp" if proj.endswith(("up_proj", "down_proj", "gate_proj")) else "self_attn"
+    return f"{PREFIX}model.layers.{layer}.{part}.{proj}"
+
+
+def random_lora(seed: int, rank: int = 4, alpha: float = 8.0, targets=TARGETS, layers=range(LAYERS),
+                name: str | None = None, fingerprint: str | None = None, task: str | None = None) -> Update:
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for layer in layers:
+        for proj, (out, inp) in targets.items():
+            A = torch.randn(rank, inp, generator=g) / inp ** 0.5
+            B = torch.randn(out, rank, generator=g) * 0.1
+            mods[module_name(layer, proj)] = LowRank(A, B, alpha / rank)
+    meta = {"name": name or f"lora{seed}", "kind": "lora", "base_model": "tiny-llama",
+            "peft_config": {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets), "use_rslora": False}}
+    if fingerprint:
+        meta["base_fingerprint"] = fingerprint
+    if task:
+        meta["task"] = task
+    return Update(meta["name"], mods, meta, torch.float32)
+
+
+def lora_blob(u: Update) -> bytes:
+    """Serialise with the original (unfolded) alpha, as PEFT would save it."""
+    tensors = {}
+    for mod, m in u.modules.items():
+        tensors[f"{mod}.lora_A.weight"] = m.A.contiguous()
+        tensors[f"{mod}.lora_B.weight"] = m.B.contiguous()
+    return blob_bytes(tensors, {"format": "pt", "mergetool": json.dumps(u.meta)})
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    """Three random LoRA adapter files of the tiny Llama's shapes."""
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"a{i}.safetensors"
+        p.write_bytes(lora_blob(random_lora(i, rank=2 + 2 * i, name=f"a{i}")))
+        paths.append(p)
+    return paths
+
+
+def tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny randomly initialised Llama saved as a model directory."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_base")
+    LlamaForCausalLM(tiny_config()).save_pretrained(d)
+    return d
+
+
+def finetuned_copy(base_dir: Path, out: Path, seed: int, scale: float = 0.01) -> Path:
+    from transformers import LlamaForCausalLM
+
+    m = LlamaForCausalLM.from_pretrained(base_dir)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    m.save_pretrained(out)
+    return out
+
+
+def run_cli(*args: str, input: bytes | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the installed CLI as a user would, in a subprocess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, "-m", "mergetool", *args], input=input, capture_output=True, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}: {r.stderr.decode()}")
+    return r
