@@ -131,9 +131,8 @@ def from_tensors(tensors: dict[str, torch.Tensor], meta: dict, name: str, source
                  peft_config: dict | None = None) -> Update:
     """Build an update from PEFT-named (``*.lora_A.weight``/``*.lora_B.weight``) or ``*.delta`` tensors."""
     cfg = peft_config if peft_config is not None else meta.get("peft_config")
-    if cfg is None and any(".lora_" in k for k in tensors):
-        log.warning("%s: no peft_config in the metadata; assuming lora_alpha = r (scale 1)", source)
-        cfg = {}
+    guessed = cfg is None and any(".lora_" in k for k in tensors)
+    cfg = {} if guessed else cfg
     halves: dict[str, dict[str, torch.Tensor]] = {}
     modules: dict[str, Module] = {}
     dtypes = set()
@@ -161,6 +160,8 @@ def from_tensors(tensors: dict[str, torch.Tensor], meta: dict, name: str, source
         modules[mod] = LowRank(A, B, lora_scale(cfg, mod, A.shape[0]))
     if not modules:
         raise MergetoolError(source, "holds no tensors", "pass an adapter")
+    if guessed:
+        log.warning("%s: no peft_config in the metadata; assuming lora_alpha = r (scale 1)", source)
     meta = dict(meta)
     if cfg is not None and "peft_config" not in meta:
         meta["peft_config"] = cfg

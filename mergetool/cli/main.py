@@ -11,8 +11,12 @@ import os
 import sys
 import traceback
 
-import click
 import typer
+
+try:  # typer >= 0.20 vendors click as typer._click; older typer uses click itself
+    from typer._click import exceptions as cx
+except ImportError:  # pragma: no cover
+    from click import exceptions as cx
 
 from .. import __version__
 
@@ -43,13 +47,23 @@ def main(version: bool = typer.Option(False, "--version", callback=version_callb
     """Merge, evaluate, score and diagnose LoRA adapters of one base model."""
 
 
+class _Formatter(logging.Formatter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def format(self, record):
+        kind = "warning: " if record.levelno >= logging.WARNING else ""
+        return self.prefix + kind + record.getMessage()
+
+
 def begin(command: str, quiet: bool, debug: bool) -> None:
     """Called first by every command: names it for error lines and routes logging to stderr."""
     _state["command"], _state["debug"] = command, debug
     log = logging.getLogger("mergetool")
     log.handlers.clear()
     h = logging.StreamHandler(sys.stderr)
-    h.setFormatter(logging.Formatter(f"mergetool {command}: %(message)s"))
+    h.setFormatter(_Formatter(f"mergetool {command}: "))
     log.addHandler(h)
     log.setLevel(logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO))
     log.propagate = False
@@ -81,13 +95,18 @@ def run(argv: list[str] | None = None) -> int:
     code = 0
     try:
         app(args=argv, standalone_mode=False, prog_name="mergetool")
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         code = e.exit_code
-    except click.exceptions.UsageError as e:
-        hint = f"see 'mergetool {_state['command'] or e.ctx.info_name if e.ctx else ''} --help'".replace("  ", " ")
-        _say("error", f"usage: {e.format_message()}; {hint}")
+    except cx.UsageError as e:
+        path = e.ctx.command_path if e.ctx else "mergetool"
+        if e.ctx is not None and e.ctx.info_name != "mergetool":
+            _state["command"] = e.ctx.info_name
+        if e.__class__.__name__ == "NoArgsIsHelpError" and e.ctx is not None:
+            sys.stderr.write(e.ctx.get_help() + "\n")
+        else:
+            _say("error", f"usage: {e.format_message().rstrip('.')}; see '{path} --help'")
         code = 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         _say("error", "interrupted")
         code = 130
     except KeyboardInterrupt:
@@ -101,7 +120,7 @@ def run(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         _say("error", e.line())
         code = e.exit_code
-    except click.exceptions.ClickException as e:
+    except cx.ClickException as e:
         _say("error", e.format_message())
         code = e.exit_code
     except Exception as e:  # an internal failure still gets one line
