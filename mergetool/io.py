@@ -255,7 +255,7 @@ def write_blob(fh: IO[bytes], tensors: dict[str, torch.Tensor] | Iterable[tuple[
             raise RuntimeError(f"blob writer: got {name} {t.dtype} {tuple(t.shape)}, expected {ename} {edt} {eshape}")
         t = t.detach().to("cpu").contiguous()
         if t.numel():
-            fh.write(t.view(-1).view(torch.uint8).numpy().tobytes())
+            fh.write(t.view(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
 
 
 def blob_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:

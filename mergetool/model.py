@@ -93,6 +93,7 @@ class ModelTensors:
 
     def __init__(self, base: Base, allow_pickle: bool = False):
         self.base = base
+        self._last = None
         self._where: dict[str, Callable[[], torch.Tensor]] = {}
         self._specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         d = base.dir
@@ -141,6 +142,25 @@ class ModelTensors:
     def read(self, name: str) -> torch.Tensor:
         return self._where[name]()
 
+    def read_to(self, name: str, device) -> torch.Tensor:
+        """Read onto ``device``, keeping the last tensor: n task vectors against one base read it once."""
+        if self._last is not None and self._last[0] == (name, str(device)):
+            return self._last[1]
+        t = self.read(name).to(device, non_blocking=True)
+        self._last = ((name, str(device)), t)
+        return t
+
+
+_BASES: dict[tuple, ModelTensors] = {}
+
+
+def base_tensors(base: Base, allow_pickle: bool = False) -> ModelTensors:
+    """One reader per base, shared by every task vector taken against it."""
+    key = (str(base.dir), base.gguf_file, allow_pickle)
+    if key not in _BASES:
+        _BASES[key] = ModelTensors(base, allow_pickle)
+    return _BASES[key]
+
 
 def module_of(param: str) -> str:
     """PEFT-style module key of a model parameter (``x.weight`` -> ``base_model.model.x``)."""
@@ -153,7 +173,7 @@ def task_vector(ft_dir: Path, base: Base | None, allow_pickle: bool = False) -> 
         raise MergetoolError(str(ft_dir), "is a full model directory; its task vector needs the base",
                              "pass --base MODEL")
     ft = ModelTensors(Base(str(ft_dir), Path(ft_dir)), allow_pickle)
-    bt = ModelTensors(base, allow_pickle)
+    bt = base_tensors(base, allow_pickle)
     modules: dict = {}
     for name in ft.keys():
         dt, shape = ft.spec(name)
@@ -168,8 +188,7 @@ def task_vector(ft_dir: Path, base: Base | None, allow_pickle: bool = False) -> 
 
         def load(device, name=name):
             a = ft.read(name).to(device, non_blocking=True)
-            b = bt.read(name).to(device, non_blocking=True)
-            d = a.float() - b.float()
+            d = a.float() - bt.read_to(name, device).float()
             if not bool(torch.isfinite(d).all()):
                 raise MergetoolError(str(ft_dir), f"tensor {name!r} holds NaN or Inf", "the model is broken")
             return d
@@ -181,10 +200,11 @@ def task_vector(ft_dir: Path, base: Base | None, allow_pickle: bool = False) -> 
 
 
 def save_model(base: Base, out_dir: Path, merged: Iterator[tuple[str, object]], device: torch.device,
-               allow_pickle: bool = False) -> dict:
+               allow_pickle: bool = False, dtype: torch.dtype | None = None) -> dict:
     """Write θ_base + merged (λ already applied) as sharded safetensors, tensor by tensor, with the base's
-    config and tokenizer files. ``merged`` may be a stream; it is consumed in the base's tensor order."""
-    bt = ModelTensors(base, allow_pickle)
+    config and tokenizer files. ``merged`` may be a stream; it is consumed in the base's tensor order.
+    Floating tensors are written in ``dtype`` (default: the base's own)."""
+    bt = base_tensors(base, allow_pickle)
     names = bt.keys()
     pending: dict[str, object] = {}
     it = iter(merged)
@@ -204,7 +224,7 @@ def save_model(base: Base, out_dir: Path, merged: Iterator[tuple[str, object]], 
     size = 0
     for n in names:
         dt, shape = bt.spec(n)
-        b = dtype_size(dt) * int(torch.Size(shape).numel())
+        b = dtype_size(dtype if dtype is not None and dt in FLOAT_DTYPES else dt) * int(torch.Size(shape).numel())
         if shards[-1] and size + b > SHARD_BYTES:
             shards.append([])
             size = 0
@@ -212,21 +232,26 @@ def save_model(base: Base, out_dir: Path, merged: Iterator[tuple[str, object]], 
         size += b
     weight_map = {}
     total = len(shards)
+
+    def out_dtype(n):
+        dt = bt.spec(n)[0]
+        return dtype if dtype is not None and dt in FLOAT_DTYPES else dt
+
     for i, shard in enumerate(shards):
         fname = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
 
         def tensors(shard=shard):
             nonlocal used
             for n in shard:
-                t = bt.read(n)
+                t = bt.read_to(n, device)
                 d = delta_for(n)
                 if d is not None:
                     used += 1
                     dd = d.delta(device) if isinstance(d, (LowRank, Dense)) else d
-                    t = (t.to(device).float() + dd.reshape(t.shape)).to(t.dtype)
-                yield n, t
+                    t = t.to(device).float() + dd.reshape(t.shape)
+                yield n, t.to(out_dtype(n))
 
-        specs = [(n, bt.spec(n)[0], bt.spec(n)[1]) for n in shard]
+        specs = [(n, out_dtype(n), bt.spec(n)[1]) for n in shard]
         with open(out_dir / fname, "wb") as fh:
             write_blob(fh, tensors(), {"format": "pt"}, specs)
         weight_map.update({n: fname for n in shard})

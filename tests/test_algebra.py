@@ -154,14 +154,33 @@ def test_slerp_endpoints_and_midpoint():
 def test_ties_global_trim_keeps_density_fraction():
     us = [random_lora(s) for s in range(2)]
     tv = TaskVectors.of_updates(us, CPU)
-    from mergetool.methods.primitives import kth_largest_abs, keep_count
+    from mergetool.methods.primitives import keep_count, kth_largest_abs
 
     k = keep_count(0.2, tv.numel())
-    thr = kth_largest_abs(tv, [k, k])
+    thr, ties = kth_largest_abs(tv, [k, k])
     for i in range(2):
         allv = torch.cat([tv.stacked(m)[i].abs().flatten() for m in tv.modules])
         assert float(thr[i]) == float(allv.sort(descending=True).values[k - 1])
-        assert int((allv >= thr[i]).sum()) == k
+        assert int((allv > thr[i]).sum()) + int(ties[i]) == k
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_trim_keeps_exactly_k_with_ties(scope):
+    """bf16-quantised deltas tie massively at the threshold: the trim still keeps exactly k, by position."""
+    g = torch.Generator().manual_seed(0)
+    us = [Update(f"q{i}", {f"m{j}": Dense(torch.randint(-3, 4, (16, 32), generator=g).float()) for j in range(3)})
+          for i in range(2)]
+    from mergetool.methods.families import _trim
+
+    tv = TaskVectors.of_updates(us, CPU)
+    apply = _trim(tv, Params(trim_scope=scope), 0.3)
+    trimmed = [apply(tv.stacked(m), m) for m in tv.modules]  # once per module, in order
+    kept = [sum(int((t[i] != 0).sum()) for t in trimmed) for i in range(2)]
+    want = int(0.3 * 3 * 512) if scope == "global" else 3 * int(0.3 * 512)
+    assert kept == [want, want]
+    again = _trim(tv, Params(trim_scope=scope), 0.3)
+    for m, t in zip(tv.modules, trimmed):
+        assert torch.equal(t, again(tv.stacked(m), m))
 
 
 def test_dare_is_reproducible_and_unbiased():

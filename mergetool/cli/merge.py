@@ -203,7 +203,8 @@ def merge_cmd(
         merged.modules[mod] = r if isinstance(r, LowRank) else _dense(r)
     if save_model:
         with io.atomic_dir(save_model) as d:
-            info = write_model(b, d, iter(merged.modules.items()), dev, allow_pickle)
+            info = write_model(b, d, iter(merged.modules.items()), dev, allow_pickle,
+                               None if dtype == "auto" else out_dtype)
         log.info("wrote merged model to %s (%d tensors, %d patched, %d shards)", save_model, info["tensors"],
                  info["patched"], info["shards"])
     if save_peft:

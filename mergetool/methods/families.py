@@ -58,17 +58,14 @@ register("weighted-base", "Base-accuracy weighted mean", "Will it Merge? (Rahami
 
 
 def _trim(tv: TaskVectors, p: Params, density: float):
-    """Keep the top ``density`` fraction by |δ| of each task, over its whole vector (global) or per tensor."""
+    """Keep exactly the top ``density`` fraction by |δ| of each task, over its whole vector (global) or
+    per tensor; ties at the threshold are broken by position, so the count is exact and deterministic."""
     if density >= 1:
         return lambda D, mod: D
     if p.trim_scope == "global":
-        thr = P.kth_largest_abs(tv, [P.keep_count(density, tv.numel())] * tv.n)
-        return lambda D, mod: D * P.threshold_mask(D, thr)
-
-    def per_tensor(D, mod):
-        return D * P.threshold_mask(D, P.kth_largest_abs_rows(D, P.keep_count(density, D[0].numel())))
-
-    return per_tensor
+        top = P.GlobalTopK(tv, [P.keep_count(density, tv.numel())] * tv.n)
+        return lambda D, mod: D * top.mask(D)
+    return lambda D, mod: D * P.topk_mask_rows(D, P.keep_count(density, D[0].numel()))
 
 
 def _breadcrumbs(tv: TaskVectors, p: Params, density: float):
@@ -79,20 +76,17 @@ def _breadcrumbs(tv: TaskVectors, p: Params, density: float):
     def counts(numel):
         target = int(density * numel)
         top = min(int(p.gamma * numel), numel - target)
-        return target, top
-
-    def thresholds_for(numel, kth):
-        target, top = counts(numel)
-        low = kth(max(1, top + target))
-        return (low, kth(top)) if top > 0 else (low, None)
+        return top + target, top  # keep the top (top + target) minus the top `top`
 
     if p.trim_scope == "global":
-        low, high = thresholds_for(tv.numel(), lambda k: P.kth_largest_abs(tv, [k] * tv.n))
-        return lambda D, mod: D * P.threshold_mask(D, low, high)
+        k_keep, k_drop = counts(tv.numel())
+        keep = P.GlobalTopK(tv, [k_keep] * tv.n)
+        drop = P.GlobalTopK(tv, [k_drop] * tv.n) if k_drop > 0 else None
+        return lambda D, mod: D * (keep.mask(D) & ~drop.mask(D) if drop else keep.mask(D))
 
     def per_tensor(D, mod):
-        low, high = thresholds_for(D[0].numel(), lambda k: P.kth_largest_abs_rows(D, k))
-        return D * P.threshold_mask(D, low, high)
+        k_keep, k_drop = counts(D[0].numel())
+        return D * (P.topk_mask_rows(D, k_keep) & ~P.topk_mask_rows(D, k_drop))
 
     return per_tensor
 

@@ -96,7 +96,7 @@ def knots_basis(tv: TaskVectors) -> tuple[dict[str, torch.Tensor], dict[str, tor
         if any(sig[i] == -1 for i in present):  # dense inputs: the plain route
             for mod in mods:
                 parts = tv.parts(mod)
-                U, S, cs = dense_coords([parts[i].delta(dev) for i in present])
+                U, S, cs = dense_coords([parts[i].delta(dev, torch.float64) for i in present])
                 store(mod, U, S, cs, present)
             continue
         R = sum(sig[i] for i in present)

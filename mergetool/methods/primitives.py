@@ -30,8 +30,9 @@ def _pick(hist: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return hist.shape[1] - 1 - j, above
 
 
-def kth_largest_abs(tv: TaskVectors, k: list[int]) -> torch.Tensor:
-    """Exact k_i-th largest |x| of each task's whole vector (all modules), in two streaming passes.
+def kth_largest_abs(tv: TaskVectors, k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k_i-th largest |x| of each task's whole vector (all modules), in two streaming passes,
+    and how many entries equal to it belong to the top k_i (the rest of the top k_i is strictly larger).
 
     A radix select on float32 bit patterns (monotonic for |x| ≥ 0): pass 1 counts the 15 high bits,
     pass 2 the 16 low bits inside the chosen high bin. Memory: one module at a time.
@@ -49,14 +50,8 @@ def kth_largest_abs(tv: TaskVectors, k: list[int]) -> torch.Tensor:
         bits = tv.stacked(mod).abs().reshape(n, -1).view(torch.int32)
         lo = torch.where((bits >> 16) == hi.view(-1, 1).int(), bits & 0xFFFF, _LO_BINS).long()
         hist2 += _count_rows(lo, _LO_BINS)
-    lo, _ = _pick(hist2, need)
-    return ((hi << 16) | lo).int().view(torch.float32)
-
-
-def kth_largest_abs_rows(D: torch.Tensor, k: int) -> torch.Tensor:
-    """k-th largest |x| of each row of D (per-tensor scope): [n]."""
-    a = D.abs().reshape(D.shape[0], -1)
-    return torch.kthvalue(a, a.shape[1] - k + 1, dim=1).values
+    lo, above2 = _pick(hist2, need)
+    return ((hi << 16) | lo).int().view(torch.float32), need - above2
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -64,14 +59,35 @@ def keep_count(density: float, numel: int) -> int:
     return max(1, int(density * numel))
 
 
-def threshold_mask(D: torch.Tensor, low: torch.Tensor, high: torch.Tensor | None = None) -> torch.Tensor:
-    """Mask of entries with low_i ≤ |x| (and |x| < high_i), per task row."""
-    shape = (-1,) + (1,) * (D.dim() - 1)
-    a = D.abs()
-    m = a >= low.view(shape)
-    if high is not None:
-        m &= a < high.view(shape)
-    return m
+def _top_with_ties(a: torch.Tensor, thr: torch.Tensor, ties: torch.Tensor) -> torch.Tensor:
+    """Rows of ``a`` [n, m]: entries above thr_i, plus the first ties_i entries equal to it (by index)."""
+    t = thr.view(-1, 1)
+    eq = a == t
+    return (a > t) | (eq & (eq.long().cumsum(1) <= ties.view(-1, 1)))
+
+
+def topk_mask_rows(D: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly the k largest |x| of each task row of D (per-tensor scope); ties broken by index."""
+    a = D.abs().reshape(D.shape[0], -1)
+    if k <= 0:
+        return torch.zeros_like(D, dtype=torch.bool)
+    thr = torch.kthvalue(a, a.shape[1] - k + 1, dim=1).values
+    ties = k - (a > thr.view(-1, 1)).sum(1)
+    return _top_with_ties(a, thr, ties).reshape(D.shape)
+
+
+class GlobalTopK:
+    """Exactly the k_i largest |x| of each task's whole vector. ``mask`` must see the modules in order,
+    once each: tied entries at the threshold are taken first by (module, index) order."""
+
+    def __init__(self, tv: TaskVectors, k: list[int]):
+        self.thr, self.ties = kth_largest_abs(tv, k)
+
+    def mask(self, D: torch.Tensor) -> torch.Tensor:
+        a = D.abs().reshape(D.shape[0], -1)
+        m = _top_with_ties(a, self.thr, self.ties)
+        self.ties = self.ties - (m & (a == self.thr.view(-1, 1))).sum(1)
+        return m.reshape(D.shape)
 
 
 def generator(device: torch.device, seed: int, task: int, module: str) -> torch.Generator:
