@@ -182,6 +182,10 @@ def bench_ties(args, dev) -> dict:
                 "--device", dev.type, "--dtype", args.model_dtype, "-q"]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
+    # import both tools once first, so neither run pays for compiling its modules to bytecode
+    subprocess.run([sys.executable, "-c", "import mergekit.scripts.run_yaml, mergekit.merge"], env=env, check=True)
+    subprocess.run([sys.executable, "-c", "import mergetool.cli.merge, mergetool.methods.families, mergetool.model"],
+                   env=env, check=True)
     r_mk = timed(mk_cmd, env)
     r_ours = timed(ours_cmd, env)
     # compare the merged weights

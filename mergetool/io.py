@@ -238,6 +238,46 @@ def _header_bytes(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadat
     return struct.pack("<Q", len(raw)) + raw, off
 
 
+def background(items: Iterable, depth: int = 2) -> Iterator:
+    """Run an iterable in a worker thread, ``depth`` items ahead of the consumer (exceptions re-raised
+    in the consumer). Lets tensor work and file writes overlap; both release the GIL."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for x in items:
+                if stop.is_set():
+                    return
+                q.put((None, x))
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+            q.put((e, None))
+            return
+        q.put((None, done))
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            err, x = q.get()
+            if err is not None:
+                raise err
+            if x is done:
+                return
+            yield x
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.01)
+
+
 def write_blob(fh: IO[bytes], tensors: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                metadata: dict[str, str], specs: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None) -> None:
     """Write one safetensors blob. With ``specs`` given up front, ``tensors`` may be a generator of
@@ -245,7 +285,8 @@ def write_blob(fh: IO[bytes], tensors: dict[str, torch.Tensor] | Iterable[tuple[
     if specs is None:
         tensors = dict(tensors)
         specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-    items = tensors.items() if isinstance(tensors, dict) else tensors
+    items = tensors.items() if isinstance(tensors, dict) else background(
+        (name, t.detach().to("cpu")) for name, t in tensors)  # compute the next tensor while this one is written
     head, _ = _header_bytes(specs, metadata)
     fh.write(head)
     expect = iter(specs)

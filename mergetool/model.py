@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -63,27 +64,36 @@ def resolve_base(spec: str, gguf_file: str | None = None) -> Base:
                              "download the model first (huggingface-cli download) or pass a directory") from None
 
 
-def load_config(base: Base):
+def load_config(base: Base) -> dict:
+    """The base's config as a dict: config.json read directly (no transformers import on this path),
+    or through transformers for a GGUF file."""
+    if not base.gguf_file and (base.dir / "config.json").exists():
+        try:
+            return json.loads((base.dir / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MergetoolError(base.name, f"unreadable config.json ({e.__class__.__name__})") from None
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(str(base.dir), trust_remote_code=False, **base.load_kwargs())
+        return AutoConfig.from_pretrained(str(base.dir), trust_remote_code=False, **base.load_kwargs()).to_dict()
     except Exception as e:
         raise MergetoolError(base.name, f"cannot read the model config ({e.__class__.__name__}: {str(e)[:120]})",
                              "pass a Hugging Face model directory or a .gguf file") from None
 
 
 def fingerprint(base: Base) -> str:
-    """Hash of the base's structural config and parameter shapes (built on the meta device: no weights
-    are read, and a directory, a hub id and a GGUF file of one model agree)."""
-    from transformers import AutoModelForCausalLM
-
+    """Hash of the base's structural config: the fields that fix every parameter's shape (model type,
+    widths, depth, heads, vocabulary, tying). A directory, a hub id and a GGUF file of one model agree;
+    no weights are read."""
     cfg = load_config(base)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
-    d = cfg.to_dict()
-    doc = {"config": {k: d.get(k) for k in STRUCTURE_KEYS},
-           "shapes": sorted((n, list(p.shape)) for n, p in model.named_parameters())}
+    cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
+    doc = {k: cfg.get(k) for k in STRUCTURE_KEYS}
+    heads = doc.get("num_attention_heads")
+    if doc.get("num_key_value_heads") is None:
+        doc["num_key_value_heads"] = heads
+    if doc.get("head_dim") is None and heads and doc.get("hidden_size"):
+        doc["head_dim"] = doc["hidden_size"] // heads
+    doc["tie_word_embeddings"] = bool(doc.get("tie_word_embeddings") or False)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -94,6 +104,7 @@ class ModelTensors:
     def __init__(self, base: Base, allow_pickle: bool = False):
         self.base = base
         self._last = None
+        self._lock = threading.Lock()
         self._where: dict[str, Callable[[], torch.Tensor]] = {}
         self._specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         d = base.dir
@@ -104,7 +115,7 @@ class ModelTensors:
         if files:
             for f in files:
                 lz = LazySafetensors(f)
-                for k in lz.keys():
+                for k in sorted(lz.keys(), key=lambda k: lz.spec(k).start):  # file order
                     s = lz.spec(k)
                     self._specs[k] = (s.dtype, s.shape)
                     self._where[k] = (lambda lz=lz, k=k: lz.read(k))
@@ -143,12 +154,12 @@ class ModelTensors:
         return self._where[name]()
 
     def read_to(self, name: str, device) -> torch.Tensor:
-        """Read onto ``device``, keeping the last tensor: n task vectors against one base read it once."""
-        if self._last is not None and self._last[0] == (name, str(device)):
+        """Read onto ``device``, keeping the last tensor: n task vectors against one base (read in
+        parallel threads) read it once."""
+        with self._lock:
+            if self._last is None or self._last[0] != (name, str(device)):
+                self._last = ((name, str(device)), self.read(name).to(device, non_blocking=True))
             return self._last[1]
-        t = self.read(name).to(device, non_blocking=True)
-        self._last = ((name, str(device)), t)
-        return t
 
 
 _BASES: dict[tuple, ModelTensors] = {}

@@ -188,9 +188,15 @@ def merge_cmd(
     stream = merge_stream(updates, m, p, dev)
     if rank is not None:
         stream = to_rank(stream, rank)
-    streaming = (to_blob and not save_peft and not save_model and rank is None
-                 and m.coefficients is None and m.name != "knots" and all(u.kind == "dense" for u in updates))
+    streaming = (rank is None and m.coefficients is None and m.name != "knots"
+                 and all(u.kind == "dense" for u in updates) and not save_peft and bool(to_blob) != bool(save_model))
     n_in = len(updates)
+    if streaming and save_model:  # full models: one tensor at a time from the inputs into the merged model
+        with io.atomic_dir(save_model) as d:
+            info = write_model(b, d, stream, dev, allow_pickle, None if dtype == "auto" else out_dtype)
+        log.info("merged %d inputs with %s into %s (%d tensors, %d patched, %d shards)", n_in, m.name, save_model,
+                 info["tensors"], info["patched"], info["shards"])
+        return
     if streaming:  # full models: one module at a time from input to output
         specs, order = _dense_specs(updates, out_dtype)
         kind_meta = {"format": "pt", "mergetool": json.dumps({**meta, "name": out_name, "kind": "dense"}, sort_keys=True)}

@@ -130,7 +130,7 @@ class TaskVectors:
                     modules.append(mod)
                     shapes[mod] = tuple(m.shape)
 
-        def get(mod: str) -> torch.Tensor:
+        def build(mod: str) -> torch.Tensor:
             out = torch.zeros((len(updates), *shapes[mod]), dtype=torch.float32, device=device)
             for i, u in enumerate(updates):
                 m = u.modules.get(mod)
@@ -138,6 +138,24 @@ class TaskVectors:
                     out[i] = m.delta(device)
             return out
 
+        streamed = any(isinstance(m, Dense) and m.tensor is None for u in updates for m in u.modules.values())
+        if streamed:  # full models on disk: read the n inputs in parallel, one module ahead
+            from concurrent.futures import ThreadPoolExecutor
+
+            readers = ThreadPoolExecutor(len(updates))
+
+            def build(mod: str) -> torch.Tensor:  # noqa: F811
+                out = torch.zeros((len(updates), *shapes[mod]), dtype=torch.float32, device=device)
+
+                def one(i):
+                    m = updates[i].modules.get(mod)
+                    if m is not None:
+                        out[i] = m.delta(device)
+
+                list(readers.map(one, range(len(updates))))
+                return out
+
+        get = _read_ahead(build, modules) if streamed else build
         return cls(device, [u.name for u in updates], modules, shapes, get,
                    lambda mod: [u.modules.get(mod) for u in updates])
 
@@ -145,6 +163,30 @@ class TaskVectors:
     def of_stacks(cls, names: list[str], stacks: dict[str, torch.Tensor]) -> "TaskVectors":
         dev = next(iter(stacks.values())).device
         return cls(dev, names, list(stacks), {k: tuple(v.shape[1:]) for k, v in stacks.items()}, stacks.__getitem__)
+
+
+def _read_ahead(build: Callable[[str], torch.Tensor], order: list[str]) -> Callable[[str], torch.Tensor]:
+    """Wrap ``build`` so that asking for one module starts building the next (in ``order``) in a worker
+    thread: reading models from disk overlaps the tensor work of the current module. At most two
+    stacks are alive."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)
+    index = {m: i for i, m in enumerate(order)}
+    pending: dict = {}
+
+    def get(mod: str) -> torch.Tensor:
+        fut = pending.pop(mod, None)
+        for f in pending.values():  # an out-of-order request: drop the guess
+            f.cancel()
+        pending.clear()
+        out = fut.result() if fut is not None else build(mod)
+        i = index[mod] + 1
+        if i < len(order):
+            pending[order[i]] = pool.submit(build, order[i])
+        return out
+
+    return get
 
 
 def _prod(s) -> int:

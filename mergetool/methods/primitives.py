@@ -63,7 +63,9 @@ def _top_with_ties(a: torch.Tensor, thr: torch.Tensor, ties: torch.Tensor) -> to
     """Rows of ``a`` [n, m]: entries above thr_i, plus the first ties_i entries equal to it (by index)."""
     t = thr.view(-1, 1)
     eq = a == t
-    return (a > t) | (eq & (eq.long().cumsum(1) <= ties.view(-1, 1)))
+    if bool((eq.sum(1) <= ties).all()):  # every tied entry is kept: no ordering needed
+        return a >= t
+    return (a > t) | (eq & (eq.int().cumsum(1, dtype=torch.int32) <= ties.view(-1, 1)))
 
 
 def topk_mask_rows(D: torch.Tensor, k: int) -> torch.Tensor:
@@ -71,7 +73,10 @@ def topk_mask_rows(D: torch.Tensor, k: int) -> torch.Tensor:
     a = D.abs().reshape(D.shape[0], -1)
     if k <= 0:
         return torch.zeros_like(D, dtype=torch.bool)
-    thr = torch.kthvalue(a, a.shape[1] - k + 1, dim=1).values
+    if a.is_cuda:  # CUDA's kthvalue runs one block per row; a segmented sort uses the whole GPU
+        thr = a.sort(dim=1).values[:, a.shape[1] - k]
+    else:
+        thr = torch.kthvalue(a, a.shape[1] - k + 1, dim=1).values
     ties = k - (a > thr.view(-1, 1)).sum(1)
     return _top_with_ties(a, thr, ties).reshape(D.shape)
 
