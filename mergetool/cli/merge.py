@@ -34,6 +34,14 @@ Examples:
 
 Opt = typer.Option
 
+# The registry's names, kept here so TAB completion need not import torch (a test checks they agree).
+METHOD_NAMES = ("breadcrumbs", "dare-linear", "dare-ties", "della", "emr", "karcher", "knots", "linear", "magnitude",
+                "mean", "model-stock", "multislerp", "slerp", "task-arithmetic", "ties", "weighted-base")
+
+
+def _complete_method(incomplete: str) -> list[str]:
+    return [n for n in METHOD_NAMES if n.startswith(incomplete)]
+
 
 def _read_weights(src: str, names: list[str]) -> list[float]:
     from ..io import read_jsonl
@@ -82,8 +90,9 @@ def _read_base_acc(src: str, updates) -> list[float]:
              no_args_is_help=True)
 def merge_cmd(
     inputs: Annotated[Optional[list[str]], typer.Argument(help="Adapters: files, directories, or - for stdin.",
-                                                          show_default=False)] = None,
-    method: Annotated[str, Opt("--method", "-m", help="Merge method (see --list-methods).")] = "mean",
+                                                          show_default=False, metavar="ADAPTER...")] = None,
+    method: Annotated[str, Opt("--method", "-m", help="Merge method (see --list-methods).", metavar="NAME",
+                               autocompletion=_complete_method)] = "mean",
     weights: Annotated[Optional[str], Opt("--weights", help='JSONL of {"adapter": NAME, "weight": w}, or -.',
                                           metavar="FILE|-")] = None,
     lam: Annotated[float, Opt("--lambda", help="Scale of the merged update: θ = θ_base + λ·merged.")] = 1.0,
@@ -94,7 +103,8 @@ def merge_cmd(
                                    metavar="global|tensor")] = "global",
     rescale: Annotated[str, Opt("--rescale", help="DARE/DELLA rescale: paper (1/keep), l1 (match L1 norm, "
                                 "mergekit), none.", metavar="paper|l1|none")] = "paper",
-    inner: Annotated[str, Opt("--inner", help="KnOTS: the method that merges the aligned coordinates.")] = "ties",
+    inner: Annotated[str, Opt("--inner", help="KnOTS: the method that merges the aligned coordinates.",
+                              metavar="NAME", autocompletion=_complete_method)] = "ties",
     t: Annotated[float, Opt("--t", help="SLERP: interpolation fraction toward the second input.")] = 0.5,
     seed: Annotated[int, Opt("--seed", help="Seed of the random drops (DARE, DELLA).")] = 0,
     rank: Annotated[Optional[int], Opt("--rank", help="Write a LoRA of at most this rank (truncated SVD; "

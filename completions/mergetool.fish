@@ -1,0 +1,1 @@
+complete --command mergetool --no-files --arguments "(env _MERGETOOL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) mergetool)" --condition "env _MERGETOOL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) mergetool"
