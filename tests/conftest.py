@@ -99,3 +99,35 @@ def run_cli(*args: str, input: bytes | None = None, check: bool = False) -> subp
     if check and r.returncode != 0:
         raise AssertionError(f"exit {r.returncode}: {r.stderr.decode()}")
     return r
+
+
+@pytest.fixture(scope="session")
+def smol(tmp_path_factory):
+    """SmolLM2-135M-Instruct from the testbed: (GGUF file, cached fp32 safetensors directory)."""
+    from mergetool.model import cache_gguf, resolve_base, testbed_gguf
+
+    try:
+        gguf = testbed_gguf()
+    except Exception as e:  # scripts/setup.sh installs it; say so rather than fail obscurely
+        pytest.skip(f"testbed model not installed: {e}")
+    d = tmp_path_factory.mktemp("smol") / "smollm2"
+    cache_gguf(resolve_base(str(gguf)), d, dtype=torch.float32)
+    return gguf, d
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(smol, tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer (the only tokenizer that works offline)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_lm")
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    for f in smol[1].iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
+            shutil.copy(f, d / f.name)
+    return d

@@ -125,3 +125,23 @@ def test_pickle_model_refused_unless_allowed(tiny_base, tmp_path):
     assert r.returncode == 0, r.stderr
     u = from_blob(read_blobs(str(out))[0], "o")
     assert torch.allclose(u.modules["base_model.model.model.norm"].delta(), torch.full((64,), 0.01), atol=1e-6)
+
+
+def test_save_model_shards_with_an_index(tiny_base, adapters, tmp_path, monkeypatch):
+    import mergetool.model as model
+    from mergetool.methods import Params, get, merge_stream
+    from mergetool.updates import from_blob as fb
+
+    monkeypatch.setattr(model, "SHARD_BYTES", 40_000)
+    us = [fb(read_blobs(str(p))[0], p.stem) for p in adapters]
+    out = tmp_path / "sharded"
+    out.mkdir()
+    base = model.resolve_base(str(tiny_base))
+    info = model.save_model(base, out, merge_stream(us, get("mean"), Params(), torch.device("cpu")),
+                            torch.device("cpu"))
+    assert info["shards"] > 1 and (out / "model.safetensors.index.json").exists()
+    got, b = state(out), state(tiny_base)
+    for k, m in us[0].modules.items():
+        name = k.removeprefix("base_model.model.") + ".weight"
+        want = b[name] + sum(fb(read_blobs(str(p))[0], "x").modules[k].delta() for p in adapters) / 3
+        assert torch.allclose(got[name], want, atol=1e-6)

@@ -17,19 +17,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    from mergetool.model import cache_gguf, resolve_base, testbed_gguf
-
-    try:
-        gguf = testbed_gguf()
-    except Exception as e:  # the README's setup installs it; say so rather than fail obscurely
-        pytest.skip(f"testbed model not installed: {e}")
-    d = tmp_path_factory.mktemp("smol") / "smollm2"
-    cache_gguf(resolve_base(str(gguf)), d, dtype=torch.float32)
-    return gguf, d
-
-
-@pytest.fixture(scope="module")
 def experts(smol, tmp_path_factory):
     from demo import records, train_expert
 

@@ -1,3 +1,3 @@
 """Imports every subcommand module so that each registers itself on the app."""
 
-from . import merge  # noqa: F401
+from . import eval, merge  # noqa: F401

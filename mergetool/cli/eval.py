@@ -1,0 +1,202 @@
+"""``mergetool eval``: evaluate a base model, optionally with an adapter applied, on examples JSONL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import MergetoolError, UsageError
+from .common import AllowPickle, Debug, Device, Quiet, pick_device
+from .main import app, begin
+
+log = logging.getLogger("mergetool")
+
+HELP = """Evaluate a model (and optionally an adapter) on examples; one JSONL record per example on stdout.
+
+Multiple-choice examples (prompt, choices, answer) are scored by the log-probability of each choice
+(--norm tokens: mean token log-prob, eq. 4 of "Will it Merge?"; chars: lm-eval's acc_norm; none:
+lm-eval's acc), giving logprobs, p_correct, p_max, rank and gap; generation examples (prompt, target or
+targets) by exact match of the normalised greedy answer (stopped at a newline) and rouge-L; text-only
+examples by perplexity. --summary gives one record per task instead. The adapter is applied by patching
+only the modules it touches. With -o FILE, records are written as they are made and --resume skips the
+ids already there.
+
+\b
+Examples:
+  mergetool eval --base BASE --summary tasks.jsonl
+  mergetool merge --method knots a.safetensors b.safetensors | mergetool eval --base BASE --adapter - --summary tasks.jsonl
+  mergetool eval --base model.gguf --shots 4 --norm chars qa.jsonl -o records.jsonl --resume
+"""
+
+Opt = typer.Option
+CHUNK = 256
+
+
+def _done_ids(path: Path) -> set[str]:
+    """Ids already written; a last line cut by a crash is dropped from the file (and redone)."""
+    ids = set()
+    if path.exists():
+        text = path.read_text()
+        if text and not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+            path.write_text(text)
+        for line in text.splitlines():
+            try:
+                ids.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line cut by a crash is redone
+    return ids
+
+
+@app.command("eval", help=HELP, short_help="Evaluate a model or adapter on examples: JSONL records.",
+             no_args_is_help=True)
+def eval_cmd(
+    data: Annotated[Optional[str], typer.Argument(help="Examples JSONL, or - for stdin.", metavar="DATA.jsonl|-",
+                                                  show_default=False)] = None,
+    base: Annotated[Optional[str], Opt("--base", help="Base model: directory, HF id (offline cache) or .gguf file.",
+                                       metavar="MODEL")] = None,
+    gguf_file: Annotated[Optional[str], Opt("--gguf-file", help="GGUF file inside the --base directory.")] = None,
+    adapter: Annotated[Optional[str], Opt("--adapter", help="Adapter to apply (file, PEFT dir, or - for stdin).",
+                                          metavar="ADAPTER|-")] = None,
+    summary: Annotated[bool, Opt("--summary", help="One record per task: n, accuracy, rouge_l, perplexity.")] = False,
+    norm: Annotated[str, Opt("--norm", help="Multiple-choice score: tokens (mean token log-prob), chars "
+                             "(lm-eval acc_norm) or none (lm-eval acc).", metavar="tokens|chars|none")] = "tokens",
+    shots: Annotated[int, Opt("--shots", help="k-shot demonstrations per example (same task, never itself).")] = 0,
+    shots_from: Annotated[Optional[str], Opt("--shots-from", help="Pool of demonstrations (default: the records "
+                                             "with split=train in DATA).", metavar="FILE")] = None,
+    split: Annotated[Optional[str], Opt("--split", help="Evaluate only records of this split (default: all but "
+                                        "split=train).")] = None,
+    chat: Annotated[bool, Opt("--chat", help="Wrap each prompt in the tokenizer's chat template.")] = False,
+    max_new_tokens: Annotated[int, Opt("--max-new-tokens", help="Generation length for exact match.")] = 32,
+    batch_tokens: Annotated[int, Opt("--batch-tokens", help="Tokens per scoring batch.")] = 8192,
+    seed: Annotated[int, Opt("--seed", help="Seed of the demonstration draw.")] = 0,
+    output: Annotated[Optional[str], Opt("-o", "--output", help="Write records here as they are made.",
+                                         metavar="FILE")] = None,
+    resume: Annotated[bool, Opt("--resume", help="With -o: skip the examples already in FILE.")] = False,
+    dtype: Annotated[str, Opt("--dtype", help="Model dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.")]
+    = "auto",
+    device: Device = "auto",
+    allow_pickle: AllowPickle = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+):
+    begin("eval", quiet, debug)
+    if data is None:
+        raise UsageError("DATA", "no examples given", "pass a JSONL file or -")
+    if not base:
+        raise UsageError("--base", "eval needs the base model", "pass --base MODEL")
+    if data == "-" and adapter == "-":
+        raise UsageError("-", "stdin is named twice", "read the adapter or the examples from stdin, not both")
+    if norm not in ("tokens", "chars", "none"):
+        raise UsageError("--norm", f"unknown norm {norm!r}", "use tokens, chars or none")
+    if resume and not output:
+        raise UsageError("--resume", "needs -o FILE", "write the records to a file to resume them")
+    if shots < 0 or max_new_tokens < 1 or batch_tokens < 16:
+        raise UsageError("options", "--shots ≥ 0, --max-new-tokens ≥ 1 and --batch-tokens ≥ 16", "fix the values")
+    import torch
+
+    from .. import evaluate as ev
+    from ..io import read_jsonl
+    from ..model import fingerprint, resolve_base
+    from ..updates import check_compatible, load_inputs
+
+    dev = pick_device(device)
+    torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, 0)
+    if torch_dtype == 0:
+        raise UsageError("--dtype", f"unknown dtype {dtype!r}", "use auto, float32 or bfloat16")
+    rows = read_jsonl(data)
+    examples = ev.check_examples(rows, "<stdin>" if data == "-" else data)
+    pool = examples
+    if shots_from:
+        pool = ev.check_examples(read_jsonl(shots_from), shots_from)
+    elif shots:
+        pool = [e for e in examples if e.rec.get("split") == "train"]
+    examples = [e for e in examples if (e.rec.get("split") == split if split else e.rec.get("split") != "train")]
+    if not examples:
+        raise MergetoolError(data, "no examples to evaluate after the split filter", "check --split")
+    b = resolve_base(base, gguf_file)
+    update = None
+    if adapter:
+        ups = load_inputs([adapter], b, allow_pickle)
+        if len(ups) != 1:
+            raise MergetoolError(adapter, f"holds {len(ups)} adapters", "pass one adapter (merge them first)")
+        update = ups[0]
+        check_compatible([update], fingerprint(b))
+    name = update.name if update else None
+
+    out_path = Path(output) if output else None
+    rec_path = out_path.with_name(out_path.name + ".records") if (out_path and summary) else out_path
+    done = _done_ids(rec_path) if (resume and rec_path) else set()
+    todo = [e for e in examples if e.id not in done]
+    model, tok = ev.load_model(b, dev, torch_dtype)
+    if shots or chat:
+        ev.add_contexts(todo, pool, shots, seed, tok, chat)
+    else:
+        for e in todo:
+            e.context = e.rec.get("prompt", "")
+    log.info("%d examples (%d done before) on %s%s", len(examples), len(examples) - len(todo), b.name,
+             f" + {name}" if name else "")
+
+    fh = None
+    if rec_path is not None:
+        if rec_path.parent and not rec_path.parent.exists():
+            raise MergetoolError(str(rec_path), "its directory does not exist", "create it first")
+        fh = open(rec_path, "a" if resume else "w")
+    sink = fh if fh is not None else (None if summary else sys.stdout)
+    collected: list[dict] = []
+    bar = _progress(len(todo), quiet)
+    try:
+        with ev.applied(model, update):
+            for s in range(0, len(todo), CHUNK):
+                chunk = todo[s:s + CHUNK]
+                for e, r in zip(chunk, ev.evaluate(model, tok, chunk, norm, max_new_tokens, batch_tokens)):
+                    rec = {"id": e.id, "task": e.task, "adapter": name, **r}
+                    if summary:
+                        collected.append(rec)
+                    if sink is not None:
+                        sink.write(json.dumps(rec) + "\n")
+                if sink is not None:
+                    sink.flush()
+                bar(len(chunk))
+    finally:
+        bar(None)
+        if fh is not None:
+            fh.close()
+    if summary:
+        if rec_path is not None:  # include the records of earlier, resumed runs
+            collected = [json.loads(x) for x in rec_path.read_text().splitlines() if x.strip()]
+        lines = "".join(json.dumps(s) + "\n" for s in ev.summarise(collected))
+        if out_path is not None:
+            tmp = out_path.with_name(out_path.name + ".tmp")
+            tmp.write_text(lines)
+            os.replace(tmp, out_path)
+            rec_path.unlink()
+        else:
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+
+def _progress(total: int, quiet: bool):
+    """A rich progress bar on stderr when it is a terminal; a no-op otherwise."""
+    if quiet or not sys.stderr.isatty() or total == 0:
+        return lambda n: None
+    from rich.console import Console
+    from rich.progress import Progress
+
+    p = Progress(console=Console(stderr=True), transient=True)
+    task = p.add_task("eval", total=total)
+    p.start()
+
+    def step(n):
+        if n is None:
+            p.stop()
+        else:
+            p.advance(task, n)
+
+    return step

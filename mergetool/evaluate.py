@@ -1,0 +1,320 @@
+"""Evaluation: multiple choice by length-normalised log-probability, exact match and rouge-L of greedy
+generations, perplexity; batched, sorted by length; an adapter is applied by patching only the modules
+it touches, and restored afterwards.
+
+Multiple choice follows lm-evaluation-harness's HF backend token for token: context and continuation
+are encoded as ``enc(context + choice)`` split after ``enc(context)`` (trailing spaces of the context move
+to the choice), without special tokens, and each choice's log-likelihood is the sum over its tokens.
+``norm`` picks the score the prediction maximises: ``tokens`` (mean token log-prob, eq. 4 of "Will it
+Merge?", the default), ``chars`` (sum / characters: lm-eval's ``acc_norm``) or ``none`` (sum: ``acc``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import re
+import string
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+from .errors import MergetoolError
+from .updates import PREFIX, LowRank, Update
+
+NORMS = ("tokens", "chars", "none")
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+@dataclass
+class Example:
+    id: str
+    task: str
+    kind: str  # "mc", "gen" or "ppl"
+    rec: dict
+    context: str = ""  # few-shot prefix + prompt (after the chat template, if any)
+
+
+def check_examples(rows: list[dict], src: str) -> list[Example]:
+    """Validate examples JSONL (DESIGN.md section 2); each error names its line."""
+    seen: set[str] = set()
+    out = []
+    for i, r in enumerate(rows, 1):
+        where = f"{src}:{i}"
+        rid = r.get("id")
+        if not isinstance(rid, str) or not rid:
+            raise MergetoolError(where, "missing field 'id' (a non-empty string)", "give every example a unique id")
+        if rid in seen:
+            raise MergetoolError(where, f"duplicate id {rid!r}", "ids must be unique")
+        seen.add(rid)
+        task = r.get("task", "default")
+        if not isinstance(task, str):
+            raise MergetoolError(where, "'task' must be a string", "name the task")
+        if "choices" in r:
+            ch, ans = r.get("choices"), r.get("answer")
+            if not isinstance(r.get("prompt"), str):
+                raise MergetoolError(where, "missing field 'prompt'", "multiple choice needs prompt, choices, answer")
+            if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
+                raise MergetoolError(where, "'choices' must be a list of at least 2 non-empty strings",
+                                     "fix the choices")
+            if not isinstance(ans, int) or isinstance(ans, bool) or not 0 <= ans < len(ch):
+                raise MergetoolError(where, f"'answer' must be an index into choices (0..{len(ch) - 1})",
+                                     "fix the answer")
+            kind = "mc"
+        elif "target" in r or "targets" in r:
+            t = r.get("targets", [r.get("target")])
+            if not isinstance(r.get("prompt"), str) or not isinstance(t, list) or not all(isinstance(x, str) for x in t):
+                raise MergetoolError(where, "generation needs 'prompt' and 'target' (or 'targets', a list)",
+                                     "fix the record")
+            kind = "gen"
+        elif isinstance(r.get("text"), str):
+            kind = "ppl"
+        else:
+            raise MergetoolError(where, "no 'choices', 'target(s)' or 'text' to evaluate",
+                                 "see the examples format in the README")
+        out.append(Example(rid, task, kind, r))
+    return out
+
+
+def add_contexts(examples: list[Example], pool: list[Example], shots: int, seed: int, tok=None, chat=False) -> None:
+    """Few-shot prefix from ``pool`` (same task, never the example itself), drawn deterministically per
+    example; optionally the chat template around the whole prompt."""
+    by_task: dict[str, list[Example]] = {}
+    for p in pool:
+        if p.kind in ("mc", "gen"):
+            by_task.setdefault(p.task, []).append(p)
+    for e in examples:
+        if e.kind == "ppl":
+            continue
+        prefix = ""
+        if shots:
+            cands = [p for p in by_task.get(e.task, []) if p.id != e.id]
+            if len(cands) < shots:
+                raise MergetoolError(e.id, f"only {len(cands)} demonstrations for task {e.task!r}, {shots} asked",
+                                     "lower --shots or give a larger --shots-from pool")
+            rng = random.Random(f"{seed}:{e.id}")
+            for d in rng.sample(cands, shots):
+                ans = d.rec["choices"][d.rec["answer"]] if d.kind == "mc" else d.rec.get("target", d.rec.get("targets", [""])[0])
+                prefix += d.rec["prompt"] + ans + "\n\n"
+        text = prefix + e.rec["prompt"]
+        if chat:
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+        e.context = text
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_model(base, device: torch.device, dtype: torch.dtype | None = None):
+    """A base model and tokenizer on ``device`` (bf16 on CUDA, fp32 on CPU unless ``dtype``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(base.dir), trust_remote_code=False, **base.load_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(str(base.dir), dtype=dtype, trust_remote_code=False,
+                                                     **base.load_kwargs()).to(device).eval()
+    except OSError as e:
+        raise MergetoolError(base.name, f"cannot load the model ({str(e)[:150]})", "pass a model directory") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+@contextlib.contextmanager
+def applied(model, update: Update | None):
+    """Patch W += ΔW for the modules the update touches (fp32 math), and restore them afterwards."""
+    if update is None:
+        yield model
+        return
+    params = dict(model.named_parameters())
+    saved = {}
+    try:
+        with torch.no_grad():
+            for mod, m in update.modules.items():
+                name = mod[len(PREFIX):] if mod.startswith(PREFIX) else mod
+                p = params.get(name + ".weight", params.get(name))
+                if p is None:
+                    raise MergetoolError(update.name, f"module {name} is not in the base model",
+                                         "use an adapter trained on this base")
+                d = m.delta(p.device) if isinstance(m, LowRank) else m.delta(p.device)
+                if tuple(d.shape) != tuple(p.shape):
+                    raise MergetoolError(update.name, f"module {name}: update {tuple(d.shape)} vs weight "
+                                         f"{tuple(p.shape)}", "use an adapter trained on this base")
+                saved[name] = p.detach().clone()
+                p.copy_((p.float() + d).to(p.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                params.get(name + ".weight", params.get(name)).copy_(w)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness's split: trailing spaces move to the continuation; enc(ctx + cont) split
+    after enc(ctx); no special tokens."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        continuation = context[-n:] + continuation
+        context = context[:-n]
+    whole = tok(context + continuation, add_special_tokens=False).input_ids
+    ctx = tok(context, add_special_tokens=False).input_ids
+    if not ctx:  # an empty context is conditioned on the end-of-text token, as lm-eval does
+        ctx = [tok.eos_token_id]
+        whole = ctx + whole
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_tokens: int = 8192,
+                   progress=None) -> list[tuple[float, int]]:
+    """Sum of log p(continuation | context) and its token count, for every pair; batched by length."""
+    dev = next(model.parameters()).device
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+    i = 0
+    while i < len(order):
+        longest = len(pairs[order[i]][0]) + len(pairs[order[i]][1]) - 1
+        bs = max(1, batch_tokens // max(longest, 1))
+        idx = order[i:i + bs]
+        seqs = [(pairs[j][0] + pairs[j][1])[:-1] for j in idx]
+        L = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), L), dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, :len(s)] = torch.tensor(s)
+            mask[r, :len(s)] = 1
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+        for r, j in enumerate(idx):
+            ctx, cont = pairs[j]
+            start = len(ctx) - 1
+            lp = torch.log_softmax(logits[r, start:start + len(cont)].float(), -1)
+            out[j] = (float(lp.gather(1, torch.tensor(cont, device=dev).view(-1, 1)).sum()), len(cont))
+        if progress:
+            progress(len(idx))
+        i += bs
+    return out
+
+
+def choose(lls: list[tuple[float, int]], choices: list[str], norm: str) -> list[float]:
+    if norm == "tokens":
+        return [s / max(n, 1) for s, n in lls]
+    if norm == "chars":
+        return [s / max(len(c), 1) for (s, _), c in zip(lls, choices)]
+    return [s for s, _ in lls]
+
+
+def mc_record(e: Example, lls: list[tuple[float, int]], norm: str) -> dict:
+    scores = choose(lls, e.rec["choices"], norm)
+    probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0)  # renormalised over the choices
+    pred = int(torch.argmax(torch.tensor(scores)))
+    a = e.rec["answer"]
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return {"correct": int(pred == a), "prediction": pred, "logprobs": scores,
+            "p_correct": float(probs[a]), "p_max": float(probs.max()), "rank": order.index(a),
+            "gap": float(probs.max() - probs[a])}
+
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalise(s: str) -> str:
+    return " ".join(_PUNCT.sub(" ", s.lower()).split())
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F1 over whitespace tokens of the normalised strings (longest common subsequence)."""
+    a, b = normalise(pred).split(), normalise(ref).split()
+    if not a or not b:
+        return float(a == b)
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+@torch.no_grad()
+def generate(model, tok, contexts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy continuations, cut at the first newline or EOS."""
+    dev = next(model.parameters()).device
+    tok.padding_side = "left"
+    out: list[str] = [""] * len(contexts)
+    order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        enc = tok([contexts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        for r, i in enumerate(idx):
+            text = tok.decode(gen[r, enc.input_ids.shape[1]:], skip_special_tokens=True)
+            out[i] = text.split("\n")[0]
+    return out
+
+
+def evaluate(model, tok, examples: list[Example], norm: str = "tokens", max_new_tokens: int = 32,
+             batch_tokens: int = 8192, progress=None) -> Iterator[dict]:
+    """One result dict per example (without id/task/adapter), in input order."""
+    mc = [e for e in examples if e.kind == "mc"]
+    pairs, spans = [], {}
+    for e in mc:
+        spans[e.id] = (len(pairs), len(e.rec["choices"]))
+        pairs += [encode_pair(tok, e.context, c) for c in e.rec["choices"]]
+    lls = loglikelihoods(model, pairs, batch_tokens, progress) if pairs else []
+    gens = [e for e in examples if e.kind == "gen"]
+    texts = dict(zip([e.id for e in gens], generate(model, tok, [e.context for e in gens], max_new_tokens))) if gens else {}
+    ppl = [e for e in examples if e.kind == "ppl"]
+    nll = {}
+    if ppl:
+        ps = []
+        for e in ppl:
+            ids = tok(e.rec["text"], add_special_tokens=False).input_ids
+            ps.append(([tok.eos_token_id], ids))
+        for e, (s, n) in zip(ppl, loglikelihoods(model, ps, batch_tokens)):
+            nll[e.id] = (-s, n)
+    for e in examples:
+        if e.kind == "mc":
+            a, k = spans[e.id]
+            yield mc_record(e, lls[a:a + k], norm)
+        elif e.kind == "gen":
+            refs = e.rec.get("targets") or [e.rec["target"]]
+            p = texts[e.id]
+            yield {"correct": int(any(normalise(p) == normalise(t) for t in refs)), "prediction": p,
+                   "rouge_l": max(rouge_l(p, t) for t in refs)}
+        else:
+            s, n = nll[e.id]
+            yield {"perplexity": math.exp(s / max(n, 1)), "nll": s, "tokens": n}
+
+
+def summarise(records: Iterable[dict]) -> list[dict]:
+    """Per (task, adapter): n, accuracy, and rouge_l / perplexity where present."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r.get("adapter")), []).append(r)
+    out = []
+    for (task, adapter), rs in groups.items():
+        s = {"task": task, "adapter": adapter, "n": len(rs)}
+        acc = [r["correct"] for r in rs if "correct" in r]
+        if acc:
+            s["accuracy"] = sum(acc) / len(acc)
+        rl = [r["rouge_l"] for r in rs if "rouge_l" in r]
+        if rl:
+            s["rouge_l"] = sum(rl) / len(rl)
+        nl = [(r["nll"], r["tokens"]) for r in rs if "nll" in r]
+        if nl:
+            s["perplexity"] = math.exp(sum(a for a, _ in nl) / max(1, sum(b for _, b in nl)))
+        out.append(s)
+    return out

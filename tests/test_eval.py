@@ -1,0 +1,207 @@
+"""mergetool eval: agreement with lm-evaluation-harness, records, summaries, adapters, k-shot, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from mergetool import evaluate as ev
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def capitals(n: int) -> list[dict]:
+    rows = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["task"] == "country-capital"][:n]
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def records(stdout: bytes) -> list[dict]:
+    return [json.loads(x) for x in stdout.decode().splitlines()]
+
+
+def lm_eval_decisions(model_dir: Path, rows: list[dict]):
+    """lm-eval's HF backend: per-choice log-likelihoods, acc and acc_norm decisions."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    lm = HFLM(pretrained=m, tokenizer=AutoTokenizer.from_pretrained(model_dir), batch_size=8)
+    reqs = [Instance("loglikelihood", {}, (r["prompt"], c), i) for r in rows for i, c in enumerate(r["choices"])]
+    lls = [x[0] for x in lm.loglikelihood(reqs)]
+    out, k = [], 0
+    for r in rows:
+        ll = lls[k:k + len(r["choices"])]
+        k += len(r["choices"])
+        norm = [x / len(c) for x, c in zip(ll, r["choices"])]
+        out.append((ll, max(range(len(ll)), key=ll.__getitem__), max(range(len(ll)), key=norm.__getitem__)))
+    return out
+
+
+@pytest.mark.parametrize("which", ["tiny", "smol"])
+def test_acc_and_acc_norm_identical_to_lm_eval(which, tiny_lm, smol):
+    from mergetool.model import resolve_base
+
+    model_dir = tiny_lm if which == "tiny" else smol[1]
+    rows = capitals(12 if which == "smol" else 20)
+    ref = lm_eval_decisions(model_dir, rows)
+    model, tok = ev.load_model(resolve_base(str(model_dir)), torch.device("cpu"))
+    exs = ev.check_examples(rows, "x")
+    for e in exs:
+        e.context = e.rec["prompt"]
+    for norm, pick in (("none", 1), ("chars", 2)):
+        got = list(ev.evaluate(model, tok, exs, norm))
+        for g, x in zip(got, ref):
+            assert g["prediction"] == x[pick]
+            if norm == "none":
+                assert max(abs(a - b) for a, b in zip(g["logprobs"], x[0])) < 1e-3
+        acc = sum(int(x[pick] == r["answer"]) for x, r in zip(ref, rows)) / len(rows)
+        assert sum(g["correct"] for g in got) / len(got) == pytest.approx(acc)
+
+
+def test_summary_through_the_cli(tiny_lm, tmp_path):
+    rows = capitals(8)
+    data = write(tmp_path / "d.jsonl", rows)
+    per = records(run_cli("eval", "--base", str(tiny_lm), str(data), check=True).stdout)
+    (s,) = records(run_cli("eval", "--base", str(tiny_lm), "--summary", str(data), check=True).stdout)
+    assert s == {"task": "country-capital", "adapter": None, "n": 8,
+                 "accuracy": pytest.approx(sum(p["correct"] for p in per) / 8)}
+
+
+def test_base_accuracy_on_country_capitals_is_measured(smol, tmp_path):
+    data = write(tmp_path / "d.jsonl", capitals(40))
+    r = run_cli("eval", "--base", str(smol[1]), "--summary", str(data))
+    (s,) = records(r.stdout)
+    assert s["task"] == "country-capital" and s["n"] == 40 and 0.3 < s["accuracy"] < 1.0
+    print(f"SmolLM2-135M base accuracy on 40 capital questions (8 choices): {s['accuracy']:.3f}")
+
+
+def test_record_fields(tiny_lm, tmp_path):
+    rows = capitals(3) + [{"id": "g", "task": "gen", "prompt": "Say hi:", "target": "hi"},
+                          {"id": "t", "task": "lm", "text": "Paris is the capital of France."}]
+    r = run_cli("eval", "--base", str(tiny_lm), str(write(tmp_path / "d.jsonl", rows)))
+    got = records(r.stdout)
+    assert [g["id"] for g in got] == [r["id"] for r in rows]
+    for g in got[:3]:
+        assert {"correct", "prediction", "logprobs", "p_correct", "p_max", "rank", "gap"} <= set(g)
+        assert g["gap"] == pytest.approx(g["p_max"] - g["p_correct"]) and (g["rank"] == 0) == bool(g["correct"])
+    assert "rouge_l" in got[3] and got[4]["perplexity"] > 1
+
+
+def test_adapter_is_applied_like_a_merged_model(tiny_lm, tmp_path):
+    """eval --adapter A equals eval of the model saved with A merged in, and the base is restored."""
+    from conftest import lora_blob, random_lora
+
+    shapes = {"q_proj": (64, 64), "v_proj": (32, 64), "up_proj": (128, 64)}
+    a = tmp_path / "a.safetensors"
+    u = random_lora(3, rank=4, targets=shapes)
+    for m in u.modules.values():
+        m.B *= 20
+    a.write_bytes(lora_blob(u))
+    data = write(tmp_path / "d.jsonl", capitals(6))
+    merged = tmp_path / "merged"
+    run_cli("merge", "--base", str(tiny_lm), str(a), "--save-model", str(merged), check=True)
+    for f in tiny_lm.iterdir():
+        if f.name.startswith("tokenizer"):
+            (merged / f.name).write_bytes(f.read_bytes())
+    x = records(run_cli("eval", "--base", str(tiny_lm), "--adapter", str(a), str(data), check=True).stdout)
+    y = records(run_cli("eval", "--base", str(merged), str(data), check=True).stdout)
+    z = records(run_cli("eval", "--base", str(tiny_lm), str(data), check=True).stdout)
+    for p, q, b in zip(x, y, z):
+        assert max(abs(s - t) for s, t in zip(p["logprobs"], q["logprobs"])) < 1e-4
+        assert p["adapter"] == "lora3" and b["adapter"] is None
+    assert any(abs(p["logprobs"][0] - b["logprobs"][0]) > 1e-3 for p, b in zip(x, z))
+
+
+def test_applied_restores_the_weights(tiny_lm):
+    from conftest import random_lora
+
+    from mergetool.model import resolve_base
+
+    model, tok = ev.load_model(resolve_base(str(tiny_lm)), torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    u = random_lora(1, targets={"q_proj": (64, 64)})
+    with ev.applied(model, u):
+        assert not torch.equal(model.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+                               before["model.layers.0.self_attn.q_proj.weight"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_k_shot_is_deterministic_and_never_the_example_itself():
+    rows = capitals(10)
+    exs = ev.check_examples(rows, "x")
+    ev.add_contexts(exs, exs, 3, seed=1)
+    again = ev.check_examples(rows, "x")
+    ev.add_contexts(again, again, 3, seed=1)
+    for e, f in zip(exs, again):
+        assert e.context == f.context and e.context.endswith(e.rec["prompt"])
+        demos = e.context[: -len(e.rec["prompt"])]
+        assert demos.count("\n\n") == 3 and e.rec["prompt"] not in demos
+
+
+def test_resume_after_an_interruption(tiny_lm, tmp_path):
+    data = write(tmp_path / "d.jsonl", capitals(12))
+    out = tmp_path / "r.jsonl"
+    run_cli("eval", "--base", str(tiny_lm), str(data), "-o", str(out), check=True)
+    full = out.read_text().splitlines()
+    out.write_text("\n".join(full[:5]) + "\n" + full[5][:20])  # a crash mid-line
+    run_cli("eval", "--base", str(tiny_lm), str(data), "-o", str(out), "--resume", check=True)
+    again = [json.loads(x) for x in out.read_text().splitlines() if x.strip().endswith("}")]
+    assert sorted(r["id"] for r in again) == sorted(json.loads(x)["id"] for x in full)
+    assert {json.dumps(r, sort_keys=True) for r in again} == {json.dumps(json.loads(x), sort_keys=True) for x in full}
+
+
+def test_normalisation_and_rouge():
+    assert ev.normalise("  The  Capital, PARIS! ") == "the capital paris"
+    assert ev.rouge_l("the cat sat", "the cat sat") == 1.0
+    assert ev.rouge_l("a b c d", "a c") == pytest.approx(2 * (2 / 4) * 1 / (2 / 4 + 1))
+    assert ev.rouge_l("x", "y") == 0.0
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('{"task": "t", "prompt": "p", "choices": ["a", "b"], "answer": 0}', ":1: missing field 'id'"),
+    ('{"id": "1", "prompt": "p", "choices": ["a"], "answer": 0}', "at least 2"),
+    ('{"id": "1", "prompt": "p", "choices": ["a", "b"], "answer": 5}', "'answer' must be an index"),
+    ('{"id": "1", "prompt": "p"}', "no 'choices'"),
+    ('{"id": "1", "text": "x"}\n{"id": "1", "text": "y"}', ":2: duplicate id"),
+    ('{"id": "1", "text": "x"}\n\n', ":2: empty line"),
+    ('[1, 2]', "not a JSON object"),
+    ('{"id": "1", "text": ', "malformed JSON"),
+])
+def test_bad_examples(line, needle, tiny_lm, tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(line + "\n")
+    r = run_cli("eval", "--base", str(tiny_lm), str(p))
+    err = r.stderr.decode()
+    assert r.returncode == 1 and needle in err and "Traceback" not in err and not r.stdout
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_usage(tiny_lm, tmp_path):
+    data = write(tmp_path / "d.jsonl", capitals(2))
+    for args, code, needle in [([str(data)], 2, "needs the base"),
+                               (["--base", str(tiny_lm), "--norm", "x", str(data)], 2, "unknown norm"),
+                               (["--base", str(tiny_lm), "--resume", str(data)], 2, "needs -o"),
+                               (["--base", str(tmp_path / "nope"), str(data)], 1, "not a local path"),
+                               (["--base", str(tiny_lm), "--adapter", "-", "-"], 2, "stdin is named twice")]:
+        r = run_cli("eval", *args, input=b"")
+        assert r.returncode == code and needle in r.stderr.decode(), (args, r.stderr)
+
+
+def test_adapter_of_another_base_is_refused(tiny_lm, tmp_path):
+    from conftest import lora_blob, random_lora
+
+    a = tmp_path / "a.safetensors"
+    a.write_bytes(lora_blob(random_lora(1, fingerprint="feedfeedfeedfeed")))
+    r = run_cli("eval", "--base", str(tiny_lm), "--adapter", str(a), str(write(tmp_path / "d.jsonl", capitals(2))))
+    assert r.returncode == 1 and b"another base" in r.stderr
