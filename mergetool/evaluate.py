@@ -192,16 +192,41 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_tokens
         for r, s in enumerate(seqs):
             ids[r, :len(s)] = torch.tensor(s)
             mask[r, :len(s)] = 1
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+        sums = continuation_sums(model, ids.to(dev), mask.to(dev), [pairs[j] for j in idx])
         for r, j in enumerate(idx):
-            ctx, cont = pairs[j]
-            start = len(ctx) - 1
-            lp = torch.log_softmax(logits[r, start:start + len(cont)].float(), -1)
-            out[j] = (float(lp.gather(1, torch.tensor(cont, device=dev).view(-1, 1)).sum()), len(cont))
+            out[j] = (sums[r], len(pairs[j][1]))
         if progress:
             progress(len(idx))
         i += bs
     return out
+
+
+def continuation_sums(model, ids, mask, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+    """Row r of ``ids`` holds pairs[r]'s context + continuation (minus its last token): the summed
+    log-probability of each continuation, in one pass and one device sync."""
+    dev = ids.device
+    rows, pos, tgt = [], [], []
+    for r, (ctx, cont) in enumerate(pairs):
+        rows += [r] * len(cont)
+        pos += range(len(ctx) - 1, len(ctx) - 1 + len(cont))
+        tgt += cont
+    rows_t = torch.tensor(rows, device=dev)
+    lp = _token_logprobs(model, ids, mask, rows_t, torch.tensor(pos, device=dev), torch.tensor(tgt, device=dev))
+    return torch.zeros(len(pairs), dtype=torch.float64, device=dev).index_add_(0, rows_t, lp.double()).tolist()
+
+
+def _token_logprobs(model, ids, mask, rows, pos, tgt) -> torch.Tensor:
+    """log p(tgt | prefix) at the given (row, position)s. The output layer runs only at those positions
+    (the decoder's hidden states are gathered first); models whose logits are post-processed (soft-capping)
+    take the plain route through the full logits."""
+    decoder = getattr(model, "get_decoder", lambda: None)()
+    head = model.get_output_embeddings()
+    if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        logits = model(input_ids=ids, attention_mask=mask).logits[rows, pos]
+    else:
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = head(hidden[rows, pos])
+    return torch.log_softmax(logits.float(), -1).gather(1, tgt.view(-1, 1)).view(-1)
 
 
 def choose(lls: list[tuple[float, int]], choices: list[str], norm: str) -> list[float]:
