@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,6 +12,11 @@ Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present),
                                      metavar="auto|cuda|cpu")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or notes on stderr; errors only.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
+Data = Annotated[Optional[str], typer.Argument(help="Examples JSONL, or - for stdin.", metavar="DATA.jsonl|-",
+                                               show_default=False)]
+BaseModel = Annotated[Optional[str], typer.Option("--base", metavar="MODEL",
+                                                  help="Base model: directory, HF id (offline cache) or .gguf file.")]
+GgufFile = Annotated[Optional[str], typer.Option("--gguf-file", help="GGUF file inside the --base directory.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt pickle weights (weights_only).")]
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import MergetoolError, UsageError
-from .common import AllowPickle, Debug, Device, Quiet, pick_device
+from .common import AllowPickle, BaseModel, Data, Debug, Device, GgufFile, Quiet, pick_device
 from .main import app, begin
 
 log = logging.getLogger("mergetool")
@@ -57,11 +57,9 @@ def _done_ids(path: Path) -> set[str]:
 @app.command("eval", help=HELP, short_help="Evaluate a model or adapter on examples: JSONL records.",
              no_args_is_help=True)
 def eval_cmd(
-    data: Annotated[Optional[str], typer.Argument(help="Examples JSONL, or - for stdin.", metavar="DATA.jsonl|-",
-                                                  show_default=False)] = None,
-    base: Annotated[Optional[str], Opt("--base", help="Base model: directory, HF id (offline cache) or .gguf file.",
-                                       metavar="MODEL")] = None,
-    gguf_file: Annotated[Optional[str], Opt("--gguf-file", help="GGUF file inside the --base directory.")] = None,
+    data: Data = None,
+    base: BaseModel = None,
+    gguf_file: GgufFile = None,
     adapter: Annotated[Optional[str], Opt("--adapter", help="Adapter to apply (file, PEFT dir, or - for stdin).",
                                           metavar="ADAPTER|-")] = None,
     summary: Annotated[bool, Opt("--summary", help="One record per task: n, accuracy, rouge_l, perplexity.")] = False,

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import MergetoolError, UsageError
-from .common import Debug, Device, Quiet, pick_device
+from .common import BaseModel, Data, Debug, Device, GgufFile, Quiet, pick_device
 from .main import app, begin
 
 log = logging.getLogger("mergetool")
@@ -40,11 +40,9 @@ PER_TASK = dict(rank=16, alpha=32.0, targets="self_attn.q_proj,self_attn.k_proj,
 @app.command("train-expert", help=HELP, short_help="Train LoRA experts per task or per example.",
              no_args_is_help=True)
 def train_cmd(
-    data: Annotated[Optional[str], typer.Argument(help="Examples JSONL, or - for stdin.", metavar="DATA.jsonl|-",
-                                                  show_default=False)] = None,
-    base: Annotated[Optional[str], Opt("--base", help="Base model: directory, HF id (offline cache) or .gguf.",
-                                       metavar="MODEL")] = None,
-    gguf_file: Annotated[Optional[str], Opt("--gguf-file", help="GGUF file inside the --base directory.")] = None,
+    data: Data = None,
+    base: BaseModel = None,
+    gguf_file: GgufFile = None,
     per_example: Annotated[bool, Opt("--per-example", help="One expert per example, trained on its text.")] = False,
     rank: Annotated[Optional[int], Opt("--rank", help="LoRA rank (per example 64, per task 16).")] = None,
     alpha: Annotated[Optional[float], Opt("--alpha", help="LoRA alpha (per example 128, per task 32).")] = None,
