@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .errors import MergetoolError
-from .updates import PREFIX, LowRank, Update
+from .updates import PREFIX, Update
 
 NORMS = ("tokens", "chars", "none")
 
@@ -142,7 +142,7 @@ def applied(model, update: Update | None):
                 if p is None:
                     raise MergetoolError(update.name, f"module {name} is not in the base model",
                                          "use an adapter trained on this base")
-                d = m.delta(p.device) if isinstance(m, LowRank) else m.delta(p.device)
+                d = m.delta(p.device)
                 if tuple(d.shape) != tuple(p.shape):
                     raise MergetoolError(update.name, f"module {name}: update {tuple(d.shape)} vs weight "
                                          f"{tuple(p.shape)}", "use an adapter trained on this base")

@@ -20,6 +20,14 @@ GgufFile = Annotated[Optional[str], typer.Option("--gguf-file", help="GGUF file 
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt pickle weights (weights_only).")]
 
 
+def require_data_and_base(command: str, data: str | None, base: str | None) -> None:
+    """The two things every model-reading command needs, as usage errors."""
+    if data is None:
+        raise UsageError("DATA", "no examples given", "pass a JSONL file or -")
+    if not base:
+        raise UsageError("--base", f"{command} needs the base model", "pass --base MODEL")
+
+
 def pick_device(spec: str):
     """``auto`` is CUDA when present; all tensor work of a command runs on the device chosen here."""
     import torch

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import MergetoolError, UsageError
-from .common import AllowPickle, BaseModel, Data, Debug, Device, GgufFile, Quiet, pick_device
+from .common import AllowPickle, BaseModel, Data, Debug, Device, GgufFile, Quiet, pick_device, require_data_and_base
 from .main import app, begin
 
 log = logging.getLogger("mergetool")
@@ -85,10 +85,7 @@ def eval_cmd(
     debug: Debug = False,
 ):
     begin("eval", quiet, debug)
-    if data is None:
-        raise UsageError("DATA", "no examples given", "pass a JSONL file or -")
-    if not base:
-        raise UsageError("--base", "eval needs the base model", "pass --base MODEL")
+    require_data_and_base("eval", data, base)
     if data == "-" and adapter == "-":
         raise UsageError("-", "stdin is named twice", "read the adapter or the examples from stdin, not both")
     if norm not in ("tokens", "chars", "none"):

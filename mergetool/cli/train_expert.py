@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import MergetoolError, UsageError
-from .common import BaseModel, Data, Debug, Device, GgufFile, Quiet, pick_device
+from .common import BaseModel, Data, Debug, Device, GgufFile, Quiet, pick_device, require_data_and_base
 from .main import app, begin
 
 log = logging.getLogger("mergetool")
@@ -70,10 +70,7 @@ def train_cmd(
     debug: Debug = False,
 ):
     begin("train-expert", quiet, debug)
-    if data is None:
-        raise UsageError("DATA", "no examples given", "pass a JSONL file or -")
-    if not base:
-        raise UsageError("--base", "train-expert needs the base model", "pass --base MODEL")
+    require_data_and_base("train-expert", data, base)
     if output and out_dir:
         raise UsageError("-o", "-o and --out-dir both given", "choose one output")
     if resume and not out_dir:
