@@ -158,25 +158,221 @@ def applied(model, update: Update | None):
 # ----------------------------------------------------------------------------- scoring
 
 
+def _split_space(context: str) -> tuple[str, str]:
+    """lm-eval moves the trailing whitespace of the context to the continuation."""
+    n = len(context) - len(context.rstrip())
+    return (context[:-n], context[-n:]) if n else (context, "")
+
+
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-evaluation-harness's split: trailing spaces move to the continuation; enc(ctx + cont) split
     after enc(ctx); no special tokens."""
-    n = len(context) - len(context.rstrip())
-    if n:
-        continuation = context[-n:] + continuation
-        context = context[:-n]
-    whole = tok(context + continuation, add_special_tokens=False).input_ids
-    ctx = tok(context, add_special_tokens=False).input_ids
-    if not ctx:  # an empty context is conditioned on the end-of-text token, as lm-eval does
-        ctx = [tok.eos_token_id]
-        whole = ctx + whole
-    return ctx, whole[len(ctx):]
+    ctx, conts = encode_choices(tok, [(context, [continuation])])[0]
+    return ctx, conts[0]
+
+
+def encode_choices(tok, items: list[tuple[str, list[str]]]) -> list[tuple[list[int], list[list[int]]]]:
+    """``encode_pair`` for every choice of every (context, choices) item, in two batched tokenizer calls:
+    the context once per item (its tokens are the same for every choice, as in lm-eval, which conditions
+    each choice on enc(context)). An empty context is conditioned on ``prefix_token``, as lm-eval does."""
+    heads, wholes = [], []
+    for context, choices in items:
+        head, tail = _split_space(context)
+        heads.append(head)
+        wholes += [head + tail + c for c in choices]
+    enc_h = tok(heads, add_special_tokens=False).input_ids if heads else []
+    enc_w = tok(wholes, add_special_tokens=False).input_ids if wholes else []
+    out, k = [], 0
+    for (_, choices), ctx in zip(items, enc_h):
+        whole = enc_w[k:k + len(choices)]
+        k += len(choices)
+        if ctx:
+            out.append((list(ctx), [w[len(ctx):] for w in whole]))
+        else:
+            out.append(([prefix_token(tok)], [list(w) for w in whole]))
+    return out
+
+
+def prefix_token(tok) -> int:
+    """The token an empty context is conditioned on: BOS when the tokenizer has one, else EOS (lm-eval's
+    ``prefix_token_id``)."""
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+
+# An item to score: the context's tokens and each choice's continuation tokens.
+Item = tuple[list[int], list[list[int]]]
+
+
+def _model_max_len(model) -> int | None:
+    n = getattr(model.config, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def _truncate(items: list[Item], max_len: int | None) -> list[Item]:
+    """Keep each sequence within the model's length by dropping context tokens from the left, as lm-eval
+    does (it keeps the last max_length tokens of context + continuation)."""
+    if not max_len:
+        return items
+    out = []
+    for ctx, conts in items:
+        longest = max((len(c) for c in conts), default=0)
+        keep = max(1, max_len + 1 - longest)
+        out.append((ctx[-keep:] if len(ctx) > keep else ctx, conts))
+    return out
+
+
+@torch.no_grad()
+def choice_loglikelihoods(model, items: list[Item], batch_tokens: int = 8192, progress=None,
+                          before=None) -> list[list[tuple[float, int]]]:
+    """Summed log p(choice | context) and token count of every choice of every item.
+
+    Each item is one packed sequence: its context once, then every choice's tokens (but the last) side by
+    side, each choice at the positions it would have after the context and attending only to the context
+    and to itself (a 4D attention mask and explicit position ids), so the shared prompt is encoded once and
+    all choices are scored in one pass. Items are batched by length (``batch_tokens`` per batch). Models
+    whose attention does not honour a custom mask and positions (checked once per model, see
+    ``packing_works``) take the plain route: one sequence per choice. ``before(idx)`` is called with the
+    item indices of each batch, in row order, before its forward pass (per-row adapters use it)."""
+    items = _truncate(items, _model_max_len(model))
+    lens = [len(c) + sum(max(len(x) - 1, 0) for x in cs) for c, cs in items]
+    window = getattr(model.config, "sliding_window", None)  # a custom mask bypasses the window: stay within it
+    if (isinstance(window, int) and lens and max(lens) > window) or not packing_works(model, items):
+        return _plain_choice_loglikelihoods(model, items, batch_tokens, progress, before)
+    dev = next(model.parameters()).device
+    order = sorted(range(len(items)), key=lambda i: -lens[i])
+    out: list[list[tuple[float, int]]] = [[] for _ in items]
+    i = 0
+    while i < len(order):
+        L = lens[order[i]]
+        bs = max(1, batch_tokens // max(L, 1))
+        idx = order[i:i + bs]
+        if before is not None:
+            before(idx)
+        sums = _packed_sums(model, [items[j] for j in idx], dev)
+        for r, j in enumerate(idx):
+            out[j] = [(s, len(c)) for s, c in zip(sums[r], items[j][1])]
+        if progress:
+            progress(len(idx))
+        i += bs
+    return out
+
+
+def _pack(items: list[Item], dtype: torch.dtype):
+    """Tensors of a batch of packed items: ids, 4D additive mask, position ids, and for every choice token
+    the (row, position) that predicts it and its id; ``owner`` maps each scored token to its (row, choice)."""
+    B = len(items)
+    L = max(len(c) + sum(max(len(x) - 1, 0) for x in cs) for c, cs in items)
+    flat_r, flat_c, flat_id, flat_pos, flat_seg = [], [], [], [], []
+    rows, pos, tgt, owner = [], [], [], []
+    n_choices = 0
+    for r, (ctx, conts) in enumerate(items):
+        C = len(ctx)
+        seq, seg, ps = list(ctx), [0] * C, list(range(C))
+        for j, cont in enumerate(conts):
+            start = len(seq)
+            body = cont[:-1]
+            seq += body
+            seg += [j + 1] * len(body)
+            ps += range(C, C + len(body))
+            for t, token in enumerate(cont):  # token t is predicted at the context's last position, then its own
+                rows.append(r)
+                pos.append(C - 1 if t == 0 else start + t - 1)
+                tgt.append(token)
+                owner.append(n_choices + j)
+        n_choices += len(conts)
+        flat_r += [r] * len(seq)
+        flat_c += range(len(seq))
+        flat_id += seq
+        flat_pos += ps
+        flat_seg += seg
+    fr, fc = torch.tensor(flat_r), torch.tensor(flat_c)
+    ids = torch.zeros((B, L), dtype=torch.long)
+    ids[fr, fc] = torch.tensor(flat_id)
+    position = torch.zeros((B, L), dtype=torch.long)
+    position[fr, fc] = torch.tensor(flat_pos)
+    seg = torch.full((B, L), -1, dtype=torch.long)
+    seg[fr, fc] = torch.tensor(flat_seg)
+    return ids, seg, position, rows, pos, tgt, owner, n_choices
+
+
+def _mask4d(seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, L, L] mask: a query sees earlier keys of the context (segment 0) or of its own
+    segment; padding (segment -1) sees only itself, so no row is empty."""
+    L = seg.shape[1]
+    causal = torch.ones((L, L), dtype=torch.bool, device=seg.device).tril_()
+    sq, sk = seg[:, :, None], seg[:, None, :]
+    ok = causal & (sk >= 0) & ((sk == 0) | (sk == sq))
+    ok |= torch.eye(L, dtype=torch.bool, device=seg.device)
+    return torch.zeros(ok.shape, dtype=dtype, device=seg.device).masked_fill_(~ok, torch.finfo(dtype).min)[:, None]
+
+
+def _packed_sums(model, items: list[Item], dev) -> list[list[float]]:
+    dtype = next(model.parameters()).dtype
+    ids, seg, position, rows, pos, tgt, owner, n = _pack(items, dtype)
+    seg = seg.to(dev, non_blocking=True)
+    mask = _mask4d(seg, dtype if dtype.is_floating_point else torch.float32)
+    lp = _token_logprobs(model, torch.tensor(rows, device=dev), torch.tensor(pos, device=dev),
+                         torch.tensor(tgt, device=dev), input_ids=ids.to(dev), attention_mask=mask,
+                         position_ids=position.to(dev))
+    sums = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, torch.tensor(owner, device=dev),
+                                                                     lp.double()).tolist()
+    out, k = [], 0
+    for _, conts in items:
+        out.append(sums[k:k + len(conts)])
+        k += len(conts)
+    return out
+
+
+def packing_works(model, items: list[Item]) -> bool:
+    """Whether this model scores packed choices as it scores them one by one (its attention honours a custom
+    4D mask and position ids). Checked once per model on a probe built from the first item: a long junk
+    choice packed before a real one, which would change the real one's score a lot if the mask or the
+    positions were ignored (in fp32 the two routes agree to rounding: 1e-4 per token; in bf16 to 5e-2). The
+    answer is cached on the model."""
+    cached = getattr(model, "_mergetool_packing", None)
+    if cached is not None:
+        return cached
+    probe = next(((c, cs) for c, cs in items if any(len(x) > 1 for x in cs)), None)
+    if probe is None:  # single-token choices: packing adds no token, nothing to check yet
+        return True
+    ctx, conts = probe
+    real = max(conts, key=len)
+    junk = (ctx * (64 // max(len(ctx), 1) + 1))[:64] + real
+    dev = next(model.parameters()).device
+    ok = False
+    try:
+        packed = _packed_sums(model, [(ctx, [junk, real])], dev)[0][1]
+        plain = _plain_choice_loglikelihoods(model, [(ctx, [real])], 8192, None, None)[0][0][0]
+        dtype = next(model.parameters()).dtype
+        tol = (1e-4 if dtype in (torch.float32, torch.float64) else 5e-2) * len(real)  # fp32: packed is exact
+        ok = abs(packed - plain) <= tol
+    except Exception:  # noqa: BLE001 - an architecture that rejects the mask or positions takes the plain route
+        ok = False
+    model._mergetool_packing = ok
+    return ok
+
+
+def _plain_choice_loglikelihoods(model, items: list[Item], batch_tokens, progress, before):
+    pairs, owner = [], []
+    for i, (ctx, conts) in enumerate(items):
+        pairs += [(ctx, c) for c in conts]
+        owner += [i] * len(conts)
+    hook = (lambda idx: before([owner[j] for j in idx])) if before is not None else None
+    lls = loglikelihoods(model, pairs, batch_tokens, None, hook)
+    out, k = [], 0
+    for ctx, conts in items:
+        out.append(lls[k:k + len(conts)])
+        k += len(conts)
+        if progress:
+            progress(1)
+    return out
 
 
 @torch.no_grad()
 def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_tokens: int = 8192,
-                   progress=None) -> list[tuple[float, int]]:
-    """Sum of log p(continuation | context) and its token count, for every pair; batched by length."""
+                   progress=None, before=None) -> list[tuple[float, int]]:
+    """Sum of log p(continuation | context) and its token count, for every pair, one sequence per pair;
+    batched by length."""
     dev = next(model.parameters()).device
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
@@ -187,11 +383,14 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_tokens
         idx = order[i:i + bs]
         seqs = [(pairs[j][0] + pairs[j][1])[:-1] for j in idx]
         L = max(len(s) for s in seqs)
+        flat_r = [r for r, s in enumerate(seqs) for _ in s]
+        flat_c = [c for s in seqs for c in range(len(s))]
         ids = torch.zeros((len(seqs), L), dtype=torch.long)
         mask = torch.zeros((len(seqs), L), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, :len(s)] = torch.tensor(s)
-            mask[r, :len(s)] = 1
+        ids[flat_r, flat_c] = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+        mask[flat_r, flat_c] = 1
+        if before is not None:
+            before(idx)
         sums = continuation_sums(model, ids.to(dev), mask.to(dev), [pairs[j] for j in idx])
         for r, j in enumerate(idx):
             out[j] = (sums[r], len(pairs[j][1]))
@@ -211,20 +410,21 @@ def continuation_sums(model, ids, mask, pairs: list[tuple[list[int], list[int]]]
         pos += range(len(ctx) - 1, len(ctx) - 1 + len(cont))
         tgt += cont
     rows_t = torch.tensor(rows, device=dev)
-    lp = _token_logprobs(model, ids, mask, rows_t, torch.tensor(pos, device=dev), torch.tensor(tgt, device=dev))
+    lp = _token_logprobs(model, rows_t, torch.tensor(pos, device=dev), torch.tensor(tgt, device=dev),
+                         input_ids=ids, attention_mask=mask)
     return torch.zeros(len(pairs), dtype=torch.float64, device=dev).index_add_(0, rows_t, lp.double()).tolist()
 
 
-def _token_logprobs(model, ids, mask, rows, pos, tgt) -> torch.Tensor:
+def _token_logprobs(model, rows, pos, tgt, **inputs) -> torch.Tensor:
     """log p(tgt | prefix) at the given (row, position)s. The output layer runs only at those positions
     (the decoder's hidden states are gathered first); models whose logits are post-processed (soft-capping)
     take the plain route through the full logits."""
     decoder = getattr(model, "get_decoder", lambda: None)()
     head = model.get_output_embeddings()
     if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
-        logits = model(input_ids=ids, attention_mask=mask).logits[rows, pos]
+        logits = model(**inputs).logits[rows, pos]
     else:
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = decoder(**inputs).last_hidden_state
         logits = head(hidden[rows, pos])
     return torch.log_softmax(logits.float(), -1).gather(1, tgt.view(-1, 1)).view(-1)
 
@@ -239,13 +439,15 @@ def choose(lls: list[tuple[float, int]], choices: list[str], norm: str) -> list[
 
 def mc_record(e: Example, lls: list[tuple[float, int]], norm: str) -> dict:
     scores = choose(lls, e.rec["choices"], norm)
-    probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0)  # renormalised over the choices
-    pred = int(torch.argmax(torch.tensor(scores)))
+    top = max(scores)
+    ex = [math.exp(x - top) for x in scores]  # softmax renormalised over the choices
+    z = sum(ex)
+    probs = [x / z for x in ex]
+    pred = scores.index(top)
     a = e.rec["answer"]
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    rank = sum(1 for i, x in enumerate(scores) if x > scores[a] or (x == scores[a] and i < a))
     return {"correct": int(pred == a), "prediction": pred, "logprobs": scores,
-            "p_correct": float(probs[a]), "p_max": float(probs.max()), "rank": order.index(a),
-            "gap": float(probs.max() - probs[a])}
+            "p_correct": probs[a], "p_max": max(probs), "rank": rank, "gap": max(probs) - probs[a]}
 
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -294,26 +496,20 @@ def evaluate(model, tok, examples: list[Example], norm: str = "tokens", max_new_
              batch_tokens: int = 8192, progress=None) -> Iterator[dict]:
     """One result dict per example (without id/task/adapter), in input order."""
     mc = [e for e in examples if e.kind == "mc"]
-    pairs, spans = [], {}
-    for e in mc:
-        spans[e.id] = (len(pairs), len(e.rec["choices"]))
-        pairs += [encode_pair(tok, e.context, c) for c in e.rec["choices"]]
-    lls = loglikelihoods(model, pairs, batch_tokens, progress) if pairs else []
+    items = encode_choices(tok, [(e.context, e.rec["choices"]) for e in mc])
+    lls = dict(zip((e.id for e in mc), choice_loglikelihoods(model, items, batch_tokens, progress))) if mc else {}
     gens = [e for e in examples if e.kind == "gen"]
     texts = dict(zip([e.id for e in gens], generate(model, tok, [e.context for e in gens], max_new_tokens))) if gens else {}
     ppl = [e for e in examples if e.kind == "ppl"]
     nll = {}
     if ppl:
-        ps = []
-        for e in ppl:
-            ids = tok(e.rec["text"], add_special_tokens=False).input_ids
-            ps.append(([tok.eos_token_id], ids))
+        ps = [([prefix_token(tok)], list(ids))
+              for ids in tok([e.rec["text"] for e in ppl], add_special_tokens=False).input_ids]
         for e, (s, n) in zip(ppl, loglikelihoods(model, ps, batch_tokens)):
             nll[e.id] = (-s, n)
     for e in examples:
         if e.kind == "mc":
-            a, k = spans[e.id]
-            yield mc_record(e, lls[a:a + k], norm)
+            yield mc_record(e, lls[e.id], norm)
         elif e.kind == "gen":
             refs = e.rec.get("targets") or [e.rec["target"]]
             p = texts[e.id]

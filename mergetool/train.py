@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import MergetoolError
+from .evaluate import prefix_token
 from .updates import PREFIX, LowRank, Update
 
 
@@ -59,13 +60,19 @@ def target_modules(model, spec: LoraSpec, default_middle: bool) -> list[str]:
     return names
 
 
+def expert_seed(seed: int, example_id: str) -> int:
+    """The initialisation seed of an example's expert: fixed by the run's seed and the example's id, so an
+    expert is the same whichever batch it trains in (and after --resume)."""
+    return zlib.crc32(f"{seed}:{example_id}".encode())
+
+
 class StackedLora:
     """E LoRA adapters on the same modules, applied per batch row (row i uses adapter ``rows[i]``)."""
 
     def __init__(self, model, names: list[str], n: int, spec: LoraSpec, seeds: list[int]):
         self.model, self.names, self.spec = model, names, spec
         self.A, self.B, self.handles = {}, {}, []
-        self.rows: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None  # adapter of each batch row; None: row i uses adapter i
         mods = dict(model.named_modules())
         dev = next(model.parameters()).device
         for name in names:
@@ -82,9 +89,13 @@ class StackedLora:
     def _hook(self, name):
         def hook(mod, inp, out):
             x = inp[0]
-            A = self.A[name][self.rows]
-            B = self.B[name][self.rows]
-            lo = torch.bmm(torch.bmm(x.to(A.dtype), A.transpose(1, 2)), B.transpose(1, 2))
+            A, B = self.A[name], self.B[name]
+            if self.rows is None and A.shape[0] == 1:  # one adapter for every row: plain matmuls
+                lo = (x.to(A.dtype) @ A[0].T) @ B[0].T
+            else:  # row i uses adapter rows[i] (None: adapter i), batched matmuls
+                if self.rows is not None:
+                    A, B = A[self.rows], B[self.rows]
+                lo = torch.bmm(torch.bmm(x.to(A.dtype), A.transpose(1, 2)), B.transpose(1, 2))
             return out + (self.spec.scale * lo).to(out.dtype)
 
         return hook
@@ -108,7 +119,7 @@ def lm_batch(tok, texts: list[tuple[str, str]], device) -> tuple[torch.Tensor, t
     for prompt, completion in texts:
         p = tok(prompt, add_special_tokens=False).input_ids if prompt else []
         c = tok(completion, add_special_tokens=False).input_ids
-        ids = ([tok.eos_token_id] if not p else p) + c
+        ids = ([prefix_token(tok)] if not p else p) + c
         seqs.append(ids)
         labels.append([-100] * (len(ids) - len(c)) + c)
     L = max(len(s) for s in seqs)
@@ -123,12 +134,36 @@ def lm_batch(tok, texts: list[tuple[str, str]], device) -> tuple[torch.Tensor, t
 
 
 def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of each row: [rows]."""
+    """Mean next-token cross-entropy of each row, from full logits: [rows]."""
     lg, lb = logits[:, :-1].float(), labels[:, 1:]
     ce = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
                                            reduction="none").view(lb.shape)
     n = (lb != -100).sum(1).clamp_min(1)
     return ce.sum(1) / n
+
+
+class Targets:
+    """Where a batch's labels are: (row, position) of every predicted token, its id, tokens per row."""
+
+    def __init__(self, labels: torch.Tensor):
+        lb = labels[:, 1:]
+        self.rows, self.pos = (lb != -100).nonzero(as_tuple=True)
+        self.tgt = lb[self.rows, self.pos]
+        self.n = torch.bincount(self.rows, minlength=labels.shape[0]).clamp_min(1)
+
+
+def model_row_losses(model, ids: torch.Tensor, mask: torch.Tensor, t: Targets) -> torch.Tensor:
+    """``row_losses`` without the full logits: the output layer runs only at the labelled positions
+    (padding and prompts cost nothing there), cross-entropy in fp32. Models whose logits are post-processed
+    (soft-capping) take the route through the full logits."""
+    decoder = getattr(model, "get_decoder", lambda: None)()
+    head = model.get_output_embeddings()
+    if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        logits = model(input_ids=ids, attention_mask=mask).logits[t.rows, t.pos]
+    else:
+        logits = head(decoder(input_ids=ids, attention_mask=mask).last_hidden_state[t.rows, t.pos])
+    ce = torch.nn.functional.cross_entropy(logits.float(), t.tgt, reduction="none")
+    return torch.zeros(ids.shape[0], dtype=ce.dtype, device=ce.device).index_add_(0, t.rows, ce) / t.n
 
 
 def train_stacked(model, tok, items: list[tuple[str, str]], spec: LoraSpec, names: list[str],
@@ -140,46 +175,35 @@ def train_stacked(model, tok, items: list[tuple[str, str]], spec: LoraSpec, name
     st = StackedLora(model, names, len(items), spec, seeds)
     opt = torch.optim.AdamW(st.parameters(), lr=spec.lr, weight_decay=0.0)
     ids, mask, lab = lm_batch(tok, items, dev)
-    st.rows = torch.arange(len(items), device=dev)
+    t = Targets(lab)
+    st.rows = None  # row e is expert e
     losses = None
     for _ in range(spec.epochs):
-        losses = row_losses(model(input_ids=ids, attention_mask=mask).logits, lab)
+        losses = model_row_losses(model, ids, mask, t)
         losses.sum().backward()  # each expert's gradient is its own mean loss's
         opt.step()
         opt.zero_grad(set_to_none=True)
         if progress:
             progress()
     with torch.no_grad():
-        final = row_losses(model(input_ids=ids, attention_mask=mask).logits, lab)
-    return st, [float(x) for x in (final if final is not None else losses)]
+        final = model_row_losses(model, ids, mask, t)
+    return st, [float(x) for x in final.tolist()]
 
 
 @torch.no_grad()
 def stacked_choice_scores(model, tok, st: StackedLora, recs: list[dict], norm: str = "tokens") -> list[list[float]]:
-    """Expert e scores the choices of recs[e] (its own question), all experts in one batch."""
-    from .evaluate import choose, continuation_sums, encode_pair
+    """Expert e scores the choices of recs[e] (its own question): every expert in one batch, each
+    question packed with its prompt once (``evaluate.choice_loglikelihoods``), row by row its own expert."""
+    from .evaluate import choice_loglikelihoods, choose, encode_choices
 
     dev = next(model.parameters()).device
-    rows, pairs = [], []
-    for e, r in enumerate(recs):
-        for c in r["choices"]:
-            pairs.append(encode_pair(tok, r["prompt"], c))
-            rows.append(e)
-    seqs = [(a + b)[:-1] for a, b in pairs]
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    st.rows = torch.tensor(rows, device=dev)  # row i is scored by expert rows[i]
-    sums = list(zip(continuation_sums(model, ids.to(dev), mask.to(dev), pairs), (len(b) for _, b in pairs)))
-    out, k = [], 0
-    for r in recs:
-        n = len(r["choices"])
-        out.append(choose(sums[k:k + n], r["choices"], norm))
-        k += n
-    return out
+    items = encode_choices(tok, [(r["prompt"], r["choices"]) for r in recs])
+
+    def before(idx):  # the batch's rows are these experts' questions
+        st.rows = torch.tensor(idx, device=dev)
+
+    lls = choice_loglikelihoods(model, items, batch_tokens=1 << 30, before=before)
+    return [choose(ll, r["choices"], norm) for ll, r in zip(lls, recs)]
 
 
 def train_task(model, tok, items: list[tuple[str, str]], spec: LoraSpec, names: list[str], progress=None):
@@ -196,8 +220,8 @@ def train_task(model, tok, items: list[tuple[str, str]], spec: LoraSpec, names: 
         for s in range(0, len(order), spec.batch_size):
             batch = [items[i] for i in order[s:s + spec.batch_size]]
             ids, mask, lab = lm_batch(tok, batch, dev)
-            st.rows = torch.zeros(len(batch), dtype=torch.long, device=dev)
-            lo = row_losses(model(input_ids=ids, attention_mask=mask).logits, lab).mean()
+            st.rows = None  # the one adapter serves every row
+            lo = model_row_losses(model, ids, mask, Targets(lab)).mean()
             lo.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

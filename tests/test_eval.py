@@ -69,6 +69,72 @@ def test_acc_and_acc_norm_identical_to_lm_eval(which, tiny_lm, smol):
         assert sum(g["correct"] for g in got) / len(got) == pytest.approx(acc)
 
 
+def _items(tok, rows, shots_prefix=""):
+    return ev.encode_choices(tok, [(shots_prefix + r["prompt"], r["choices"]) for r in rows])
+
+
+@pytest.mark.parametrize("which", ["tiny", "smol"])
+def test_packed_choices_score_like_one_sequence_per_choice(which, tiny_lm, smol):
+    """The shared prompt encoded once with every choice packed after it gives each choice the log-likelihood
+    of its own sequence; also with a long few-shot prefix and with batches cut mid-way."""
+    from mergetool.model import resolve_base
+
+    model, tok = ev.load_model(resolve_base(str(tiny_lm if which == "tiny" else smol[1])), torch.device("cpu"))
+    rows = capitals(10)
+    prefix = "".join(f"{r['prompt']}{r['choices'][r['answer']]}\n\n" for r in capitals(14)[10:])
+    for items in (_items(tok, rows), _items(tok, rows, prefix)):
+        model._mergetool_packing = None
+        packed = ev.choice_loglikelihoods(model, items, batch_tokens=300)
+        assert model._mergetool_packing is True  # the packed route was taken
+        plain = ev.loglikelihoods(model, [(c, x) for c, cs in items for x in cs])
+        flat = [x for ll in packed for x in ll]
+        assert [n for _, n in flat] == [n for _, n in plain]
+        assert max(abs(a - b) for (a, _), (b, _) in zip(flat, plain)) < 1e-3
+
+
+def test_a_model_that_ignores_the_mask_takes_the_plain_route(tiny_lm):
+    """If the attention ignored the custom mask (or the positions), packing would be wrong: the check notices
+    and the scores are still those of one sequence per choice."""
+    from mergetool.model import resolve_base
+
+    model, tok = ev.load_model(resolve_base(str(tiny_lm)), torch.device("cpu"))
+    decoder = model.get_decoder()
+    forward = decoder.forward
+
+    def careless(*a, attention_mask=None, position_ids=None, **kw):  # drops a 4D mask and the positions
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = None
+        return forward(*a, attention_mask=attention_mask, **kw)
+
+    decoder.forward = careless
+    items = _items(tok, capitals(6))
+    got = ev.choice_loglikelihoods(model, items)
+    assert model._mergetool_packing is False
+    plain = ev.loglikelihoods(model, [(c, x) for c, cs in items for x in cs])
+    assert [x for ll in got for x in ll] == plain
+
+
+def test_encode_choices_matches_lm_eval_split(tiny_lm):
+    """Batched tokenisation gives lm-eval's (context, continuation) split, trailing spaces and empty contexts
+    included."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    lm = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(tiny_lm), tokenizer=tok, batch_size=1)
+    cases = [("The capital of France is", [" Paris", " Lyon"]), ("Q: 2+2 = ", ["4", "5 "]),
+             ("Hello  \n", ["world", " x y"]), ("", ["hello", " x"])]
+    for (ctx, conts), (c_ids, cont_ids) in zip(cases, ev.encode_choices(tok, cases)):
+        for x, ids in zip(conts, cont_ids):
+            assert ev.encode_pair(tok, ctx, x) == (c_ids, ids)
+            if ctx:
+                ref = lm._encode_pair(ctx, x)
+            else:  # lm-eval conditions an empty context on its prefix token (end of text here)
+                ref = ([lm.prefix_token_id], lm.tok_encode(x))
+            assert (c_ids, ids) == (list(ref[0]), list(ref[1]))
+
+
 def test_summary_through_the_cli(tiny_lm, tmp_path):
     rows = capitals(8)
     data = write(tmp_path / "d.jsonl", rows)

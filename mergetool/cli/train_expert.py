@@ -154,10 +154,12 @@ def train_cmd(
                      len(exs) - len(known))
             exs = [e for e in exs if e.id not in known]
         dropped = kept = 0
+        rank_of = {e.id: i for i, e in enumerate(exs)}  # output order: the input's
+        exs = sorted(exs, key=lambda e: len(e.rec["text"]))  # experts of similar lengths train together
         for s in range(0, len(exs), spec.batch_size):
             chunk = exs[s:s + spec.batch_size]
             st, losses = tr.train_stacked(model, tok, [("", e.rec["text"]) for e in chunk], spec, names,
-                                          [spec.seed * 100_003 + s + i for i in range(len(chunk))])
+                                          [tr.expert_seed(spec.seed, e.id) for e in chunk])
             ok = [True] * len(chunk)
             if keep_if_correct:
                 scores = tr.stacked_choice_scores(model, tok, st, [e.rec for e in chunk])
@@ -172,6 +174,7 @@ def train_cmd(
             log.info("trained %d/%d experts", min(s + spec.batch_size, len(exs)), len(exs))
         if keep_if_correct:
             log.info("--keep-if-correct: kept %d experts, dropped %d that miss their own question", kept, dropped)
+        written.sort(key=lambda w: rank_of[w[0]])
     else:
         by_task: dict[str, list] = {}
         for e in exs:
