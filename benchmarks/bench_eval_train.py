@@ -6,6 +6,7 @@
     wall time, and final losses compared.
 
     python benchmarks/bench_eval_train.py --tokenizer DIR [--small] [--device cuda] [--json out.json]
+    python benchmarks/bench_eval_train.py --model DIR --experts 16 [--json out.json]   # a real model (CPU)
 
 The model is randomly initialised (speed does not depend on the weights): Llama-3.2-1B's shapes with the
 tokenizer's vocabulary (SmolLM2's tokenizer, the one that works offline), or a small Llama with --small.
@@ -36,12 +37,14 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def make_model(tok_dir: Path, small: bool, dev, dtype):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def make_model(tok_dir: Path, small: bool, dev, dtype, model_dir: Path | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir or tok_dir)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if model_dir:  # a real model with its weights (the testbed's SmolLM2 on CPU)
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev).eval(), tok
     if small:
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2)
@@ -146,7 +149,8 @@ def bench_train(model, tok, dev, n: int, steps: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--tokenizer", type=Path, help="tokenizer directory of the random-weight models")
+    ap.add_argument("--model", type=Path, help="a model directory to run instead of random weights")
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--items", type=int, default=388)
@@ -161,7 +165,10 @@ def main():
     machine = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
     print(f"machine: {json.dumps(machine)}", flush=True)
-    model, tok = make_model(args.tokenizer, args.small, dev, dtype)
+    if not (args.model or args.tokenizer):
+        ap.error("give --tokenizer DIR (random weights) or --model DIR")
+    model, tok = make_model(args.tokenizer, args.small, dev, dtype, args.model)
+    machine["model"] = str(args.model.name if args.model else ("small" if args.small else "llama-3.2-1b-shape"))
     res = {"machine": machine, "device": str(dev), "dtype": str(dtype)}
     res["eval"] = bench_eval(model, tok, dev, args.items, args.batch_tokens)
     res["train"] = bench_train(model, tok, dev, args.experts, args.steps)

@@ -221,113 +221,153 @@ def _truncate(items: list[Item], max_len: int | None) -> list[Item]:
     return out
 
 
+ROW = 256  # tokens per packed row (at least the longest item): attention costs ∝ row length, padding ∝ 1/row
+
+
+def _packed_len(item: Item) -> int:
+    ctx, conts = item
+    return len(ctx) + sum(max(len(x) - 1, 0) for x in conts)
+
+
+def _rows(lens: list[int], width: int, one_per_row: bool) -> list[list[int]]:
+    """Items (longest first) laid into rows of ``width`` tokens: each row takes the longest items left, then
+    fills its end with the shortest; so little is padding."""
+    order = sorted(range(len(lens)), key=lambda i: -lens[i])
+    if one_per_row:
+        return [[i] for i in order]
+    rows, lo, hi = [], 0, len(order) - 1
+    while lo <= hi:
+        row, room = [], width
+        while lo <= hi and lens[order[lo]] <= room:
+            row.append(order[lo])
+            room -= lens[order[lo]]
+            lo += 1
+        while lo <= hi and lens[order[hi]] <= room:
+            row.append(order[hi])
+            room -= lens[order[hi]]
+            hi -= 1
+        rows.append(row)
+    return rows
+
+
 @torch.no_grad()
 def choice_loglikelihoods(model, items: list[Item], batch_tokens: int = 8192, progress=None,
                           before=None) -> list[list[tuple[float, int]]]:
     """Summed log p(choice | context) and token count of every choice of every item.
 
-    Each item is one packed sequence: its context once, then every choice's tokens (but the last) side by
-    side, each choice at the positions it would have after the context and attending only to the context
-    and to itself (a 4D attention mask and explicit position ids), so the shared prompt is encoded once and
-    all choices are scored in one pass. Items are batched by length (``batch_tokens`` per batch). Models
-    whose attention does not honour a custom mask and positions (checked once per model, see
-    ``packing_works``) take the plain route: one sequence per choice. ``before(idx)`` is called with the
-    item indices of each batch, in row order, before its forward pass (per-row adapters use it)."""
+    Each item is packed once: its context, then every choice's tokens (but the last) side by side, each
+    choice at the positions it would have right after the context and attending only to the context and to
+    itself (a 4D attention mask and explicit position ids); so the shared prompt is encoded once and all
+    choices are scored in one pass. Several items share a row of ``ROW`` tokens (each sees only itself), so
+    batches carry almost no padding; rows are batched ``batch_tokens`` at a time. ``before(idx)``, for
+    per-row adapters, is called with the item indices of each batch before its forward pass, and then every
+    row holds one item. Models whose attention does not honour a custom mask and positions (checked once per
+    model, ``packing_works``) take the plain route, one sequence per choice."""
     items = _truncate(items, _model_max_len(model))
-    lens = [len(c) + sum(max(len(x) - 1, 0) for x in cs) for c, cs in items]
+    lens = [_packed_len(x) for x in items]
     window = getattr(model.config, "sliding_window", None)  # a custom mask bypasses the window: stay within it
     if (isinstance(window, int) and lens and max(lens) > window) or not packing_works(model, items):
         return _plain_choice_loglikelihoods(model, items, batch_tokens, progress, before)
     dev = next(model.parameters()).device
-    order = sorted(range(len(items)), key=lambda i: -lens[i])
+    width = max([ROW] + lens)
+    rows = _rows(lens, width, before is not None)
     out: list[list[tuple[float, int]]] = [[] for _ in items]
     i = 0
-    while i < len(order):
-        L = lens[order[i]]
-        bs = max(1, batch_tokens // max(L, 1))
-        idx = order[i:i + bs]
+    while i < len(rows):
+        L = max(sum(lens[j] for j in rows[i]), 1)
+        batch = rows[i:i + max(1, batch_tokens // L)]
         if before is not None:
-            before(idx)
-        sums = _packed_sums(model, [items[j] for j in idx], dev)
-        for r, j in enumerate(idx):
-            out[j] = [(s, len(c)) for s, c in zip(sums[r], items[j][1])]
+            before([r[0] for r in batch])
+        sums = _packed_sums(model, [[items[j] for j in r] for r in batch], dev)
+        for r, row in enumerate(batch):
+            for k, j in enumerate(row):
+                out[j] = [(x, len(c)) for x, c in zip(sums[r][k], items[j][1])]
         if progress:
-            progress(len(idx))
-        i += bs
+            progress(sum(len(r) for r in batch))
+        i += len(batch)
     return out
 
 
-def _pack(items: list[Item], dtype: torch.dtype):
-    """Tensors of a batch of packed items: ids, 4D additive mask, position ids, and for every choice token
-    the (row, position) that predicts it and its id; ``owner`` maps each scored token to its (row, choice)."""
-    B = len(items)
-    L = max(len(c) + sum(max(len(x) - 1, 0) for x in cs) for c, cs in items)
-    flat_r, flat_c, flat_id, flat_pos, flat_seg = [], [], [], [], []
-    rows, pos, tgt, owner = [], [], [], []
+def _pack(rows: list[list[Item]]):
+    """Tensors of a batch of rows of packed items: ids, position ids, item and segment of every token (item
+    -1: padding; segment 0: context, j+1: choice j), and for every choice token the (row, position) that
+    predicts it, its id and its choice's index (``owner``) in the batch."""
+    B = len(rows)
+    L = max(sum(_packed_len(x) for x in row) for row in rows)
+    flat_r, flat_id, flat_pos, flat_item, flat_seg = [], [], [], [], []
+    rr, pos, tgt, owner = [], [], [], []
     n_choices = 0
-    for r, (ctx, conts) in enumerate(items):
-        C = len(ctx)
-        seq, seg, ps = list(ctx), [0] * C, list(range(C))
-        for j, cont in enumerate(conts):
-            start = len(seq)
-            body = cont[:-1]
-            seq += body
-            seg += [j + 1] * len(body)
-            ps += range(C, C + len(body))
-            for t, token in enumerate(cont):  # token t is predicted at the context's last position, then its own
-                rows.append(r)
-                pos.append(C - 1 if t == 0 else start + t - 1)
-                tgt.append(token)
-                owner.append(n_choices + j)
-        n_choices += len(conts)
-        flat_r += [r] * len(seq)
-        flat_c += range(len(seq))
-        flat_id += seq
-        flat_pos += ps
-        flat_seg += seg
-    fr, fc = torch.tensor(flat_r), torch.tensor(flat_c)
+    for r, row in enumerate(rows):
+        at = 0  # where this item starts in the row
+        for k, (ctx, conts) in enumerate(row):
+            C = len(ctx)
+            seq, seg, ps = list(ctx), [0] * C, list(range(C))
+            for j, cont in enumerate(conts):
+                start = len(seq)
+                body = cont[:-1]
+                seq += body
+                seg += [j + 1] * len(body)
+                ps += range(C, C + len(body))
+                for t, token in enumerate(cont):  # token t is predicted at the context's end, then at its own
+                    rr.append(r)
+                    pos.append(at + (C - 1 if t == 0 else start + t - 1))
+                    tgt.append(token)
+                    owner.append(n_choices + j)
+            n_choices += len(conts)
+            flat_r += [r] * len(seq)
+            flat_id += seq
+            flat_pos += ps
+            flat_item += [k] * len(seq)
+            flat_seg += seg
+            at += len(seq)
+    flat_c = [c for row in rows for c in range(sum(_packed_len(x) for x in row))]
+    fr, fc = torch.tensor(flat_r, dtype=torch.long), torch.tensor(flat_c, dtype=torch.long)
     ids = torch.zeros((B, L), dtype=torch.long)
-    ids[fr, fc] = torch.tensor(flat_id)
+    ids[fr, fc] = torch.tensor(flat_id, dtype=torch.long)
     position = torch.zeros((B, L), dtype=torch.long)
-    position[fr, fc] = torch.tensor(flat_pos)
-    seg = torch.full((B, L), -1, dtype=torch.long)
-    seg[fr, fc] = torch.tensor(flat_seg)
-    return ids, seg, position, rows, pos, tgt, owner, n_choices
+    position[fr, fc] = torch.tensor(flat_pos, dtype=torch.long)
+    item = torch.full((B, L), -1, dtype=torch.long)
+    item[fr, fc] = torch.tensor(flat_item, dtype=torch.long)
+    seg = torch.zeros((B, L), dtype=torch.long)
+    seg[fr, fc] = torch.tensor(flat_seg, dtype=torch.long)
+    return ids, position, item, seg, rr, pos, tgt, owner, n_choices
 
 
-def _mask4d(seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [B, 1, L, L] mask: a query sees earlier keys of the context (segment 0) or of its own
-    segment; padding (segment -1) sees only itself, so no row is empty."""
+def _mask4d(item: torch.Tensor, seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, L, L] mask: a query sees the earlier keys of its own item that are in the context or
+    in its own segment; padding sees only itself, so no row of the mask is empty."""
     L = seg.shape[1]
     causal = torch.ones((L, L), dtype=torch.bool, device=seg.device).tril_()
-    sq, sk = seg[:, :, None], seg[:, None, :]
-    ok = causal & (sk >= 0) & ((sk == 0) | (sk == sq))
+    ok = causal & (item[:, None, :] == item[:, :, None]) & (item[:, None, :] >= 0)
+    ok &= (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
     ok |= torch.eye(L, dtype=torch.bool, device=seg.device)
     return torch.zeros(ok.shape, dtype=dtype, device=seg.device).masked_fill_(~ok, torch.finfo(dtype).min)[:, None]
 
 
-def _packed_sums(model, items: list[Item], dev) -> list[list[float]]:
+def _packed_sums(model, rows: list[list[Item]], dev) -> list[list[list[float]]]:
+    """For each row, for each of its items, each choice's summed log-likelihood."""
     dtype = next(model.parameters()).dtype
-    ids, seg, position, rows, pos, tgt, owner, n = _pack(items, dtype)
-    seg = seg.to(dev, non_blocking=True)
-    mask = _mask4d(seg, dtype if dtype.is_floating_point else torch.float32)
-    lp = _token_logprobs(model, torch.tensor(rows, device=dev), torch.tensor(pos, device=dev),
+    ids, position, item, seg, rr, pos, tgt, owner, n = _pack(rows)
+    mask = _mask4d(item.to(dev), seg.to(dev), dtype if dtype.is_floating_point else torch.float32)
+    lp = _token_logprobs(model, torch.tensor(rr, device=dev), torch.tensor(pos, device=dev),
                          torch.tensor(tgt, device=dev), input_ids=ids.to(dev), attention_mask=mask,
                          position_ids=position.to(dev))
     sums = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, torch.tensor(owner, device=dev),
                                                                      lp.double()).tolist()
     out, k = [], 0
-    for _, conts in items:
-        out.append(sums[k:k + len(conts)])
-        k += len(conts)
+    for row in rows:
+        out.append([])
+        for _, conts in row:
+            out[-1].append(sums[k:k + len(conts)])
+            k += len(conts)
     return out
 
 
 def packing_works(model, items: list[Item]) -> bool:
     """Whether this model scores packed choices as it scores them one by one (its attention honours a custom
-    4D mask and position ids). Checked once per model on a probe built from the first item: a long junk
-    choice packed before a real one, which would change the real one's score a lot if the mask or the
-    positions were ignored (in fp32 the two routes agree to rounding: 1e-4 per token; in bf16 to 5e-2). The
+    4D mask and position ids). Checked once per model on a probe built from the first item: packed in a row
+    after another item, with a long junk choice before a real one, which would change the real one's score
+    a lot if the mask or the positions were ignored (in fp32 the two routes agree to rounding: 1e-4 per token; in bf16 to 5e-2). The
     answer is cached on the model."""
     cached = getattr(model, "_mergetool_packing", None)
     if cached is not None:
@@ -340,8 +380,8 @@ def packing_works(model, items: list[Item]) -> bool:
     junk = (ctx * (64 // max(len(ctx), 1) + 1))[:64] + real
     dev = next(model.parameters()).device
     ok = False
-    try:
-        packed = _packed_sums(model, [(ctx, [junk, real])], dev)[0][1]
+    try:  # a row: another item, then this context with a junk choice before the real one
+        packed = _packed_sums(model, [[(junk, [real]), (ctx, [junk, real])]], dev)[0][1][1]
         plain = _plain_choice_loglikelihoods(model, [(ctx, [real])], 8192, None, None)[0][0][0]
         dtype = next(model.parameters()).dtype
         tol = (1e-4 if dtype in (torch.float32, torch.float64) else 5e-2) * len(real)  # fp32: packed is exact
@@ -476,7 +516,7 @@ def rouge_l(pred: str, ref: str) -> float:
 
 
 @torch.no_grad()
-def generate(model, tok, contexts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+def generate(model, tok, contexts: list[str], max_new_tokens: int, batch_size: int = 16, progress=None) -> list[str]:
     """Greedy continuations, cut at the first newline or EOS."""
     dev = next(model.parameters()).device
     tok.padding_side = "left"
@@ -489,23 +529,27 @@ def generate(model, tok, contexts: list[str], max_new_tokens: int, batch_size: i
         for r, i in enumerate(idx):
             text = tok.decode(gen[r, enc.input_ids.shape[1]:], skip_special_tokens=True)
             out[i] = text.split("\n")[0]
+        if progress:
+            progress(len(idx))
     return out
 
 
 def evaluate(model, tok, examples: list[Example], norm: str = "tokens", max_new_tokens: int = 32,
              batch_tokens: int = 8192, progress=None) -> Iterator[dict]:
-    """One result dict per example (without id/task/adapter), in input order."""
+    """One result dict per example (without id/task/adapter), in input order; ``progress(n)`` is called as
+    each batch of n examples is done."""
     mc = [e for e in examples if e.kind == "mc"]
     items = encode_choices(tok, [(e.context, e.rec["choices"]) for e in mc])
     lls = dict(zip((e.id for e in mc), choice_loglikelihoods(model, items, batch_tokens, progress))) if mc else {}
     gens = [e for e in examples if e.kind == "gen"]
-    texts = dict(zip([e.id for e in gens], generate(model, tok, [e.context for e in gens], max_new_tokens))) if gens else {}
+    texts = dict(zip([e.id for e in gens], generate(model, tok, [e.context for e in gens], max_new_tokens,
+                                                    progress=progress))) if gens else {}
     ppl = [e for e in examples if e.kind == "ppl"]
     nll = {}
     if ppl:
         ps = [([prefix_token(tok)], list(ids))
               for ids in tok([e.rec["text"] for e in ppl], add_special_tokens=False).input_ids]
-        for e, (s, n) in zip(ppl, loglikelihoods(model, ps, batch_tokens)):
+        for e, (s, n) in zip(ppl, loglikelihoods(model, ps, batch_tokens, progress)):
             nll[e.id] = (-s, n)
     for e in examples:
         if e.kind == "mc":

@@ -166,6 +166,79 @@ def model_row_losses(model, ids: torch.Tensor, mask: torch.Tensor, t: Targets) -
     return torch.zeros(ids.shape[0], dtype=ce.dtype, device=ce.device).index_add_(0, t.rows, ce) / t.n
 
 
+class _Skipped(torch.nn.Module):
+    """Stands in for a frozen decoder layer whose output is cached: passes its input through (as a tensor or
+    a 1-tuple, like the layer it replaces) and answers attribute reads with the replaced layer's."""
+
+    def __init__(self, layer: torch.nn.Module, as_tuple: bool):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)  # not a submodule: its weights are not ours
+        self._as_tuple = as_tuple
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self._as_tuple else hidden_states
+
+
+class FrozenPrefix:
+    """Every training step of a batch runs the same decoder layers below the lowest adapted one on the same
+    inputs, so their output cannot change: computed on the first step, then those layers are skipped and the
+    cached hidden states enter the first adapted layer (exact; with the paper's middle-layer experts it
+    halves every forward pass). Use as a context around the steps of one fixed batch."""
+
+    def __init__(self, model, names: list[str]):
+        self.layers, self.first = None, 0
+        for n in names:
+            parts = n.split(".")
+            k = parts.index("layers")
+            path, idx = ".".join(parts[:k + 1]), int(parts[k + 1])
+            if self.layers is None or idx < self.first:
+                self.layers, self.first = path, idx
+        self.model, self.cache, self.saved, self.handles, self.as_tuple = model, None, [], [], False
+
+    def __enter__(self):
+        if not self.first:
+            return self
+        layers = self.model.get_submodule(self.layers)
+        self.handles.append(layers[self.first].register_forward_pre_hook(self._pre, with_kwargs=True))
+        self.handles.append(layers[self.first - 1].register_forward_hook(self._post))
+        return self
+
+    def _post(self, mod, args, out):
+        self.as_tuple = isinstance(out, tuple)
+
+    def _pre(self, mod, args, kwargs):
+        if self.cache is None:
+            h = args[0] if args else kwargs["hidden_states"]
+            self.cache = h.detach()
+            return None
+        if args:
+            return (self.cache,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self.cache}
+
+    def step_done(self):
+        """After the first step: skip the frozen layers from now on."""
+        if self.first and self.cache is not None and not self.saved:
+            layers = self.model.get_submodule(self.layers)
+            self.saved = [layers[i] for i in range(self.first)]
+            for i in range(self.first):
+                layers[i] = _Skipped(self.saved[i], self.as_tuple)
+
+    def __exit__(self, *exc):
+        if self.saved:
+            layers = self.model.get_submodule(self.layers)
+            for i, m in enumerate(self.saved):
+                layers[i] = m
+        for h in self.handles:
+            h.remove()
+        self.cache, self.saved, self.handles = None, [], []
+
+
 def train_stacked(model, tok, items: list[tuple[str, str]], spec: LoraSpec, names: list[str],
                   seeds: list[int], progress=None) -> tuple[StackedLora, list[float]]:
     """Train len(items) experts at once, expert e on items[e] (a (prompt, completion) pair)."""
@@ -177,16 +250,17 @@ def train_stacked(model, tok, items: list[tuple[str, str]], spec: LoraSpec, name
     ids, mask, lab = lm_batch(tok, items, dev)
     t = Targets(lab)
     st.rows = None  # row e is expert e
-    losses = None
-    for _ in range(spec.epochs):
-        losses = model_row_losses(model, ids, mask, t)
-        losses.sum().backward()  # each expert's gradient is its own mean loss's
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if progress:
-            progress()
-    with torch.no_grad():
-        final = model_row_losses(model, ids, mask, t)
+    with FrozenPrefix(model, names) as frozen:
+        for _ in range(spec.epochs):
+            losses = model_row_losses(model, ids, mask, t)
+            losses.sum().backward()  # each expert's gradient is its own mean loss's
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            frozen.step_done()
+            if progress:
+                progress()
+        with torch.no_grad():
+            final = model_row_losses(model, ids, mask, t)
     return st, [float(x) for x in final.tolist()]
 
 

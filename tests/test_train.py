@@ -69,6 +69,29 @@ def test_stacked_experts_equal_a_loop_of_peft_trainings(tiny_lm):
             assert torch.allclose(B @ A, st.B[n][e].detach() @ st.A[n][e].detach(), atol=1e-5, rtol=1e-4)
 
 
+def test_frozen_layers_below_the_expert_run_once(tiny_lm):
+    """Layers below the lowest adapted one run on the first step only (their output is cached), the
+    losses are those of full forward passes, and the model is whole again afterwards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
+    texts = [("", r["text"]) for r in capitals(n=2)]
+    spec = tr.LoraSpec(rank=4, alpha=8, layers=[1], lr=1e-2, epochs=4)
+    names = tr.target_modules(model, spec, default_middle=True)
+    calls = []
+    h = model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    st, losses = tr.train_stacked(model, tok, texts, spec, names, [1, 2])
+    h.remove()
+    assert len(calls) == 1
+    assert all(type(m).__name__ == "LlamaDecoderLayer" for m in model.model.layers)
+    ids, mask, lab = tr.lm_batch(tok, texts, "cpu")
+    with torch.no_grad():  # a plain full forward with the trained experts gives the reported final losses
+        full = tr.row_losses(model(input_ids=ids, attention_mask=mask).logits, lab)
+    assert full.tolist() == pytest.approx(losses, rel=1e-5)
+    st.remove()
+
+
 def test_per_task_cli_writes_one_adapter_per_task(tiny_lm, tmp_path):
     rows = capitals(n=6) + [{"id": f"t{i}", "task": "lm", "text": f"Line {i} of a text."} for i in range(4)]
     out = tmp_path / "experts.safetensors"

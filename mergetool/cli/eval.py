@@ -150,7 +150,7 @@ def eval_cmd(
         with ev.applied(model, update):
             for s in range(0, len(todo), CHUNK):
                 chunk = todo[s:s + CHUNK]
-                for e, r in zip(chunk, ev.evaluate(model, tok, chunk, norm, max_new_tokens, batch_tokens)):
+                for e, r in zip(chunk, ev.evaluate(model, tok, chunk, norm, max_new_tokens, batch_tokens, bar)):
                     rec = {"id": e.id, "task": e.task, "adapter": name, **r}
                     if summary:
                         collected.append(rec)
@@ -158,7 +158,6 @@ def eval_cmd(
                         sink.write(json.dumps(rec) + "\n")
                 if sink is not None:
                     sink.flush()
-                bar(len(chunk))
     finally:
         bar(None)
         if fh is not None:
@@ -178,13 +177,15 @@ def eval_cmd(
 
 
 def _progress(total: int, quiet: bool):
-    """A rich progress bar on stderr when it is a terminal; a no-op otherwise."""
+    """A progress bar of examples done on stderr when it is a terminal (not with --quiet); a no-op otherwise,
+    so pipes and logs stay clean."""
     if quiet or not sys.stderr.isatty() or total == 0:
         return lambda n: None
     from rich.console import Console
-    from rich.progress import Progress
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    p = Progress(console=Console(stderr=True), transient=True)
+    p = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
+                 TimeRemainingColumn(), console=Console(stderr=True), transient=True)
     task = p.add_task("eval", total=total)
     p.start()
 
