@@ -57,14 +57,18 @@ def make_model(tok_dir: Path, small: bool, dev, dtype, model_dir: Path | None = 
     return model, tok
 
 
-def bench_eval(model, tok, dev, n_items: int, batch_tokens: int) -> dict:
+def bench_eval(model, tok, dev, n_items: int, batch_tokens: int, shots: int = 0) -> dict:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    rows = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()][:n_items]
+    every = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()]
+    rows = every[:n_items]
     exs = ev.check_examples(rows, "countries")
-    for e in exs:
-        e.context = e.rec["prompt"]
+    if shots:  # k demonstrations of the same task (never the item itself), the same strings for both tools
+        ev.add_contexts(exs, ev.check_examples(every, "countries"), shots, seed=0)
+    else:
+        for e in exs:
+            e.context = e.rec["prompt"]
     list(ev.evaluate(model, tok, exs[:8], "none", batch_tokens=batch_tokens))  # warm-up
     sync(dev)
     t = time.perf_counter()
@@ -72,7 +76,7 @@ def bench_eval(model, tok, dev, n_items: int, batch_tokens: int) -> dict:
     sync(dev)
     t_ours = time.perf_counter() - t
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=64)
-    reqs = [Instance("loglikelihood", {}, (r["prompt"], c), i) for r in rows for i, c in enumerate(r["choices"])]
+    reqs = [Instance("loglikelihood", {}, (e.context, c), i) for e in exs for i, c in enumerate(e.rec["choices"])]
     lm.loglikelihood(reqs[:64], disable_tqdm=True)  # warm-up
     sync(dev)
     t = time.perf_counter()
@@ -87,10 +91,10 @@ def bench_eval(model, tok, dev, n_items: int, batch_tokens: int) -> dict:
     same = sum(int(p == o["prediction"]) for p, o in zip(preds, ours))
     acc_lm = sum(int(p == r["answer"]) for p, r in zip(preds, rows)) / len(rows)
     acc_ours = sum(o["correct"] for o in ours) / len(rows)
-    res = {"items": len(rows), "choices": len(reqs), "ours_s": t_ours, "lm_eval_s": t_lm,
+    res = {"items": len(rows), "shots": shots, "choices": len(reqs), "ours_s": t_ours, "lm_eval_s": t_lm,
            "ours_items_per_s": len(rows) / t_ours, "lm_eval_items_per_s": len(rows) / t_lm,
            "speedup": t_lm / t_ours, "same_prediction": same, "acc_ours": acc_ours, "acc_lm_eval": acc_lm}
-    print(f"(a) MC eval, {len(rows)} items x 8 choices: mergetool {res['ours_items_per_s']:.1f} items/s, lm-eval "
+    print(f"(a) MC eval, {len(rows)} items x 8 choices, {shots}-shot: mergetool {res['ours_items_per_s']:.1f} items/s, lm-eval "
           f"{res['lm_eval_items_per_s']:.1f} items/s = {res['speedup']:.2f}x; same prediction on {same}/{len(rows)}; "
           f"acc {acc_ours:.4f} vs {acc_lm:.4f}", flush=True)
     return res
@@ -157,21 +161,29 @@ def main():
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-tokens", type=int, default=32768)
+    ap.add_argument("--shots", type=int, default=0, help="k-shot prompts (the same for both tools)")
+    ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    machine = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-               "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
+    from importlib.metadata import version
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else None
+    machine = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(), "cpu": cpu,
+               "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+               **{p: version(p) for p in ("transformers", "peft", "lm_eval")}}
     print(f"machine: {json.dumps(machine)}", flush=True)
     if not (args.model or args.tokenizer):
         ap.error("give --tokenizer DIR (random weights) or --model DIR")
     model, tok = make_model(args.tokenizer, args.small, dev, dtype, args.model)
     machine["model"] = str(args.model.name if args.model else ("small" if args.small else "llama-3.2-1b-shape"))
     res = {"machine": machine, "device": str(dev), "dtype": str(dtype)}
-    res["eval"] = bench_eval(model, tok, dev, args.items, args.batch_tokens)
-    res["train"] = bench_train(model, tok, dev, args.experts, args.steps)
+    res["eval"] = bench_eval(model, tok, dev, args.items, args.batch_tokens, args.shots)
+    if not args.skip_train:
+        res["train"] = bench_train(model, tok, dev, args.experts, args.steps)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
 

@@ -23,3 +23,17 @@ def test_small_merge_benchmark(tmp_path):
     assert res["knots"]["rel_err"] < 1e-4 and res["knots"]["speedup"] > 1
     assert res["ties"]["merged_delta_rel_diff"] < 1e-2  # float32 inputs: only near-ties may differ
     assert res["ties"]["mergetool"]["max_rss_mb"] > 0
+
+
+def test_small_eval_train_benchmark(tiny_lm, tmp_path):
+    """The eval/train benchmark at toy size: it runs both peers, and agreement is what it reports."""
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "e.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_eval_train.py"), "--tokenizer",
+                        str(tiny_lm), "--small", "--device", "cpu", "--items", "24", "--shots", "2", "--experts", "4",
+                        "--steps", "3", "--json", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["eval"]["same_prediction"] >= 22 and res["eval"]["speedup"] > 0
+    assert abs(res["eval"]["acc_ours"] - res["eval"]["acc_lm_eval"]) <= 2 / 24
+    assert res["train"]["experts"] == 4 and res["train"]["mean_final_loss_ours"] > 0
