@@ -12,6 +12,7 @@ Merge?", the default), ``chars`` (sum / characters: lm-eval's ``acc_norm``) or `
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import re
@@ -25,6 +26,7 @@ from .errors import MergetoolError
 from .updates import PREFIX, Update
 
 NORMS = ("tokens", "chars", "none")
+log = logging.getLogger("mergetool")
 
 
 # ----------------------------------------------------------------------------- examples
@@ -210,7 +212,8 @@ def _model_max_len(model) -> int | None:
 
 def _truncate(items: list[Item], max_len: int | None) -> list[Item]:
     """Keep each sequence within the model's length by dropping context tokens from the left, as lm-eval
-    does (it keeps the last max_length tokens of context + continuation)."""
+    does (it keeps the last max_length tokens of context + continuation). The choices share one context, so
+    it is cut for the longest choice (lm-eval would keep a few more context tokens for shorter ones)."""
     if not max_len:
         return items
     out = []
@@ -266,7 +269,7 @@ def choice_loglikelihoods(model, items: list[Item], batch_tokens: int = 8192, pr
     items = _truncate(items, _model_max_len(model))
     lens = [_packed_len(x) for x in items]
     window = getattr(model.config, "sliding_window", None)  # a custom mask bypasses the window: stay within it
-    if (isinstance(window, int) and lens and max(lens) > window) or not packing_works(model, items):
+    if (isinstance(window, int) and lens and max(lens) > window) or not packing_works(model, items, before):
         return _plain_choice_loglikelihoods(model, items, batch_tokens, progress, before)
     dev = next(model.parameters()).device
     width = max([ROW] + lens)
@@ -363,30 +366,37 @@ def _packed_sums(model, rows: list[list[Item]], dev) -> list[list[list[float]]]:
     return out
 
 
-def packing_works(model, items: list[Item]) -> bool:
+def packing_works(model, items: list[Item], before=None) -> bool:
     """Whether this model scores packed choices as it scores them one by one (its attention honours a custom
-    4D mask and position ids). Checked once per model on a probe built from the first item: packed in a row
-    after another item, with a long junk choice before a real one, which would change the real one's score
-    a lot if the mask or the positions were ignored (in fp32 the two routes agree to rounding: 1e-4 per token; in bf16 to 5e-2). The
-    answer is cached on the model."""
+    4D mask and position ids). Checked once per model on a probe built from the first item with a
+    multi-token choice: packed in a row after another item, with a long junk choice before a real one,
+    which would change the real one's score a lot if the mask or the positions were ignored (in fp32 the
+    two routes agree to rounding, 1e-4 per token; in bf16 to 5e-2). ``before`` sets per-row adapters for
+    the probe's one row. The answer is cached on the model."""
     cached = getattr(model, "_mergetool_packing", None)
     if cached is not None:
         return cached
-    probe = next(((c, cs) for c, cs in items if any(len(x) > 1 for x in cs)), None)
-    if probe is None:  # single-token choices: packing adds no token, nothing to check yet
+    at = next((i for i, (_, cs) in enumerate(items) if any(len(x) > 1 for x in cs)), None)
+    if at is None:  # single-token choices: packing adds no token, nothing to check yet
         return True
-    ctx, conts = probe
+    ctx, conts = items[at]
     real = max(conts, key=len)
     junk = (ctx * (64 // max(len(ctx), 1) + 1))[:64] + real
     dev = next(model.parameters()).device
     ok = False
     try:  # a row: another item, then this context with a junk choice before the real one
+        if before is not None:
+            before([at])
         packed = _packed_sums(model, [[(junk, [real]), (ctx, [junk, real])]], dev)[0][1][1]
-        plain = _plain_choice_loglikelihoods(model, [(ctx, [real])], 8192, None, None)[0][0][0]
+        plain = _plain_choice_loglikelihoods(model, [(ctx, [real])], 8192, None,
+                                             (lambda idx: before([at])) if before is not None else None)[0][0][0]
         dtype = next(model.parameters()).dtype
         tol = (1e-4 if dtype in (torch.float32, torch.float64) else 5e-2) * len(real)  # fp32: packed is exact
         ok = abs(packed - plain) <= tol
-    except Exception:  # noqa: BLE001 - an architecture that rejects the mask or positions takes the plain route
+        if not ok:
+            log.info("this model's attention ignores a custom mask or positions: scoring one sequence per choice")
+    except Exception as e:  # noqa: BLE001 - an architecture that rejects the mask or positions takes the plain route
+        log.info("packed scoring unavailable (%s): scoring one sequence per choice", str(e)[:200])
         ok = False
     model._mergetool_packing = ok
     return ok

@@ -92,6 +92,30 @@ def test_frozen_layers_below_the_expert_run_once(tiny_lm):
     st.remove()
 
 
+def test_each_expert_scores_its_own_question_packed(tiny_lm):
+    """stacked_choice_scores (row e scored by expert e, prompt packed once) equals applying each expert alone
+    and scoring one sequence per choice."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergetool import evaluate as ev
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
+    recs = capitals(n=3)
+    spec = tr.LoraSpec(rank=4, alpha=8, layers=[1], lr=2e-2, epochs=3)
+    names = tr.target_modules(model, spec, default_middle=True)
+    st, _ = tr.train_stacked(model, tok, [("", r["text"]) for r in recs], spec, names, [1, 2, 3])
+    got = tr.stacked_choice_scores(model, tok, st, recs, norm="none")
+    assert model._mergetool_packing is True
+    experts = [st.update(e, f"x{e}", {}) for e in range(3)]
+    st.remove()
+    for e, r in enumerate(recs):
+        with ev.applied(model, experts[e]):
+            ctx_conts = ev.encode_choices(tok, [(r["prompt"], r["choices"])])[0]
+            want = [s for s, _ in ev.loglikelihoods(model, [(ctx_conts[0], c) for c in ctx_conts[1]])]
+        assert got[e] == pytest.approx(want, abs=1e-4)
+
+
 def test_per_task_cli_writes_one_adapter_per_task(tiny_lm, tmp_path):
     rows = capitals(n=6) + [{"id": f"t{i}", "task": "lm", "text": f"Line {i} of a text."} for i in range(4)]
     out = tmp_path / "experts.safetensors"
