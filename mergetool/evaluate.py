@@ -296,7 +296,7 @@ def _pack(rows: list[list[Item]]):
     -1: padding; segment 0: context, j+1: choice j), and for every choice token the (row, position) that
     predicts it, its id and its choice's index (``owner``) in the batch."""
     B = len(rows)
-    L = max(sum(_packed_len(x) for x in row) for row in rows)
+    L = -(-max(sum(_packed_len(x) for x in row) for row in rows) // 8) * 8  # aligned: fused attention kernels
     flat_r, flat_id, flat_pos, flat_item, flat_seg = [], [], [], [], []
     rr, pos, tgt, owner = [], [], [], []
     n_choices = 0
