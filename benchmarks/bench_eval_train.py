@@ -107,7 +107,7 @@ def bench_train(model, tok, dev, n: int, steps: int) -> dict:
     texts = list(dict.fromkeys(r["text"] for r in rows))[:n]
     spec = tr.LoraSpec(epochs=steps)  # the paper's recipe: r=64, alpha=128, up_proj of the middle layer
     names = tr.target_modules(model, spec, default_middle=True)
-    layer = int(names[0].split(".layers.")[1].split(".")[0])
+    layer = tr.layer_of(names[0])[1]
     warm, _ = tr.train_stacked(model, tok, [("", x) for x in texts[:2]], tr.LoraSpec(epochs=1), names, [0, 1])
     warm.remove()  # kernels and handles of the backward pass, outside the timing
     sync(dev)

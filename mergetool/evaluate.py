@@ -297,7 +297,7 @@ def _pack(rows: list[list[Item]]):
     predicts it, its id and its choice's index (``owner``) in the batch."""
     B = len(rows)
     L = -(-max(sum(_packed_len(x) for x in row) for row in rows) // 8) * 8  # aligned: fused attention kernels
-    flat_r, flat_id, flat_pos, flat_item, flat_seg = [], [], [], [], []
+    flat_r, flat_c, flat_id, flat_pos, flat_item, flat_seg = [], [], [], [], [], []
     rr, pos, tgt, owner = [], [], [], []
     n_choices = 0
     for r, row in enumerate(rows):
@@ -318,12 +318,12 @@ def _pack(rows: list[list[Item]]):
                     owner.append(n_choices + j)
             n_choices += len(conts)
             flat_r += [r] * len(seq)
+            flat_c += range(at, at + len(seq))
             flat_id += seq
             flat_pos += ps
             flat_item += [k] * len(seq)
             flat_seg += seg
             at += len(seq)
-    flat_c = [c for row in rows for c in range(sum(_packed_len(x) for x in row))]
     fr, fc = torch.tensor(flat_r, dtype=torch.long), torch.tensor(flat_c, dtype=torch.long)
     ids = torch.zeros((B, L), dtype=torch.long)
     ids[fr, fc] = torch.tensor(flat_id, dtype=torch.long)
@@ -465,17 +465,20 @@ def continuation_sums(model, ids, mask, pairs: list[tuple[list[int], list[int]]]
     return torch.zeros(len(pairs), dtype=torch.float64, device=dev).index_add_(0, rows_t, lp.double()).tolist()
 
 
-def _token_logprobs(model, rows, pos, tgt, **inputs) -> torch.Tensor:
-    """log p(tgt | prefix) at the given (row, position)s. The output layer runs only at those positions
-    (the decoder's hidden states are gathered first); models whose logits are post-processed (soft-capping)
-    take the plain route through the full logits."""
+def logits_at(model, rows, pos, **inputs) -> torch.Tensor:
+    """The logits at the given (row, position)s only: the decoder's hidden states are gathered first and the
+    output layer runs on those alone; models whose logits are post-processed (soft-capping) take the route
+    through the full logits."""
     decoder = getattr(model, "get_decoder", lambda: None)()
     head = model.get_output_embeddings()
     if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
-        logits = model(**inputs).logits[rows, pos]
-    else:
-        hidden = decoder(**inputs).last_hidden_state
-        logits = head(hidden[rows, pos])
+        return model(**inputs).logits[rows, pos]
+    return head(decoder(**inputs).last_hidden_state[rows, pos])
+
+
+def _token_logprobs(model, rows, pos, tgt, **inputs) -> torch.Tensor:
+    """log p(tgt | prefix) at the given (row, position)s (fp32 log-softmax of ``logits_at``)."""
+    logits = logits_at(model, rows, pos, **inputs)
     return torch.log_softmax(logits.float(), -1).gather(1, tgt.view(-1, 1)).view(-1)
 
 

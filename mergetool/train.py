@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import MergetoolError
-from .evaluate import prefix_token
+from .evaluate import logits_at, prefix_token
 from .updates import PREFIX, LowRank, Update
 
 
@@ -37,6 +37,16 @@ class LoraSpec:
         return self.alpha / self.rank
 
 
+def layer_of(name: str) -> tuple[str, int] | None:
+    """(path of the layer list, layer index) of a module name such as ``model.layers.14.mlp.up_proj``;
+    None outside the decoder layers."""
+    parts = name.split(".")
+    if "layers" not in parts:
+        return None
+    k = parts.index("layers")
+    return ".".join(parts[:k + 1]), int(parts[k + 1])
+
+
 def target_modules(model, spec: LoraSpec, default_middle: bool) -> list[str]:
     """Names of the nn.Linear modules to adapt: ``targets`` suffixes in ``layers``."""
     n_layers = model.config.num_hidden_layers
@@ -48,11 +58,8 @@ def target_modules(model, spec: LoraSpec, default_middle: bool) -> list[str]:
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear):
             continue
-        parts = name.split(".")
-        if "layers" not in parts:
-            continue
-        layer = int(parts[parts.index("layers") + 1])
-        if layer in layers and any(name.endswith("." + t) or name.endswith(t) for t in spec.targets):
+        where = layer_of(name)
+        if where is not None and where[1] in layers and any(name.endswith(t) for t in spec.targets):
             names.append(name)
     if not names:
         raise MergetoolError("--target-modules", f"no linear module matches {','.join(spec.targets)} in layers "
@@ -154,14 +161,8 @@ class Targets:
 
 def model_row_losses(model, ids: torch.Tensor, mask: torch.Tensor, t: Targets) -> torch.Tensor:
     """``row_losses`` without the full logits: the output layer runs only at the labelled positions
-    (padding and prompts cost nothing there), cross-entropy in fp32. Models whose logits are post-processed
-    (soft-capping) take the route through the full logits."""
-    decoder = getattr(model, "get_decoder", lambda: None)()
-    head = model.get_output_embeddings()
-    if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
-        logits = model(input_ids=ids, attention_mask=mask).logits[t.rows, t.pos]
-    else:
-        logits = head(decoder(input_ids=ids, attention_mask=mask).last_hidden_state[t.rows, t.pos])
+    (``evaluate.logits_at``; padding and prompts cost nothing there), cross-entropy in fp32."""
+    logits = logits_at(model, t.rows, t.pos, input_ids=ids, attention_mask=mask)
     ce = torch.nn.functional.cross_entropy(logits.float(), t.tgt, reduction="none")
     return torch.zeros(ids.shape[0], dtype=ce.dtype, device=ce.device).index_add_(0, t.rows, ce) / t.n
 
@@ -192,13 +193,7 @@ class FrozenPrefix:
     halves every forward pass). Use as a context around the steps of one fixed batch."""
 
     def __init__(self, model, names: list[str]):
-        self.layers, self.first = None, 0
-        for n in names:
-            parts = n.split(".")
-            k = parts.index("layers")
-            path, idx = ".".join(parts[:k + 1]), int(parts[k + 1])
-            if self.layers is None or idx < self.first:
-                self.layers, self.first = path, idx
+        self.layers, self.first = min((layer_of(n) for n in names), key=lambda w: w[1])
         self.model, self.cache, self.saved, self.handles, self.as_tuple = model, None, [], [], False
 
     def __enter__(self):

@@ -114,7 +114,7 @@ def train_cmd(
     spec = tr.LoraSpec(**spec_kw)
     model, tok = ev.load_model(b, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     names = tr.target_modules(model, spec, default_middle=per_example)
-    layer_ids = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in names})
+    layer_ids = sorted({tr.layer_of(n)[1] for n in names})
     peft_cfg = {"r": spec.rank, "lora_alpha": spec.alpha, "use_rslora": False,
                 "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}), "layers_to_transform": layer_ids}
 
