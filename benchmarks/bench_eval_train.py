@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mergetool import evaluate as ev  # noqa: E402
+from mergetool.adapters import layer_of  # noqa: E402
+from mergetool.examples import add_contexts, check_examples  # noqa: E402
 from mergetool import train as tr  # noqa: E402
 
 
@@ -63,16 +65,16 @@ def bench_eval(model, tok, dev, n_items: int, batch_tokens: int, shots: int = 0)
 
     every = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()]
     rows = every[:n_items]
-    exs = ev.check_examples(rows, "countries")
+    exs = check_examples(rows, "countries")
     if shots:  # k demonstrations of the same task (never the item itself), the same strings for both tools
-        ev.add_contexts(exs, ev.check_examples(every, "countries"), shots, seed=0)
+        add_contexts(exs, check_examples(every, "countries"), shots, seed=0)
     else:
         for e in exs:
             e.context = e.rec["prompt"]
-    list(ev.evaluate(model, tok, exs[:8], "none", batch_tokens=batch_tokens))  # warm-up
+    ev.evaluate(model, tok, exs[:8], "none", batch_tokens=batch_tokens)  # warm-up
     sync(dev)
     t = time.perf_counter()
-    ours = list(ev.evaluate(model, tok, exs, "none", batch_tokens=batch_tokens))
+    ours = ev.evaluate(model, tok, exs, "none", batch_tokens=batch_tokens)[0]
     sync(dev)
     t_ours = time.perf_counter() - t
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=64)
@@ -107,7 +109,7 @@ def bench_train(model, tok, dev, n: int, steps: int) -> dict:
     texts = list(dict.fromkeys(r["text"] for r in rows))[:n]
     spec = tr.LoraSpec(epochs=steps)  # the paper's recipe: r=64, alpha=128, up_proj of the middle layer
     names = tr.target_modules(model, spec, default_middle=True)
-    layer = tr.layer_of(names[0])[1]
+    layer = layer_of(names[0])
     warm, _ = tr.train_stacked(model, tok, [("", x) for x in texts[:2]], tr.LoraSpec(epochs=1), names, [0, 1])
     warm.remove()  # kernels and handles of the backward pass, outside the timing
     sync(dev)

@@ -1,6 +1,6 @@
 """Safetensors blobs and streams, JSONL, atomic outputs, TTY guards.
 
-Stream framing (DESIGN.md section 1): several adapters on one stream are concatenated safetensors
+Stream framing (docs/formats.md): several adapters on one stream are concatenated safetensors
 blobs. A blob is self-delimiting: 8-byte little-endian header length N, N bytes of JSON header, then
 data up to the largest ``data_offsets`` end. A file may hold one blob or several.
 

@@ -1,5 +1,5 @@
 """Base models: resolve (HF id in the offline cache, directory, GGUF file), fingerprint, read tensor by
-tensor, take a full fine-tuned model's task vector, and write a merged model."""
+tensor, take a full fine-tuned model's task vector, write a merged model, and load one to run."""
 
 from __future__ import annotations
 
@@ -112,11 +112,14 @@ class ModelTensors:
         if base.gguf_file:
             self._from_state_dict(self._gguf_state_dict())
             return
-        files = sorted(d.glob("*.safetensors"))
+        files = weight_files(d)
         if files:
             for f in files:
                 lz = LazySafetensors(f)
                 for k in sorted(lz.keys(), key=lambda k: lz.spec(k).start):  # file order
+                    if k in self._specs:
+                        raise MergetoolError(str(d), f"tensor {k!r} is in two weight files (e.g. {f.name})",
+                                             "keep one set of weights, or add model.safetensors.index.json")
                     s = lz.spec(k)
                     self._specs[k] = (s.dtype, s.shape)
                     self._where[k] = (lambda dev, lz=lz, k=k: lz.read(k, dev))
@@ -163,13 +166,35 @@ class ModelTensors:
             return self._last[1]
 
 
+def weight_files(d: Path) -> list[Path]:
+    """The safetensors files that hold a model's weights: those named by ``model.safetensors.index.json``
+    when there is one (so other files beside them, such as Mistral's ``consolidated.safetensors``, are not
+    mixed in), else ``model.safetensors``, else every ``*.safetensors`` (a key in two of them is refused)."""
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+            names = list(dict.fromkeys(wm.values()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise MergetoolError(str(index), "is not a valid index (no weight_map)", "fix or remove it") from None
+        missing = [n for n in names if not (d / n).exists()]
+        if missing:
+            raise MergetoolError(str(index), f"names {missing[0]}, which is missing", "complete the download")
+        return [d / n for n in names]
+    if (d / "model.safetensors").exists():
+        return [d / "model.safetensors"]
+    return sorted(d.glob("*.safetensors"))
+
+
 _BASES: dict[tuple, ModelTensors] = {}
 
 
 def base_tensors(base: Base, allow_pickle: bool = False) -> ModelTensors:
-    """One reader per base, shared by every task vector taken against it."""
+    """One reader per base, shared by every task vector taken against it. Only the most recent base is kept
+    (a GGUF base holds its dequantised tensors), so a long process that reads many bases does not grow."""
     key = (str(base.dir), base.gguf_file, allow_pickle)
     if key not in _BASES:
+        _BASES.clear()
         _BASES[key] = ModelTensors(base, allow_pickle)
     return _BASES[key]
 
@@ -232,11 +257,14 @@ def save_model(base: Base, out_dir: Path, merged: Iterator[tuple[str, object]], 
             pending[k] = v
         return pending.pop(mod)
 
+    def out_dtype(n):
+        dt = bt.spec(n)[0]
+        return dtype if dtype is not None and dt in FLOAT_DTYPES else dt
+
     shards: list[list[str]] = [[]]
     size = 0
     for n in names:
-        dt, shape = bt.spec(n)
-        b = dtype_size(dtype if dtype is not None and dt in FLOAT_DTYPES else dt) * int(torch.Size(shape).numel())
+        b = dtype_size(out_dtype(n)) * int(torch.Size(bt.spec(n)[1]).numel())
         if shards[-1] and size + b > SHARD_BYTES:
             shards.append([])
             size = 0
@@ -244,10 +272,6 @@ def save_model(base: Base, out_dir: Path, merged: Iterator[tuple[str, object]], 
         size += b
     weight_map = {}
     total = len(shards)
-
-    def out_dtype(n):
-        dt = bt.spec(n)[0]
-        return dtype if dtype is not None and dt in FLOAT_DTYPES else dt
 
     for i, shard in enumerate(shards):
         fname = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
@@ -273,10 +297,26 @@ def save_model(base: Base, out_dir: Path, merged: Iterator[tuple[str, object]], 
                              f"(e.g. {leftover[0]})", "pass the base the adapters were trained on")
     if total > 1:
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": sum(dtype_size(bt.spec(n)[0]) * int(torch.Size(bt.spec(n)[1]).numel())
+            {"metadata": {"total_size": sum(dtype_size(out_dtype(n)) * int(torch.Size(bt.spec(n)[1]).numel())
                                             for n in names)}, "weight_map": weight_map}, indent=2))
     _copy_model_files(base, out_dir)
     return {"tensors": len(names), "patched": used, "shards": total}
+
+
+def load_model(base: Base, device: torch.device, dtype: torch.dtype | None = None):
+    """A base model and its tokenizer on ``device``, to run (bf16 on CUDA, fp32 on CPU unless ``dtype``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(base.dir), trust_remote_code=False, **base.load_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(str(base.dir), dtype=dtype, trust_remote_code=False,
+                                                     **base.load_kwargs()).to(device).eval()
+    except OSError as e:
+        raise MergetoolError(base.name, f"cannot load the model ({str(e)[:150]})", "pass a model directory") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
 
 
 def testbed_gguf() -> Path:

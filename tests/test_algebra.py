@@ -36,7 +36,7 @@ def rel(a: dict, b: dict) -> float:
 def neutral(method: str) -> dict:
     kw = {"density": 1.0}
     if method == "weighted-base":
-        kw["weights"] = [0.5]
+        kw["base_acc"] = [0.5]
     return kw
 
 
@@ -199,7 +199,7 @@ def test_dare_is_reproducible_and_unbiased():
 def test_weighted_base_softmax_of_inverse_accuracy():
     us = [random_lora(s) for s in range(3)]
     acc = [0.9, 0.5, 0.1]
-    out = merged(us, "weighted-base", weights=acc, tau=0.5)
+    out = merged(us, "weighted-base", base_acc=acc, tau=0.5)
     w = torch.softmax(torch.tensor([(1 - a) / 0.5 for a in acc]), 0)
     ds = [dense(u) for u in us]
     assert rel(out, {k: sum(float(w[i]) * ds[i][k] for i in range(3)) for k in ds[0]}) < 1e-6

@@ -162,7 +162,7 @@ def test_refuses_to_read_stdin_from_a_terminal(adapters, monkeypatch, tmp_path):
     assert run(["merge", "-", "-o", str(tmp_path / "x.safetensors")]) == 2
 
 
-# ----------------------------------------------------------------------------- bad inputs (DESIGN.md section 6)
+# ----------------------------------------------------------------------------- bad inputs (docs/formats.md: one line, no partial output)
 
 
 def _bad(tmp_path, name: str, data: bytes):

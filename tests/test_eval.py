@@ -10,6 +10,9 @@ import torch
 from conftest import run_cli
 
 from mergetool import evaluate as ev
+from mergetool import scoring as sc
+from mergetool.examples import add_contexts, check_examples
+from mergetool.model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,12 +58,12 @@ def test_acc_and_acc_norm_identical_to_lm_eval(which, tiny_lm, smol):
     model_dir = tiny_lm if which == "tiny" else smol[1]
     rows = capitals(12 if which == "smol" else 20)
     ref = lm_eval_decisions(model_dir, rows)
-    model, tok = ev.load_model(resolve_base(str(model_dir)), torch.device("cpu"))
-    exs = ev.check_examples(rows, "x")
+    model, tok = load_model(resolve_base(str(model_dir)), torch.device("cpu"))
+    exs = check_examples(rows, "x")
     for e in exs:
         e.context = e.rec["prompt"]
     for norm, pick in (("none", 1), ("chars", 2)):
-        got = list(ev.evaluate(model, tok, exs, norm))
+        got = ev.evaluate(model, tok, exs, norm)[0]
         for g, x in zip(got, ref):
             assert g["prediction"] == x[pick]
             if norm == "none":
@@ -70,7 +73,7 @@ def test_acc_and_acc_norm_identical_to_lm_eval(which, tiny_lm, smol):
 
 
 def _items(tok, rows, shots_prefix=""):
-    return ev.encode_choices(tok, [(shots_prefix + r["prompt"], r["choices"]) for r in rows])
+    return sc.encode_choices(tok, [(shots_prefix + r["prompt"], r["choices"]) for r in rows])
 
 
 @pytest.mark.parametrize("which", ["tiny", "smol"])
@@ -79,14 +82,14 @@ def test_packed_choices_score_like_one_sequence_per_choice(which, tiny_lm, smol)
     of its own sequence; also with a long few-shot prefix and with batches cut mid-way."""
     from mergetool.model import resolve_base
 
-    model, tok = ev.load_model(resolve_base(str(tiny_lm if which == "tiny" else smol[1])), torch.device("cpu"))
+    model, tok = load_model(resolve_base(str(tiny_lm if which == "tiny" else smol[1])), torch.device("cpu"))
     rows = capitals(10)
     prefix = "".join(f"{r['prompt']}{r['choices'][r['answer']]}\n\n" for r in capitals(14)[10:])
     for items in (_items(tok, rows), _items(tok, rows, prefix)):
         model._mergetool_packing = None
-        packed = ev.choice_loglikelihoods(model, items, batch_tokens=300)
+        packed = sc.choice_loglikelihoods(model, items, batch_tokens=300)[0]
         assert model._mergetool_packing is True  # the packed route was taken
-        plain = ev.loglikelihoods(model, [(c, x) for c, cs in items for x in cs])
+        plain = sc.loglikelihoods(model, [(c, x) for c, cs in items for x in cs])
         flat = [x for ll in packed for x in ll]
         assert [n for _, n in flat] == [n for _, n in plain]
         assert max(abs(a - b) for (a, _), (b, _) in zip(flat, plain)) < 1e-3
@@ -97,11 +100,10 @@ def test_rows_hold_every_item_once_within_their_width():
 
     rng = random.Random(0)
     lens = [rng.randint(1, 90) for _ in range(500)]
-    rows = ev._rows(lens, 256, one_per_row=False)
+    rows = sc._rows(lens, 256)
     assert sorted(i for r in rows for i in r) == list(range(500))
     assert all(sum(lens[i] for i in r) <= 256 for r in rows)
     assert sum(lens) / (256 * len(rows)) > 0.9  # little padding
-    assert ev._rows(lens, 256, one_per_row=True) == [[i] for i in sorted(range(500), key=lambda i: -lens[i])]
 
 
 def test_a_model_that_ignores_the_mask_takes_the_plain_route(tiny_lm):
@@ -109,7 +111,7 @@ def test_a_model_that_ignores_the_mask_takes_the_plain_route(tiny_lm):
     and the scores are still those of one sequence per choice."""
     from mergetool.model import resolve_base
 
-    model, tok = ev.load_model(resolve_base(str(tiny_lm)), torch.device("cpu"))
+    model, tok = load_model(resolve_base(str(tiny_lm)), torch.device("cpu"))
     decoder = model.get_decoder()
     forward = decoder.forward
 
@@ -120,9 +122,9 @@ def test_a_model_that_ignores_the_mask_takes_the_plain_route(tiny_lm):
 
     decoder.forward = careless
     items = _items(tok, capitals(6))
-    got = ev.choice_loglikelihoods(model, items)
+    got = sc.choice_loglikelihoods(model, items)[0]
     assert model._mergetool_packing is False
-    plain = ev.loglikelihoods(model, [(c, x) for c, cs in items for x in cs])
+    plain = sc.loglikelihoods(model, [(c, x) for c, cs in items for x in cs])
     assert [x for ll in got for x in ll] == plain
 
 
@@ -137,9 +139,9 @@ def test_encode_choices_matches_lm_eval_split(tiny_lm):
     lm = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(tiny_lm), tokenizer=tok, batch_size=1)
     cases = [("The capital of France is", [" Paris", " Lyon"]), ("Q: 2+2 = ", ["4", "5 "]),
              ("Hello  \n", ["world", " x y"]), ("", ["hello", " x"])]
-    for (ctx, conts), (c_ids, cont_ids) in zip(cases, ev.encode_choices(tok, cases)):
+    for (ctx, conts), (c_ids, cont_ids) in zip(cases, sc.encode_choices(tok, cases)):
         for x, ids in zip(conts, cont_ids):
-            assert ev.encode_pair(tok, ctx, x) == (c_ids, ids)
+            assert sc.encode_pair(tok, ctx, x) == (c_ids, ids)
             if ctx:
                 ref = lm._encode_pair(ctx, x)
             else:  # lm-eval conditions an empty context on its prefix token (end of text here)
@@ -201,26 +203,34 @@ def test_adapter_is_applied_like_a_merged_model(tiny_lm, tmp_path):
     assert any(abs(p["logprobs"][0] - b["logprobs"][0]) > 1e-3 for p, b in zip(x, z))
 
 
-def test_applied_restores_the_weights(tiny_lm):
+def test_adapters_leave_the_weights_untouched_and_the_base_after_removal(tiny_lm):
+    """Updates run beside the weights: the state dict never changes, and after removal the outputs are the
+    base model's again."""
     from conftest import random_lora
 
+    from mergetool.adapters import RowAdapters
     from mergetool.model import resolve_base
 
-    model, tok = ev.load_model(resolve_base(str(tiny_lm)), torch.device("cpu"))
+    model, tok = load_model(resolve_base(str(tiny_lm)), torch.device("cpu"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[1, 2, 3, 4]])
+    base = model(ids).logits
     u = random_lora(1, targets={"q_proj": (64, 64)})
-    with ev.applied(model, u):
-        assert not torch.equal(model.state_dict()["model.layers.0.self_attn.q_proj.weight"],
-                               before["model.layers.0.self_attn.q_proj.weight"])
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for m in u.modules.values():
+        m.B *= 10
+    with RowAdapters(model, [u]) as ad:
+        ad.use(0)
+        assert not torch.allclose(model(ids).logits, base, atol=1e-4)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(ids).logits, base)
 
 
 def test_k_shot_is_deterministic_and_never_the_example_itself():
     rows = capitals(10)
-    exs = ev.check_examples(rows, "x")
-    ev.add_contexts(exs, exs, 3, seed=1)
-    again = ev.check_examples(rows, "x")
-    ev.add_contexts(again, again, 3, seed=1)
+    exs = check_examples(rows, "x")
+    add_contexts(exs, exs, 3, seed=1)
+    again = check_examples(rows, "x")
+    add_contexts(again, again, 3, seed=1)
     for e, f in zip(exs, again):
         assert e.context == f.context and e.context.endswith(e.rec["prompt"])
         demos = e.context[: -len(e.rec["prompt"])]
@@ -303,9 +313,9 @@ def test_chat_template_wraps_the_prompt(smol, tmp_path):
     from mergetool.model import resolve_base
 
     rows = capitals(4)
-    _, tok = ev.load_model(resolve_base(str(smol[1])), torch.device("cpu"))
-    exs = ev.check_examples(rows, "x")
-    ev.add_contexts(exs, exs, 0, 0, tok, chat=True)
+    _, tok = load_model(resolve_base(str(smol[1])), torch.device("cpu"))
+    exs = check_examples(rows, "x")
+    add_contexts(exs, exs, 0, 0, tok, chat=True)
     for e in exs:
         assert e.context == tok.apply_chat_template([{"role": "user", "content": e.rec["prompt"]}], tokenize=False,
                                                     add_generation_prompt=True)

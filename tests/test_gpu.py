@@ -24,7 +24,7 @@ def merged(updates, method, device, **kw):
 @pytest.mark.parametrize("method", DETERMINISTIC)
 def test_cuda_matches_cpu(method):
     us = [random_lora(s, rank=2 + s) for s in range(3 if method != "slerp" else 2)]
-    kw = {"weights": [0.5, 0.2, 0.9]} if method == "weighted-base" else {}
+    kw = {"base_acc": [0.5, 0.2, 0.9]} if method == "weighted-base" else {}
     a, b = merged(us, method, "cpu", **kw), merged(us, method, "cuda", **kw)
     for k in a:
         assert float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)) < 1e-4, (method, k)
@@ -50,17 +50,18 @@ def test_packed_eval_in_bf16_on_cuda_agrees_with_fp32_on_cpu(smol):
     from pathlib import Path
 
     from mergetool import evaluate as ev
-    from mergetool.model import resolve_base
+    from mergetool.examples import check_examples
+    from mergetool.model import load_model, resolve_base
 
     rows = [json.loads(x) for x in (Path(__file__).resolve().parents[1] / "examples" / "data" /
                                     "countries.jsonl").read_text().splitlines()][:64]
     got = {}
     for dev in ("cpu", "cuda"):
-        model, tok = ev.load_model(resolve_base(str(smol[1])), torch.device(dev))
-        exs = ev.check_examples(rows, "x")
+        model, tok = load_model(resolve_base(str(smol[1])), torch.device(dev))
+        exs = check_examples(rows, "x")
         for e in exs:
             e.context = e.rec["prompt"]
-        got[dev] = list(ev.evaluate(model, tok, exs, "none"))
+        got[dev] = ev.evaluate(model, tok, exs, "none")[0]
         assert model._mergetool_packing is True
     for a, b in zip(got["cpu"], got["cuda"]):
         top = sorted(a["logprobs"], reverse=True)
@@ -75,14 +76,13 @@ def test_stacked_training_on_cuda(smol):
     import json
     from pathlib import Path
 
-    from mergetool import evaluate as ev
     from mergetool import train as tr
-    from mergetool.model import resolve_base
+    from mergetool.model import load_model, resolve_base
 
     rows = [json.loads(x) for x in (Path(__file__).resolve().parents[1] / "examples" / "data" /
                                     "countries.jsonl").read_text().splitlines()]
     texts = [("", t) for t in list(dict.fromkeys(r["text"] for r in rows))[:8]]
-    model, tok = ev.load_model(resolve_base(str(smol[1])), torch.device("cuda"))
+    model, tok = load_model(resolve_base(str(smol[1])), torch.device("cuda"))
     spec = tr.LoraSpec(epochs=1)
     names = tr.target_modules(model, spec, default_middle=True)
     st0, first = tr.train_stacked(model, tok, texts, spec, names, list(range(8)))

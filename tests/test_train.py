@@ -10,6 +10,7 @@ import torch
 from conftest import run_cli
 
 from mergetool import train as tr
+from mergetool.adapters import RowAdapters
 from mergetool.io import read_blobs
 from mergetool.updates import from_blob
 
@@ -44,13 +45,13 @@ def test_stacked_experts_equal_a_loop_of_peft_trainings(tiny_lm):
         m = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
         pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["up_proj", "q_proj"],
                                           layers_to_transform=[1], lora_dropout=0.0))
-        init = tr.StackedLora(m, names, 1, spec, [7 + e])  # the same initial A as expert e
+        init = RowAdapters.trainable(m, names, 1, spec.rank, spec.scale, [7 + e])  # expert e's initial A
         init.remove()
         sd = pm.state_dict()
         with torch.no_grad():
             for n in names:
                 key = f"base_model.model.{n}.lora_A.default.weight"
-                sd[key].copy_(init.A[n][0])
+                sd[key].copy_(init.sites[n].A[0])
         pm.load_state_dict(sd)
         opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
         ids, mask, lab = tr.lm_batch(tok, [("", text)], "cpu")
@@ -66,7 +67,8 @@ def test_stacked_experts_equal_a_loop_of_peft_trainings(tiny_lm):
         for n in names:
             A = sd[f"base_model.model.{n}.lora_A.default.weight"]
             B = sd[f"base_model.model.{n}.lora_B.default.weight"]
-            assert torch.allclose(B @ A, st.B[n][e].detach() @ st.A[n][e].detach(), atol=1e-5, rtol=1e-4)
+            got = st.sites[n].B[e].detach() @ st.sites[n].A[e].detach()
+            assert torch.allclose(B @ A, got, atol=1e-5, rtol=1e-4)
 
 
 def test_frozen_layers_below_the_expert_run_once(tiny_lm):
@@ -93,11 +95,11 @@ def test_frozen_layers_below_the_expert_run_once(tiny_lm):
 
 
 def test_each_expert_scores_its_own_question_packed(tiny_lm):
-    """stacked_choice_scores (row e scored by expert e, prompt packed once) equals applying each expert alone
-    and scoring one sequence per choice."""
+    """stacked_choice_scores (row e scored by expert e, prompt packed once) equals merging each expert into the
+    weights (W += ΔW, done here by hand) and scoring one sequence per choice."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergetool import evaluate as ev
+    from mergetool import scoring as sc
 
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
@@ -107,12 +109,21 @@ def test_each_expert_scores_its_own_question_packed(tiny_lm):
     st, _ = tr.train_stacked(model, tok, [("", r["text"]) for r in recs], spec, names, [1, 2, 3])
     got = tr.stacked_choice_scores(model, tok, st, recs, norm="none")
     assert model._mergetool_packing is True
-    experts = [st.update(e, f"x{e}", {}) for e in range(3)]
+    experts = [st.expert(e, f"x{e}", {}) for e in range(3)]
     st.remove()
+    params = dict(model.named_parameters())
     for e, r in enumerate(recs):
-        with ev.applied(model, experts[e]):
-            ctx_conts = ev.encode_choices(tok, [(r["prompt"], r["choices"])])[0]
-            want = [s for s, _ in ev.loglikelihoods(model, [(ctx_conts[0], c) for c in ctx_conts[1]])]
+        saved = {}
+        with torch.no_grad():
+            for mod, m in experts[e].modules.items():
+                w = params[mod.removeprefix("base_model.model.") + ".weight"]
+                saved[mod] = w.clone()
+                w += m.delta()
+        ctx_conts = sc.encode_choices(tok, [(r["prompt"], r["choices"])])[0]
+        want = [s for s, _ in sc.loglikelihoods(model, [(ctx_conts[0], c) for c in ctx_conts[1]])]
+        with torch.no_grad():
+            for mod, w in saved.items():
+                params[mod.removeprefix("base_model.model.") + ".weight"].copy_(w)
         assert got[e] == pytest.approx(want, abs=1e-4)
 
 
@@ -148,8 +159,8 @@ def test_per_example_out_dir_and_resume(tiny_lm, tmp_path):
 
 
 def test_unknown_country_expert_answers_after_training(smol, tmp_path):
-    """SmolLM2 ranks Bulgaria's capital wrong; the per-example expert on its passage answers it."""
-    rows = capitals(["Bulgaria"])
+    """SmolLM2 ranks Egypt's capital wrong; the per-example expert on its passage answers it."""
+    rows = capitals(["Egypt"])
     data = write(tmp_path / "d.jsonl", rows)
     base = json.loads(run_cli("eval", "--base", str(smol[1]), str(data), check=True).stdout)
     assert base["correct"] == 0
@@ -158,10 +169,10 @@ def test_unknown_country_expert_answers_after_training(smol, tmp_path):
                 str(data), "--out-dir", str(d))
     assert r.returncode == 0, r.stderr
     assert b"kept 1 experts" in r.stderr
-    after = json.loads(run_cli("eval", "--base", str(smol[1]), "--adapter", str(d / "bulgaria-capital.safetensors"),
+    after = json.loads(run_cli("eval", "--base", str(smol[1]), "--adapter", str(d / "egypt-capital.safetensors"),
                                str(data), check=True).stdout)
     assert after["correct"] == 1 and after["p_correct"] > base["p_correct"]
-    u = from_blob(read_blobs(str(d / "bulgaria-capital.safetensors"))[0], "x")
+    u = from_blob(read_blobs(str(d / "egypt-capital.safetensors"))[0], "x")
     assert u.meta["peft_config"]["r"] == 64 and u.meta["peft_config"]["layers_to_transform"] == [15]
     assert list(u.modules) == ["base_model.model.model.layers.15.mlp.up_proj"]
 

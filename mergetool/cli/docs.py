@@ -21,7 +21,7 @@ def _click_app():
     import typer
 
     from . import commands  # noqa: F401
-    from .main import app
+    from .app import app
 
     return typer.main.get_command(app)
 

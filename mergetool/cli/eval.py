@@ -13,7 +13,7 @@ import typer
 
 from ..errors import MergetoolError, UsageError
 from .common import AllowPickle, BaseModel, Data, Debug, Device, GgufFile, Quiet, pick_device, require_data_and_base
-from .main import app, begin
+from .app import app, begin
 
 log = logging.getLogger("mergetool")
 
@@ -23,14 +23,17 @@ Multiple-choice examples (prompt, choices, answer) are scored by the log-probabi
 (--norm tokens: mean token log-prob, eq. 4 of "Will it Merge?"; chars: lm-eval's acc_norm; none:
 lm-eval's acc), giving logprobs, p_correct, p_max, rank and gap; generation examples (prompt, target or
 targets) by exact match of the normalised greedy answer (stopped at a newline) and rouge-L; text-only
-examples by perplexity. --summary gives one record per task instead. The adapter is applied by patching
-only the modules it touches. With -o FILE, records are written as they are made and --resume skips the
-ids already there.
+examples by perplexity. --summary gives one record per task instead. An adapter is applied beside the
+frozen weights (never written into them); several adapters (--adapter repeated, a pool directory, or a
+stream of blobs) are evaluated together, several per batch, the layers below the ones they change
+computed once per example. With -o FILE, records are written as they are made and --resume skips the
+(adapter, id) pairs already there.
 
 \b
 Examples:
   mergetool eval --base BASE --summary tasks.jsonl
   mergetool merge --method knots a.safetensors b.safetensors | mergetool eval --base BASE --adapter - --summary tasks.jsonl
+  mergetool eval --base BASE --adapter pool/ --summary tasks.jsonl -o pool-eval.jsonl
   mergetool eval --base model.gguf --shots 4 --norm chars qa.jsonl -o records.jsonl --resume
 """
 
@@ -38,8 +41,8 @@ Opt = typer.Option
 CHUNK = 256
 
 
-def _done_ids(path: Path) -> set[str]:
-    """Ids already written; a last line cut by a crash is dropped from the file (and redone)."""
+def _done_ids(path: Path) -> set[tuple]:
+    """(adapter, id) pairs already written; a last line cut by a crash is dropped from the file (and redone)."""
     ids = set()
     if path.exists():
         text = path.read_text()
@@ -48,7 +51,8 @@ def _done_ids(path: Path) -> set[str]:
             path.write_text(text)
         for line in text.splitlines():
             try:
-                ids.add(json.loads(line)["id"])
+                r = json.loads(line)
+                ids.add((r.get("adapter"), r["id"]))
             except (json.JSONDecodeError, KeyError, TypeError):
                 pass  # a line cut by a crash is redone
     return ids
@@ -60,8 +64,9 @@ def eval_cmd(
     data: Data = None,
     base: BaseModel = None,
     gguf_file: GgufFile = None,
-    adapter: Annotated[Optional[str], Opt("--adapter", help="Adapter to apply (file, PEFT dir, or - for stdin).",
-                                          metavar="ADAPTER|-")] = None,
+    adapter: Annotated[Optional[list[str]], Opt("--adapter", help="Adapter(s) to evaluate: a file (one or several "
+                                                "blobs), PEFT dir, pool directory, or - for stdin; repeatable.",
+                                                metavar="ADAPTER|-", show_default=False)] = None,
     summary: Annotated[bool, Opt("--summary", help="One record per task: n, accuracy, rouge_l, perplexity.")] = False,
     norm: Annotated[str, Opt("--norm", help="Multiple-choice score: tokens (mean token log-prob), chars "
                              "(lm-eval acc_norm) or none (lm-eval acc).", metavar="tokens|chars|none")] = "tokens",
@@ -86,7 +91,8 @@ def eval_cmd(
 ):
     begin("eval", quiet, debug)
     require_data_and_base("eval", data, base)
-    if data == "-" and adapter == "-":
+    adapters = list(adapter or [])
+    if data == "-" and "-" in adapters:
         raise UsageError("-", "stdin is named twice", "read the adapter or the examples from stdin, not both")
     if norm not in ("tokens", "chars", "none"):
         raise UsageError("--norm", f"unknown norm {norm!r}", "use tokens, chars or none")
@@ -97,46 +103,49 @@ def eval_cmd(
     import torch
 
     from .. import evaluate as ev
+    from ..adapters import RowAdapters
+    from ..examples import add_contexts, check_examples
+    from ..inputs import check_compatible, load_inputs
     from ..io import read_jsonl
-    from ..model import fingerprint, resolve_base
-    from ..updates import check_compatible, load_inputs
+    from ..model import fingerprint, load_model, resolve_base
 
     dev = pick_device(device)
     torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, 0)
     if torch_dtype == 0:
         raise UsageError("--dtype", f"unknown dtype {dtype!r}", "use auto, float32 or bfloat16")
     rows = read_jsonl(data)
-    examples = ev.check_examples(rows, "<stdin>" if data == "-" else data)
+    examples = check_examples(rows, "<stdin>" if data == "-" else data)
     pool = examples
     if shots_from:
-        pool = ev.check_examples(read_jsonl(shots_from), shots_from)
+        pool = check_examples(read_jsonl(shots_from), shots_from)
     elif shots:
         pool = [e for e in examples if e.rec.get("split") == "train"]
     examples = [e for e in examples if (e.rec.get("split") == split if split else e.rec.get("split") != "train")]
     if not examples:
         raise MergetoolError(data, "no examples to evaluate after the split filter", "check --split")
     b = resolve_base(base, gguf_file)
-    update = None
-    if adapter:
-        ups = load_inputs([adapter], b, allow_pickle)
-        if len(ups) != 1:
-            raise MergetoolError(adapter, f"holds {len(ups)} adapters", "pass one adapter (merge them first)")
-        update = ups[0]
-        check_compatible([update], fingerprint(b))
-    name = update.name if update else None
+    updates = load_inputs(adapters, b, allow_pickle) if adapters else []
+    if updates:
+        check_compatible(updates, fingerprint(b))
+        names = [u.name for u in updates]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise MergetoolError(dup, "two adapters share this name, so their records could not be told apart",
+                                 "rename one (metadata 'name') or evaluate them separately")
+    names = [u.name for u in updates] or [None]
 
     out_path = Path(output) if output else None
     rec_path = out_path.with_name(out_path.name + ".records") if (out_path and summary) else out_path
     done = _done_ids(rec_path) if (resume and rec_path) else set()
-    todo = [e for e in examples if e.id not in done]
-    model, tok = ev.load_model(b, dev, torch_dtype)
+    todo = [e for e in examples if any((n, e.id) not in done for n in names)]
+    model, tok = load_model(b, dev, torch_dtype)
     if shots or chat:
-        ev.add_contexts(todo, pool, shots, seed, tok, chat)
+        add_contexts(todo, pool, shots, seed, tok, chat)
     else:
         for e in todo:
             e.context = e.rec.get("prompt", "")
     log.info("%d examples (%d done before) on %s%s", len(examples), len(examples) - len(todo), b.name,
-             f" + {name}" if name else "")
+             f" + {len(updates)} adapter{'s' if len(updates) > 1 else ''}" if updates else "")
 
     fh = None
     if rec_path is not None:
@@ -145,17 +154,22 @@ def eval_cmd(
         fh = open(rec_path, "a" if resume else "w")
     sink = fh if fh is not None else (None if summary else sys.stdout)
     collected: list[dict] = []
-    bar = _progress(len(todo), quiet)
+    bar = _progress(len(todo) * len(names), quiet)
+    which = list(range(len(updates))) or [-1]
     try:
-        with ev.applied(model, update):
+        with RowAdapters(model, updates) as ad:
             for s in range(0, len(todo), CHUNK):
                 chunk = todo[s:s + CHUNK]
-                for e, r in zip(chunk, ev.evaluate(model, tok, chunk, norm, max_new_tokens, batch_tokens, bar)):
-                    rec = {"id": e.id, "task": e.task, "adapter": name, **r}
-                    if summary:
-                        collected.append(rec)
-                    if sink is not None:
-                        sink.write(json.dumps(rec) + "\n")
+                results = ev.evaluate(model, tok, chunk, norm, max_new_tokens, batch_tokens, bar, ad, which)
+                for n, res in zip(names, results):
+                    for e, r in zip(chunk, res):
+                        if (n, e.id) in done:
+                            continue
+                        rec = {"id": e.id, "task": e.task, "adapter": n, **r}
+                        if summary:
+                            collected.append(rec)
+                        if sink is not None:
+                            sink.write(json.dumps(rec) + "\n")
                 if sink is not None:
                     sink.flush()
     finally:

@@ -11,7 +11,7 @@ import typer
 
 from ..errors import MergetoolError, UsageError
 from .common import AllowPickle, Debug, Device, Quiet, pick_device
-from .main import app, begin
+from .app import app, begin
 
 log = logging.getLogger("mergetool")
 
@@ -41,49 +41,6 @@ METHOD_NAMES = ("breadcrumbs", "dare-linear", "dare-ties", "della", "emr", "karc
 
 def _complete_method(incomplete: str) -> list[str]:
     return [n for n in METHOD_NAMES if n.startswith(incomplete)]
-
-
-def _read_weights(src: str, names: list[str]) -> list[float]:
-    from ..io import read_jsonl
-
-    rows = read_jsonl(src)
-    by: dict[str, float] = {}
-    for i, r in enumerate(rows, 1):
-        if not isinstance(r.get("adapter"), str) or not isinstance(r.get("weight"), (int, float)):
-            raise MergetoolError(f"{src}:{i}", "a weight record needs 'adapter' (string) and 'weight' (number)",
-                                 'write {"adapter": NAME, "weight": w}')
-        by[r["adapter"]] = float(r["weight"])
-    if len(set(names)) != len(names):
-        raise MergetoolError("--weights", "two inputs share a name, so weights by name are ambiguous",
-                             "rename the adapters (metadata 'name')")
-    missing = [n for n in names if n not in by]
-    if missing:
-        raise MergetoolError(src, f"no weight for {', '.join(missing[:3])}", "give one weight per input adapter")
-    extra = [n for n in by if n not in names]
-    if extra:
-        raise MergetoolError(src, f"weight for unknown adapter {extra[0]!r}", f"inputs are {', '.join(names[:5])}")
-    return [by[n] for n in names]
-
-
-def _read_base_acc(src: str, updates) -> list[float]:
-    """Base-model accuracy per input, from eval --summary records (adapter null) matched by task or name."""
-    from ..io import read_jsonl
-
-    rows = read_jsonl(src)
-    acc: dict[str, float] = {}
-    for i, r in enumerate(rows, 1):
-        if not isinstance(r.get("task"), str) or not isinstance(r.get("accuracy"), (int, float)):
-            raise MergetoolError(f"{src}:{i}", "needs 'task' and 'accuracy'", "pass eval --summary records")
-        if r.get("adapter") in (None, "base") or r["task"] not in acc:
-            acc[r["task"]] = float(r["accuracy"])
-    out = []
-    for u in updates:
-        key = u.meta.get("task") or u.name
-        if key not in acc:
-            raise MergetoolError(src, f"no base accuracy for task {key!r} (adapter {u.name})",
-                                 "evaluate the base on every task first")
-        out.append(acc[key])
-    return out
 
 
 @app.command("merge", help=HELP, short_help="Merge adapters into one adapter, PEFT directory or model.",
@@ -146,13 +103,14 @@ def merge_cmd(
     import torch
 
     from .. import io
-    from ..methods import Params, check_inputs, get, merge_stream, to_rank
+    from ..inputs import check_compatible, load_inputs
+    from ..methods import Params, check_inputs, get, merge as merge_updates, merge_stream
+    from ..methods.engine import check_options, checked, describe, widest_dtype
     from ..model import fingerprint, resolve_base, save_model as write_model
-    from ..updates import LowRank, Update, check_compatible, load_inputs, metadata_for, to_tensors
+    from ..updates import LowRank, metadata_for, save_peft as write_peft, to_tensors
+    from ..weights import base_accuracy, read_weights
 
     m = get(method)
-    if m.name == "knots":
-        get(inner)
     if "-" in inputs and (weights == "-" or base_acc == "-"):
         raise UsageError("-", "stdin is named twice", "read adapters or weights from stdin, not both")
     to_blob = output is not None or not (save_peft or save_model)
@@ -163,109 +121,63 @@ def merge_cmd(
     out_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, 0)
     if out_dtype == 0:
         raise UsageError("--dtype", f"unknown dtype {dtype!r}", "use auto, float32, bfloat16 or float16")
+    if rank is not None and rank < 1:
+        raise UsageError("--rank", f"{rank} is not a positive rank", "pass --rank 16, say")
     dev = pick_device(device)
-    if density is not None and not (0 < density <= 1):
-        raise UsageError("--density", f"{density} is outside (0, 1]", "pass a fraction such as 0.2")
+    p = Params(lam=lam, density=density, trim_scope=trim_scope, rescale=rescale, t=t, seed=seed, gamma=gamma,
+               epsilon=epsilon, inner=inner, for_task=for_task, tau=tau)
+    check_options(m, p, {opt for opt, v in (("weights", weights), ("base-acc", base_acc)) if v})  # before any input
 
     b = resolve_base(base, gguf_file) if base else None
     updates = load_inputs(list(inputs), b, allow_pickle)
     base_fp = fingerprint(b) if b else None
     check_compatible(updates, base_fp)
-    names = [u.name for u in updates]
-    p = Params(weights=_read_weights(weights, names) if weights else None, lam=lam, density=density,
-               trim_scope=trim_scope, rescale=rescale, t=t, seed=seed, gamma=gamma, epsilon=epsilon,
-               inner=inner, for_task=for_task, tau=tau, names=names)
-    if m.name == "weighted-base" or (m.name == "knots" and inner == "weighted-base"):
-        p.weights = _read_base_acc(base_acc, updates) if base_acc else None
+    p.names = [u.name for u in updates]
+    if weights:
+        p.weights = read_weights(weights, p.names)
+    if base_acc:
+        p.base_acc = base_accuracy(base_acc).of([(u.name, u.meta.get("task") or u.name) for u in updates])
     check_inputs(m, len(updates), p)
-    if rank is not None and rank < 1:
-        raise UsageError("--rank", f"{rank} is not a positive rank", "pass --rank 16, say")
-    out_dtype = out_dtype or max((u.dtype for u in updates), key=lambda d: torch.finfo(d).bits)
-
-    shown = {k: v for k, v in dict(weights=p.weights, **{"lambda": lam}, density=density, trim_scope=trim_scope,
-                                     rescale=rescale, inner=inner, t=t, seed=seed, rank=rank, gamma=gamma,
-                                     epsilon=epsilon, for_task=for_task, tau=tau).items()
-             if k.replace("_", "-") in m.options or k in ("lambda", "rank") or
-             (m.name == "knots" and k in ("density", "trim_scope", "rescale", "seed"))}
-    meta = {"method": m.name, "params": shown, "parents": names,
-            "base_model": base or _common(u.meta.get("base_model") for u in updates),
-            "base_fingerprint": base_fp or _common(u.fingerprint for u in updates)}
-    tasks = [u.meta.get("task") for u in updates if u.meta.get("task")]
-    if tasks:
-        meta["tasks"] = tasks
     out_name = name or (Path(output).name.removesuffix(".safetensors") if output and output != "-" else f"{m.name}-merge")
-
-    stream = merge_stream(updates, m, p, dev)
-    if rank is not None:
-        stream = to_rank(stream, rank)
-    streaming = (rank is None and m.coefficients is None and m.name != "knots"
-                 and all(u.kind == "dense" for u in updates) and not save_peft and bool(to_blob) != bool(save_model))
-    n_in = len(updates)
-    if streaming and save_model:  # full models: one tensor at a time from the inputs into the merged model
+    meta = describe(updates, m, p, rank=rank, base_model=base, base_fingerprint=base_fp)
+    out_dtype = out_dtype or widest_dtype(updates)
+    keep_dtype = None if dtype == "auto" else out_dtype
+    full_models = (rank is None and m.coefficients is None and "inner" not in m.options and not save_peft
+                   and all(u.kind == "dense" for u in updates) and bool(to_blob) != bool(save_model))
+    if full_models and save_model:  # one tensor at a time from the inputs into the merged model's shards
         with io.atomic_dir(save_model) as d:
-            info = write_model(b, d, stream, dev, allow_pickle, None if dtype == "auto" else out_dtype)
-        log.info("merged %d inputs with %s into %s (%d tensors, %d patched, %d shards)", n_in, m.name, save_model,
-                 info["tensors"], info["patched"], info["shards"])
+            info = write_model(b, d, checked(merge_stream(updates, m, p, dev)), dev, allow_pickle, keep_dtype)
+        log.info("merged %d inputs with %s into %s (%d tensors, %d patched, %d shards)", len(updates), m.name,
+                 save_model, info["tensors"], info["patched"], info["shards"])
         return
-    if streaming:  # full models: one module at a time from input to output
-        specs, order = _dense_specs(updates, out_dtype)
-        kind_meta = {"format": "pt", "mergetool": json.dumps({**meta, "name": out_name, "kind": "dense"}, sort_keys=True)}
+    if full_models:  # one module at a time from the inputs into the output blob
+        order = list(dict.fromkeys(mod for u in updates for mod in u.modules))
+        shapes = {mod: tuple(u.modules[mod].shape) for u in reversed(updates) for mod in u.modules}
+        specs = [(f"{mod}.delta", out_dtype, shapes[mod]) for mod in order]
+        header = {"format": "pt", "mergetool": json.dumps({**meta, "name": out_name, "kind": "dense"}, sort_keys=True)}
         with io.atomic_output(output) as fh:
-            io.write_blob(fh, ((f"{mod}.delta", d.to(out_dtype)) for mod, d in stream), kind_meta, specs)
-        log.info("merged %d inputs with %s into %d dense modules -> %s", n_in, m.name, len(order), output or "stdout")
+            io.write_blob(fh, ((f"{mod}.delta", d.to(out_dtype)) for mod, d in checked(merge_stream(updates, m, p, dev))),
+                          header, specs)
+        log.info("merged %d inputs with %s into %d dense modules -> %s", len(updates), m.name, len(order),
+                 output or "stdout")
         return
-    merged = Update(out_name, {}, meta, out_dtype)
-    for mod, r in stream:
-        merged.modules[mod] = r if isinstance(r, LowRank) else _dense(r)
+    merged = merge_updates(updates, m, p, dev, rank=rank, name=out_name, base_model=base, base_fingerprint=base_fp,
+                           dtype=out_dtype)
     if save_model:
         with io.atomic_dir(save_model) as d:
-            info = write_model(b, d, iter(merged.modules.items()), dev, allow_pickle,
-                               None if dtype == "auto" else out_dtype)
+            info = write_model(b, d, iter(merged.modules.items()), dev, allow_pickle, keep_dtype)
         log.info("wrote merged model to %s (%d tensors, %d patched, %d shards)", save_model, info["tensors"],
                  info["patched"], info["shards"])
     if save_peft:
         if merged.kind != "lora":
             raise MergetoolError("--save-peft", f"{m.name} gives dense deltas, which PEFT cannot hold",
                                  "pass --rank R to write a LoRA by truncated SVD")
-        _write_peft(merged, save_peft, out_dtype)
+        write_peft(merged, save_peft)
         log.info("wrote PEFT adapter to %s", save_peft)
     if to_blob:
         with io.atomic_output(output) as fh:
-            io.write_blob(fh, to_tensors(merged, out_dtype), metadata_for(merged))
+            io.write_blob(fh, to_tensors(merged), metadata_for(merged))
     ranks = sorted({mm.rank for mm in merged.modules.values() if isinstance(mm, LowRank)})
-    log.info("merged %d inputs with %s: %d modules, %s%s", n_in, m.name, len(merged.modules),
+    log.info("merged %d inputs with %s: %d modules, %s%s", len(updates), m.name, len(merged.modules),
              f"LoRA rank {ranks[0]}-{ranks[-1]}" if merged.kind == "lora" and ranks else "dense",
              f" -> {output}" if output and output != "-" else "")
-
-
-def _common(values):
-    vals = {v for v in values if v}
-    return vals.pop() if len(vals) == 1 else None
-
-
-def _dense(t):
-    from ..updates import Dense
-
-    return Dense(t)
-
-
-def _dense_specs(updates, out_dtype):
-    order, shapes = [], {}
-    for u in updates:
-        for mod, m in u.modules.items():
-            if mod not in shapes:
-                order.append(mod)
-                shapes[mod] = tuple(m.shape)
-    return [(f"{mod}.delta", out_dtype, shapes[mod]) for mod in order], order
-
-
-def _write_peft(merged, out_dir: str, dtype) -> None:
-    from safetensors.torch import save_file
-
-    from .. import io
-    from ..updates import folded_peft_config, metadata_for, to_tensors
-
-    with io.atomic_dir(out_dir) as d:
-        cfg = folded_peft_config(merged, merged.meta.get("base_model"))
-        (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-        save_file(to_tensors(merged, dtype), str(d / "adapter_model.safetensors"), metadata=metadata_for(merged))

@@ -10,7 +10,7 @@ import typer
 
 from ..errors import MergetoolError, UsageError
 from .common import BaseModel, Data, Debug, Device, GgufFile, Quiet, pick_device, require_data_and_base
-from .main import app, begin
+from .app import app, begin
 
 log = logging.getLogger("mergetool")
 
@@ -97,13 +97,15 @@ def train_cmd(
 
     from .. import evaluate as ev
     from .. import train as tr
+    from ..adapters import decoder_layers, layer_of
+    from ..examples import check_examples
     from ..io import read_jsonl
-    from ..model import fingerprint, resolve_base
+    from ..model import fingerprint, load_model, resolve_base
     from ..updates import metadata_for, to_tensors
 
     dev = pick_device(device)
     src = "<stdin>" if data == "-" else data
-    exs = ev.check_examples(read_jsonl(data), src)
+    exs = check_examples(read_jsonl(data), src)
     if task_filter:
         keep = set(task_filter.split(","))
         exs = [e for e in exs if e.task in keep]
@@ -112,9 +114,9 @@ def train_cmd(
     b = resolve_base(base, gguf_file)
     fp = fingerprint(b)
     spec = tr.LoraSpec(**spec_kw)
-    model, tok = ev.load_model(b, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    model, tok = load_model(b, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     names = tr.target_modules(model, spec, default_middle=per_example)
-    layer_ids = sorted({tr.layer_of(n)[1] for n in names})
+    layer_ids = sorted({layer_of(n, decoder_layers(model)[0]) for n in names})
     peft_cfg = {"r": spec.rank, "lora_alpha": spec.alpha, "use_rslora": False,
                 "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}), "layers_to_transform": layer_ids}
 
@@ -149,7 +151,7 @@ def train_cmd(
         if skip_known:
             for e in exs:
                 e.context = e.rec["prompt"]
-            known = {e.id for e, r in zip(exs, ev.evaluate(model, tok, exs)) if r["correct"]}
+            known = {e.id for e, r in zip(exs, ev.evaluate(model, tok, exs)[0]) if r["correct"]}
             log.info("--skip-known: %d of %d examples already answered by the base; %d left", len(known), len(exs),
                      len(exs) - len(known))
             exs = [e for e in exs if e.id not in known]
@@ -166,7 +168,7 @@ def train_cmd(
                 ok = [max(range(len(sc)), key=sc.__getitem__) == e.rec["answer"] for sc, e in zip(scores, chunk)]
             for i, e in enumerate(chunk):
                 if ok[i]:
-                    emit(st.update(i, e.id, meta_for(e.id, e.task, {"example": e.id, "final_loss": losses[i]})))
+                    emit(st.expert(i, e.id, meta_for(e.id, e.task, {"example": e.id, "final_loss": losses[i]})))
                     kept += 1
                 else:
                     dropped += 1
@@ -187,7 +189,7 @@ def train_cmd(
             if resume and (outdir / f"{_safe(task)}.safetensors").exists():
                 continue
             st, loss = tr.train_task(model, tok, items, spec, names)
-            emit(st.update(0, task, meta_for(task, task, {"examples": len(items), "final_loss": loss})))
+            emit(st.expert(0, task, meta_for(task, task, {"examples": len(items), "final_loss": loss})))
             st.remove()
             log.info("task %s: %d examples, final loss %.4f", task, len(items), loss)
     if not outdir:

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from ..errors import UsageError
+from ..weights import base_softmax
 from . import primitives as P
 from .base import Params, TaskVectors, register, weights_tensor
 
@@ -32,13 +33,11 @@ def _linear_coef(p: Params, n: int) -> list[float]:
 
 
 def _weighted_base_coef(p: Params, n: int) -> list[float]:
-    # Will it Merge? section 6: s_i = 1 - Acc_base(t_i); w_i = softmax(s_i / τ). Params.weights
-    # carries the base accuracies here (the CLI reads them from --base-acc).
-    if p.weights is None:
+    # Will it Merge? section 6: s_i = 1 - Acc_base(t_i); w_i = softmax(s_i / τ).
+    if p.base_acc is None:
         raise UsageError("--base-acc", "weighted-base needs the base model's accuracy per task",
                          "pass --base-acc FILE (eval --summary records)")
-    s = torch.tensor([1.0 - a for a in p.weights], dtype=torch.float64) / p.tau
-    return torch.softmax(s, 0).tolist()
+    return base_softmax(p.base_acc, p.tau)
 
 
 register("mean", "Mean", "https://arxiv.org/abs/2203.05482",

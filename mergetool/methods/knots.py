@@ -17,13 +17,11 @@ side-by-side matrix, exactly what the paper's code does.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from ..errors import UsageError
 from ..updates import LowRank
-from .base import Params, TaskVectors, get, register
+from .base import Params, TaskVectors, lookup, register
 
 RTOL = 1e-6  # singular values below RTOL · σ_max are dropped (they carry < 1e-6 of the update)
 CHUNK_BYTES = 1 << 30  # bound the fp64 work per batched factorisation
@@ -117,10 +115,10 @@ def knots_basis(tv: TaskVectors) -> tuple[dict[str, torch.Tensor], dict[str, tor
           "(default ties), write an exact LoRA of rank ≤ Σ r_i.",
           options=("inner", "weights", "density", "trim-scope", "lambda"))
 def knots_fn(tv: TaskVectors, p: Params):
-    inner = get(p.inner)
+    inner = lookup(p.inner)
     if inner.name == "knots":
         raise UsageError("--inner", "knots cannot be its own inner method", "choose ties, mean, dare-ties, ...")
-    ip = replace(p, density=inner.default_density) if p.density is None and inner.default_density else p
+    ip = inner.defaults(p)
     bases, coords = knots_basis(tv)
     ctv = TaskVectors.of_stacks(tv.names, coords)
     for mod, q in inner.fn(ctv, ip):

@@ -1,0 +1,150 @@
+"""Many updates evaluated in one batched call vs a loop of apply/evaluate/restore, side by side in one run.
+
+The setting of "Will it Merge?"'s per-example experts: U rank-64 LoRAs on ``mlp.up_proj`` of the middle
+layer, each evaluated on the same multiple-choice questions (capitals and currencies of
+examples/data/countries.jsonl, 8 choices). The batched call is ``evaluate`` with per-row adapters: the
+layers below the middle one run once per question for all U updates, the rest once per update. The loop is
+what a script would do with one resident model: for each update, write W + ΔW into the weights, evaluate,
+restore. Predictions must be identical; scores equal to rounding.
+
+    python benchmarks/bench_updates.py [--model DIR] [--updates 64] [--items 120] [--shots 0] [--json out.json]
+    python benchmarks/bench_updates.py --small --json out.json          # a tiny random model (CI)
+
+Without --model (and without --small) the testbed model (SmolLM2-135M-Instruct, real weights) is cached
+from its GGUF into --workdir and used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import machine, pick, sync  # noqa: E402
+
+from mergetool import evaluate as ev  # noqa: E402
+from mergetool.adapters import RowAdapters, decoder_layers  # noqa: E402
+from mergetool.examples import add_contexts, check_examples  # noqa: E402
+from mergetool.model import load_model, resolve_base  # noqa: E402
+from mergetool.updates import PREFIX, LowRank, Update  # noqa: E402
+
+
+def experts(model, n: int, rank: int = 64, alpha: float = 128.0, seed: int = 0) -> list[Update]:
+    """n random rank-``rank`` LoRAs on mlp.up_proj of the middle layer (the paper's per-example recipe)."""
+    path, layers = decoder_layers(model)
+    mid = len(layers) // 2
+    lin = layers[mid].mlp.up_proj
+    name = f"{PREFIX}{path}.{mid}.mlp.up_proj"
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for e in range(n):
+        A = torch.randn(rank, lin.in_features, generator=g) / lin.in_features ** 0.5
+        B = torch.randn(lin.out_features, rank, generator=g) * 0.01
+        out.append(Update(f"x{e}", {name: LowRank(A, B, alpha / rank)}, {"name": f"x{e}"}))
+    return out
+
+
+@torch.no_grad()
+def loop(model, tok, exs, updates, batch_tokens):
+    """Apply W += ΔW, evaluate, restore: one update at a time."""
+    params = dict(model.named_parameters())
+    out = []
+    for u in updates:
+        saved = {}
+        for mod, m in u.modules.items():
+            w = params[mod[len(PREFIX):] + ".weight"]
+            saved[mod] = w.detach().clone()
+            w.copy_((w.float() + m.delta(w.device)).to(w.dtype))
+        out.append(ev.evaluate(model, tok, exs, "tokens", batch_tokens=batch_tokens)[0])
+        for mod, w in saved.items():
+            params[mod[len(PREFIX):] + ".weight"].copy_(w)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="model directory (default: the testbed model, cached)")
+    ap.add_argument("--small", action="store_true", help="a tiny random Llama with the testbed's tokenizer")
+    ap.add_argument("--workdir", type=Path, default=ROOT / ".cache")
+    ap.add_argument("--updates", type=int, default=64)
+    ap.add_argument("--items", type=int, default=120)
+    ap.add_argument("--shots", type=int, default=0)
+    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev = pick(args.device)
+    model_dir = args.model
+    if model_dir is None:
+        from mergetool.model import cache_gguf, testbed_gguf
+
+        model_dir = args.workdir / "smollm2-135m"
+        if not (model_dir / "config.json").exists():
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            cache_gguf(resolve_base(str(testbed_gguf())), model_dir)
+    if args.small:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tiny = args.workdir / "tiny-for-bench-updates"
+        if not (tiny / "config.json").exists():
+            torch.manual_seed(0)
+            LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tiny)
+            for f in model_dir.iterdir():
+                if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+                    (tiny / f.name).write_bytes(f.read_bytes())
+        model_dir = tiny
+    model, tok = load_model(resolve_base(str(model_dir)), dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    rows = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()]
+    exs = check_examples(rows, "countries")
+    pool = list(exs)
+    exs = exs[:args.items]
+    if args.shots:
+        add_contexts(exs, pool, args.shots, seed=0)
+    else:
+        for e in exs:
+            e.context = e.rec["prompt"]
+    ups = experts(model, args.updates)
+    info = {"machine": machine(dev), "model": model_dir.name, "device": str(dev), "updates": len(ups),
+            "items": len(exs), "shots": args.shots, "item_ids": f"the first {len(exs)} records of countries.jsonl"}
+    print(f"machine: {json.dumps(info['machine'])}", flush=True)
+    ev.evaluate(model, tok, exs[:4], batch_tokens=args.batch_tokens)  # warm-up (and the packing check)
+
+    sync(dev)
+    t = time.perf_counter()
+    with RowAdapters(model, ups) as ad:
+        batched = ev.evaluate(model, tok, exs, "tokens", batch_tokens=args.batch_tokens, adapters=ad,
+                              which=range(len(ups)))
+    sync(dev)
+    t_batched = time.perf_counter() - t
+
+    t = time.perf_counter()
+    looped = loop(model, tok, exs, ups, args.batch_tokens)
+    sync(dev)
+    t_loop = time.perf_counter() - t
+
+    same = sum(a["prediction"] == b["prediction"] for x, y in zip(batched, looped) for a, b in zip(x, y))
+    diff = max(abs(p - q) for x, y in zip(batched, looped) for a, b in zip(x, y)
+               for p, q in zip(a["logprobs"], b["logprobs"]))
+    n = len(ups) * len(exs)
+    info.update({"batched_s": t_batched, "loop_s": t_loop, "speedup": t_loop / t_batched,
+                 "evaluations": n, "same_prediction": same, "max_logprob_diff": diff,
+                 "changed_by_updates": sum(a["prediction"] != b["prediction"] for x in batched
+                                           for a, b in zip(x, looped[0]))})
+    print(f"{len(ups)} updates x {len(exs)} questions ({args.shots}-shot) on {model_dir.name}: batched {t_batched:.1f} s "
+          f"vs loop {t_loop:.1f} s = {info['speedup']:.2f}x; same prediction {same}/{n}; "
+          f"max |Δ logprob| {diff:.2e}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""Updates applied to a running model: beside the frozen weights, one update per batch row, and the frozen
+lower layers computed once.
+
+:class:`RowAdapters` is the one rule by which every command applies an update to a model (``eval
+--adapter``, batched evaluation of many updates, ``train-expert``'s trainable experts, ``score``,
+``diagnose``). The weights are never rewritten: every adapted ``nn.Linear`` computes ``W x`` as usual and
+adds the update's Δ(x) beside it in fp32, ``(x Aᵀ) Bᵀ · scale`` for a LoRA module and ``x ΔWᵀ`` for a
+dense one (a LoRA whose rank makes its factors larger than the matrix is stored dense), and rounds once to
+the model's dtype. Row b of a batch uses update ``rows[b]``, for any mix of LoRA updates (any ranks,
+scales, rslora, target modules), dense deltas, and none (the base model), so one forward pass evaluates
+many updates. Dense deltas of ``nn.Embedding`` weights (with the output layer when the weights are tied)
+and of biases are applied the same way; other parameters (norm weights of a full model's task vector)
+are patched in place, which only an update that every row shares can do.
+
+:class:`Prefix`: when every update touches only decoder layers ≥ L, layers < L compute the same hidden
+states under every update. ``states`` runs them once; ``feeding`` then skips them and feeds the saved
+states into layer L, exactly (the result is the same computation, not an approximation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .errors import MergetoolError
+from .updates import PREFIX, LowRank, Update
+
+# ----------------------------------------------------------------------------- decoder layers
+
+
+def decoder_layers(model) -> tuple[str, torch.nn.ModuleList] | None:
+    """(path, list) of the model's decoder layers: the ModuleList with one entry per hidden layer."""
+    cfg = model.config
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and n and len(m) == n]
+    return min(found, key=lambda x: len(x[0])) if found else None
+
+
+def layer_of(name: str, layers_path: str | None = None) -> int | None:
+    """The decoder-layer index of a module path such as ``model.layers.14.mlp.up_proj`` (None outside the
+    layers). ``layers_path`` is the layer list's path; without it, the component after ``layers``."""
+    if layers_path is not None:
+        if not name.startswith(layers_path + "."):
+            return None
+        head = name[len(layers_path) + 1:].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+    parts = name.split(".")
+    if "layers" not in parts:
+        return None
+    k = parts.index("layers")
+    return int(parts[k + 1]) if k + 1 < len(parts) and parts[k + 1].isdigit() else None
+
+
+def first_layer(model, paths: Sequence[str]) -> int:
+    """The lowest decoder layer any of ``paths`` (module paths) sits in: layers below it are not touched.
+    A module outside the layers counts as before them (0), unless it is the output layer or a norm, which
+    run after them; so the answer is exact or conservative, never too high."""
+    found = decoder_layers(model)
+    if found is None:
+        return 0
+    lpath, layers = found
+    out = len(layers)
+    head = model.get_output_embeddings()
+    mods = dict(model.named_modules())
+    for p in paths:
+        i = layer_of(p, lpath)
+        if i is None:
+            m = mods.get(p)
+            after = m is not None and (m is head or "norm" in type(m).__name__.lower())
+            i = out if after else 0
+        out = min(out, i)
+    return out
+
+
+# ----------------------------------------------------------------------------- per-row adapters
+
+
+class _Stop(Exception):
+    def __init__(self, hidden):
+        self.hidden = hidden
+
+
+@dataclass
+class _Site:
+    """What the updates add at one module: per update a LoRA (A [r, in], B·scale [out, r]) or a dense
+    delta (fp32, on the model's device); for a trainable site, stacked factors used row by row."""
+
+    module: torch.nn.Module
+    embedding: bool
+    lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    dense: dict[int, torch.Tensor] = field(default_factory=dict)
+    bias: dict[int, torch.Tensor] = field(default_factory=dict)
+    A: torch.nn.Parameter | None = None  # trainable: [E, r, in]
+    B: torch.nn.Parameter | None = None  # trainable: [E, out, r]
+    scale: float = 1.0
+
+    def delta(self, u: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Δ of update u on input x (fp32), or None where u does not touch this module."""
+        if self.A is not None:  # a trainable site: expert u
+            return ((x.to(self.A.dtype) @ self.A[u].T) @ self.B[u].T) * self.scale
+        d = None
+        if u in self.lora:
+            A, B = self.lora[u]
+            d = (x.float() @ A.T) @ B.T
+        elif u in self.dense:
+            D = self.dense[u]
+            d = torch.nn.functional.embedding(x, D) if self.embedding else x.float() @ D.T
+        if u in self.bias:
+            d = self.bias[u] if d is None else d + self.bias[u]
+        return d
+
+    def each(self, x: torch.Tensor) -> torch.Tensor:
+        """Trainable site, row e uses expert e: batched matmuls over the stacked factors."""
+        lo = torch.bmm(torch.bmm(x.to(self.A.dtype), self.A.transpose(1, 2)), self.B.transpose(1, 2))
+        return lo * self.scale
+
+
+class RowAdapters:
+    """Updates applied beside the frozen weights, one update per batch row (see the module docstring).
+
+    Use as a context manager (or call ``remove``). Choose who uses what before each forward pass:
+    ``use(u)``: every row uses update ``u`` (None: the base model); ``set_rows(rows)``: row b uses
+    ``rows[b]`` (-1: the base); ``each()``: row b uses update b (trainable experts). Updates are indexed
+    in the order given.
+    """
+
+    def __init__(self, model, updates: Sequence[Update | None] = ()):
+        self.model, self.updates = model, list(updates)
+        self.sites: dict[str, _Site] = {}
+        self.patches: dict[int, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
+        self.handles: list = []
+        self._mode: tuple = ("use", None)
+        self._patched: int | None = None
+        self._saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self.dev = next(model.parameters()).device
+        mods = dict(model.named_modules())
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for ui, u in enumerate(self.updates):
+            for key, m in ([] if u is None else u.modules.items()):
+                self._add(ui, u, key, m, mods, params)
+        self._install()
+
+    # -- building
+
+    def _site(self, path: str, module) -> _Site:
+        if path not in self.sites:
+            self.sites[path] = _Site(module, isinstance(module, torch.nn.Embedding))
+        return self.sites[path]
+
+    def _add(self, ui: int, u: Update, key: str, m, mods: dict, params: dict) -> None:
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if name in mods and isinstance(getattr(mods[name], "weight", None), torch.Tensor):
+            path, attr = name, "weight"
+        elif name in params:
+            path, _, attr = name.rpartition(".")
+        else:
+            raise MergetoolError(u.name, f"module {name} is not in the base model", "use an update of this base")
+        module = mods[path]
+        param = getattr(module, attr)
+        if tuple(m.shape) != tuple(param.shape):
+            raise MergetoolError(u.name, f"module {name}: update {tuple(m.shape)} vs weight {tuple(param.shape)}",
+                                 "use an update of this base")
+        linear = isinstance(module, torch.nn.Linear)
+        if attr == "weight" and (linear or isinstance(module, torch.nn.Embedding)):
+            if isinstance(m, LowRank) and linear and m.rank * sum(m.shape) < math.prod(m.shape):
+                self._site(path, module).lora[ui] = (m.A.to(self.dev, torch.float32),
+                                                     (m.B.to(self.dev, torch.float32) * m.scale))
+                return
+            delta = m.delta(self.dev)
+            for p2, mod2 in mods.items():  # every module holding this weight (tied embeddings and output layer)
+                if getattr(mod2, "weight", None) is param and isinstance(mod2, (torch.nn.Linear, torch.nn.Embedding)):
+                    self._site(p2, mod2).dense[ui] = delta
+            return
+        if attr == "bias" and linear:
+            self._site(path, module).bias[ui] = m.delta(self.dev).view(-1)
+            return
+        self.patches.setdefault(ui, []).append((param, m.delta(self.dev).reshape(param.shape)))
+
+    @classmethod
+    def trainable(cls, model, paths: list[str], n: int, rank: int, scale: float, seeds: list[int]) -> "RowAdapters":
+        """``n`` trainable LoRA experts on the modules ``paths``: A kaiming-uniform (as peft), B zero, each
+        expert's initialisation seeded by ``seeds[e]`` and the module's name; row e uses expert e."""
+        self = cls(model)
+        mods = dict(model.named_modules())
+        for path in paths:
+            lin = mods[path]
+            A = torch.empty((n, rank, lin.in_features), device=self.dev)
+            bound = 1 / math.sqrt(lin.in_features)  # kaiming_uniform with a=sqrt(5)
+            for e, s in enumerate(seeds):
+                g = torch.Generator(device="cpu").manual_seed(s * 1_000_003 + zlib.crc32(path.encode()) % 1_000_003)
+                A[e] = (torch.rand((rank, lin.in_features), generator=g) * 2 - 1).to(self.dev) * bound
+            site = self._site(path, lin)
+            site.A = torch.nn.Parameter(A)
+            site.B = torch.nn.Parameter(torch.zeros((n, lin.out_features, rank), device=self.dev))
+            site.scale = scale
+        self._install()
+        self.each()
+        return self
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for s in self.sites.values() for p in (s.A, s.B) if p is not None]
+
+    def expert(self, e: int, name: str, meta: dict) -> Update:
+        """Trainable expert ``e`` as an update (fp32 factors on the CPU)."""
+        mods = {PREFIX + path: LowRank(s.A[e].detach().float().cpu().clone(), s.B[e].detach().float().cpu().clone(),
+                                       s.scale) for path, s in self.sites.items() if s.A is not None}
+        return Update(name, mods, meta)
+
+    def paths(self, updates: Sequence[int] | None = None) -> list[str]:
+        """The module paths the given updates (default: all) change."""
+        keep = None if updates is None else set(updates)
+        out = [p for p, s in self.sites.items()
+               if s.A is not None or keep is None or keep & (set(s.lora) | set(s.dense) | set(s.bias))]
+        if any(keep is None or ui in keep for ui in self.patches):
+            names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+            out += [names[id(p)].rpartition(".")[0] for ui, ps in self.patches.items()
+                    if keep is None or ui in keep for p, _ in ps]
+        return out
+
+    # -- choosing who uses what
+
+    def use(self, u: int | None) -> None:
+        """Every row uses update ``u`` (None or -1: the base model)."""
+        u = None if u is None or u < 0 else u
+        self._patch(u)
+        self._mode = ("use", u)
+
+    def set_rows(self, rows: Sequence[int]) -> None:
+        """Row b uses update ``rows[b]`` (-1: the base model)."""
+        rows = [int(r) for r in rows]
+        if len(set(rows)) == 1:
+            return self.use(rows[0])
+        bad = next((r for r in rows if r in self.patches), None)
+        if bad is not None:
+            raise MergetoolError(self.updates[bad].name, "changes parameters other than linear and embedding "
+                                 "weights (norms), which cannot differ between rows of a batch",
+                                 "evaluate it alone")
+        self._patch(None)
+        self._mode = ("rows", _segments(rows), len(rows))
+
+    def each(self) -> None:
+        """Row b uses update b (trainable experts, or n updates on n rows)."""
+        self._patch(None)
+        self._mode = ("each",)
+
+    @contextlib.contextmanager
+    def gathered(self, rows: torch.Tensor) -> Iterator[None]:
+        """While the output layer runs on hidden states gathered from batch rows ``rows`` (one per scored
+        position), map each position to its row's update."""
+        mode = self._mode
+        if mode[0] == "rows":
+            per = [u for u, s, e in mode[1] for _ in range(e - s)]
+            self._mode = ("rows", _segments([per[r] for r in rows.tolist()]), len(rows))
+        elif mode[0] == "each":
+            self._mode = ("rows", _segments(rows.tolist()), len(rows))
+        try:
+            yield
+        finally:
+            self._mode = mode
+
+    def _patch(self, u: int | None) -> None:
+        """Parameters no hook can reach (norm weights of a full model's delta) are patched in place for the
+        update every row shares, and restored when another is chosen."""
+        if u == self._patched:
+            return
+        with torch.no_grad():
+            if self._patched is not None:
+                for p, saved in self._saved:
+                    p.copy_(saved)
+            self._saved = []
+            if u is not None and u in self.patches:
+                for p, d in self.patches[u]:
+                    self._saved.append((p, p.detach().clone()))
+                    p.copy_((p.float() + d).to(p.dtype))
+        self._patched = u if u in self.patches else None
+
+    # -- running
+
+    def _install(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = [s.module.register_forward_hook(self._hook(s)) for s in self.sites.values()]
+        self.model._mergetool_adapters = self
+
+    def _hook(self, site: _Site):
+        def hook(mod, inp, out):
+            x = inp[0]
+            mode = self._mode
+            if mode[0] == "use":
+                if mode[1] is None:
+                    return out
+                d = site.delta(mode[1], x)
+                return out if d is None else (out.float() + d).to(out.dtype)
+            if mode[0] == "each" and site.A is not None:
+                return (out.float() + site.each(x)).to(out.dtype)
+            segments, n = (_segments(list(range(x.shape[0]))), x.shape[0]) if mode[0] == "each" else mode[1:]
+            if x.shape[0] != n:
+                raise RuntimeError(f"per-row adapters: a batch of {x.shape[0]} rows, {n} rows were set")
+            pieces = []
+            for u, s, e in segments:
+                d = None if u < 0 else site.delta(u, x[s:e])
+                pieces.append(out[s:e] if d is None else (out[s:e].float() + d).to(out.dtype))
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+
+        return hook
+
+    def remove(self) -> None:
+        self._patch(None)
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        if getattr(self.model, "_mergetool_adapters", None) is self:
+            del self.model._mergetool_adapters
+
+    def __enter__(self) -> "RowAdapters":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _segments(rows: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of equal update in ``rows``: (update, start, end)."""
+    out = []
+    for i, r in enumerate(rows):
+        if out and out[-1][0] == r:
+            out[-1] = (r, out[-1][1], i + 1)
+        else:
+            out.append((r, i, i + 1))
+    return out
+
+
+def gathered(model, rows: torch.Tensor):
+    """``RowAdapters.gathered`` of the adapters installed on ``model`` (a no-op without any)."""
+    ad = getattr(model, "_mergetool_adapters", None)
+    return ad.gathered(rows) if ad is not None else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- the frozen prefix
+
+
+class _Skipped(torch.nn.Module):
+    """Stands in for a frozen decoder layer: passes its input through (as a tensor or a 1-tuple, like the
+    layer it replaces) and answers attribute reads with the replaced layer's."""
+
+    def __init__(self, layer: torch.nn.Module, as_tuple: bool):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)  # not a submodule: its weights are not ours
+        self._as_tuple = as_tuple
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self._as_tuple else hidden_states
+
+
+class Prefix:
+    """The decoder layers below ``first`` of ``model``, frozen under every update that touches only layers
+    ≥ ``first``: ``states(**inputs)`` runs them once and returns the hidden states entering layer ``first``;
+    inside ``feeding(hidden)`` those layers are skipped and ``hidden`` enters layer ``first`` instead (the
+    inputs must be laid out as when the states were computed). ``first == 0``: nothing is frozen."""
+
+    def __init__(self, model, first: int):
+        found = decoder_layers(model)
+        self.model, self.first = model, (first if found else 0)
+        self.layers = found[1] if found else None
+        self.as_tuple = False
+
+    @torch.no_grad()
+    def states(self, **inputs) -> torch.Tensor:
+        if not self.first:
+            raise ValueError("no frozen layers")
+
+        def stop(mod, args, kwargs):
+            raise _Stop(args[0] if args else kwargs["hidden_states"])
+
+        def shape(mod, args, out):
+            self.as_tuple = isinstance(out, tuple)
+
+        hs = [self.layers[self.first].register_forward_pre_hook(stop, with_kwargs=True),
+              self.layers[self.first - 1].register_forward_hook(shape)]
+        try:
+            self.model.get_decoder()(**inputs)
+        except _Stop as s:
+            return s.hidden.detach()
+        finally:
+            for h in hs:
+                h.remove()
+        raise RuntimeError("the decoder never reached its frozen boundary")
+
+    @contextlib.contextmanager
+    def feeding(self, hidden: torch.Tensor) -> Iterator[None]:
+        if not self.first:
+            yield
+            return
+
+        def feed(mod, args, kwargs):
+            if args:
+                return (hidden,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        saved = [self.layers[i] for i in range(self.first)]
+        h = self.layers[self.first].register_forward_pre_hook(feed, with_kwargs=True)
+        try:
+            for i in range(self.first):
+                self.layers[i] = _Skipped(saved[i], self.as_tuple)
+            yield
+        finally:
+            for i, m in enumerate(saved):
+                self.layers[i] = m
+            h.remove()

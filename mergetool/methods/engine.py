@@ -1,0 +1,230 @@
+"""Merging as a library call: ``merge(updates, method, params) -> Update``, used by ``mergetool merge``,
+``score`` and ``diagnose`` alike.
+
+``merge_stream`` is the engine underneath: it yields ``(module, merged)`` one module at a time with λ
+applied (full models stream through it into ``--save-model`` without ever being whole in memory); linear
+methods keep LoRA modules exact LoRAs (concatenated factors). ``merge`` collects the stream into an
+:class:`~mergetool.updates.Update` whose metadata records the method, its *effective* parameters (defaults
+filled in), the parents and their tasks. ``to_rank`` truncates a merged stream to LoRAs of rank ≤ R.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from typing import Iterator
+
+import torch
+
+from ..errors import MergetoolError, UsageError
+from ..updates import Dense, LowRank, Update
+from .base import Method, Params, TaskVectors
+from .registry import get
+
+log = logging.getLogger("mergetool")
+
+# Method option (as on the command line) -> Params field.
+OPTION_FIELDS = {"weights": "weights", "lambda": "lam", "density": "density", "trim-scope": "trim_scope",
+                 "rescale": "rescale", "t": "t", "seed": "seed", "gamma": "gamma", "epsilon": "epsilon",
+                 "inner": "inner", "for-task": "for_task", "base-acc": "base_acc", "tau": "tau"}
+
+
+def resolve(method: str | Method) -> Method:
+    return get(method) if isinstance(method, str) else method
+
+
+def inner_of(method: Method, p: Params) -> Method | None:
+    """The method that merges the aligned coordinates, for methods that take ``--inner`` (KnOTS)."""
+    if "inner" not in method.options:
+        return None
+    inner = get(p.inner)
+    if "inner" in inner.options:
+        whose = "its own" if inner is method else f"the {method.name}"
+        raise UsageError("--inner", f"{inner.name} cannot be {whose} inner method", "choose ties, mean, dare-ties, ...")
+    return inner
+
+
+def effective_params(method: Method, p: Params, rank: int | None = None) -> dict:
+    """The parameters that actually run, defaults filled in, keyed as in metadata (``trim_scope``, ...): the
+    method's own options, its inner method's, λ, and ``--rank`` when given."""
+    inner = inner_of(method, p)
+    opts = list(method.options) + (list(inner.options) if inner else [])
+    q = method.defaults(p)
+    if inner is not None:
+        q = inner.defaults(q)
+    out: dict = {}
+    for opt in dict.fromkeys(opts + ["lambda"]):
+        value = getattr(q, OPTION_FIELDS[opt])
+        out[opt.replace("-", "_")] = value
+    if method.coefficients is not None:
+        out["coefficients"] = method.coefficients(q, len(q.names))
+    if rank is not None:
+        out["rank"] = rank
+    return out
+
+
+def check_options(method: Method, p: Params, given: set[str] = frozenset()) -> None:
+    """Every option checked before any input is read: ranges, finiteness (a NaN λ or weight would write a
+    merge full of NaN), and options the method would ignore. ``given`` names options passed as files
+    (``weights``, ``base-acc``) whose values are not read yet."""
+    for opt, value in (("--lambda", p.lam), ("--t", p.t), ("--gamma", p.gamma), ("--epsilon", p.epsilon),
+                       ("--tau", p.tau), ("--density", p.density)):
+        if value is not None and not math.isfinite(value):
+            raise UsageError(opt, f"{value} is not a finite number", "pass a finite value")
+    if p.density is not None and not (0 < p.density <= 1):
+        raise UsageError("--density", f"{p.density} is outside (0, 1]", "pass a fraction such as 0.2")
+    if p.trim_scope not in ("global", "tensor"):
+        raise UsageError("--trim-scope", f"unknown scope {p.trim_scope!r}", "use global or tensor")
+    if p.rescale not in ("paper", "l1", "none"):
+        raise UsageError("--rescale", f"unknown rescale {p.rescale!r}", "use paper, l1 or none")
+    if not 0 <= p.t <= 1:
+        raise UsageError("--t", f"{p.t} is outside [0, 1]", "pass an interpolation factor in [0, 1]")
+    if not 0 <= p.gamma < 1:
+        raise UsageError("--gamma", f"{p.gamma} is outside [0, 1)", "pass a small fraction such as 0.01")
+    if not 0 <= p.epsilon < 1:
+        raise UsageError("--epsilon", f"{p.epsilon} is outside [0, 1)", "pass a small spread such as 0.15")
+    if not p.tau > 0:
+        raise UsageError("--tau", f"{p.tau} is not positive", "pass a positive temperature such as 0.5")
+    inner = inner_of(method, p)
+    taken = set(method.options) | set(inner.options if inner else ())
+    given = set(given) | {opt for opt, v in (("weights", p.weights), ("base-acc", p.base_acc)) if v is not None}
+    for opt in sorted(given - taken):
+        raise UsageError(f"--{opt}", f"{method.name}{f' with --inner {inner.name}' if inner else ''} "
+                         f"does not take --{opt}, so it would be ignored",
+                         "drop it, or choose a method that takes it (see --list-methods)")
+    if "base-acc" in taken and "base-acc" not in given:
+        raise UsageError("--base-acc", f"{method.name} needs the base model's accuracy per task",
+                         "pass --base-acc FILE (eval --summary records of the base model)")
+
+
+def check_inputs(method: Method, n: int, p: Params) -> None:
+    """``check_options``, and the inputs' count against the method and the per-input values."""
+    check_options(method, p)
+    if n < method.min_inputs:
+        raise UsageError("inputs", f"{method.name} needs at least {method.min_inputs} inputs, got {n}",
+                         "pass more adapters")
+    if method.max_inputs is not None and n > method.max_inputs:
+        raise UsageError("inputs", f"{method.name} takes at most {method.max_inputs} inputs, got {n}",
+                         "use multislerp or karcher for more than two")
+    if p.weights is not None:
+        if len(p.weights) != n:
+            raise UsageError("--weights", f"{len(p.weights)} weights for {n} inputs", "give one weight per adapter")
+        bad = next((w for w in p.weights if not math.isfinite(w)), None)
+        if bad is not None:
+            raise UsageError("--weights", f"weight {bad} is not a finite number", "give finite weights")
+    if p.base_acc is not None:
+        if len(p.base_acc) != n or not all(math.isfinite(a) and 0 <= a <= 1 for a in p.base_acc):
+            raise UsageError("--base-acc", "needs one accuracy in [0, 1] per input", "pass eval --summary records")
+    inner = inner_of(method, p)
+    if inner is not None and n < inner.min_inputs:
+        raise UsageError("inputs", f"{inner.name} needs at least {inner.min_inputs} inputs, got {n}",
+                         "pass more adapters")
+
+
+def merge_stream(updates: list[Update], method: Method | str, p: Params,
+                 device: torch.device) -> Iterator[tuple[str, object]]:
+    """Yield ``(module, merged)`` with λ applied; LoRA-only modules of linear methods stay exact LoRAs."""
+    method = resolve(method)
+    p = method.defaults(p)
+    with TaskVectors.of_updates(updates, device) as tv:
+        if method.coefficients is not None:
+            coef = method.coefficients(p, len(updates))
+            for mod in tv.modules:
+                parts = [(c, u.modules[mod]) for c, u in zip(coef, updates) if mod in u.modules]
+                if all(isinstance(m, LowRank) for _, m in parts):
+                    # Σ c_i s_i B_i A_i = [c_1 s_1 B_1 … c_n s_n B_n] @ [A_1; …; A_n]: exact.
+                    B = torch.cat([m.B.to(device, torch.float32) * (c * m.scale * p.lam) for c, m in parts], 1)
+                    A = torch.cat([m.A.to(device, torch.float32) for _, m in parts], 0)
+                    yield mod, LowRank(A, B, 1.0)
+                else:
+                    stack = tv.stacked(mod)
+                    c = torch.tensor(coef, dtype=torch.float32, device=device).view(-1, *([1] * (stack.dim() - 1)))
+                    yield mod, (stack * c).sum(0) * p.lam
+            return
+        for mod, r in method.fn(tv, p):
+            if isinstance(r, LowRank):
+                yield mod, LowRank(r.A, r.B * p.lam, r.scale) if p.lam != 1 else r
+            else:
+                yield mod, r * p.lam if p.lam != 1 else r
+
+
+def to_rank(stream, rank: int):
+    """Truncate every merged module to a LoRA of rank ≤ R by SVD (fp64), reporting retained energy."""
+    from .knots import factor_coords
+
+    kept = total = 0.0
+    worst = 1.0
+    for mod, r in stream:
+        if isinstance(r, LowRank) and r.rank <= rank:
+            yield mod, r
+            continue
+        if isinstance(r, LowRank):  # exact SVD from the factors (QR + small core)
+            U, S, Q = factor_coords([(r.B * r.scale).unsqueeze(0)], [r.A.unsqueeze(0)])
+            U, S, coords = U[0], S[0], Q[0][0]
+        elif r.dim() == 2:
+            U, S, Vh = torch.linalg.svd(r.double(), full_matrices=False)
+            coords = S.unsqueeze(1) * Vh
+        else:
+            yield mod, r  # vectors (norms, biases) stay dense
+            continue
+        k = min(rank, int((S > 0).sum()))
+        e_all, e_kept = float((S ** 2).sum()), float((S[:k] ** 2).sum())
+        kept, total = kept + e_kept, total + e_all
+        if e_all > 0:
+            worst = min(worst, e_kept / e_all)
+        yield mod, LowRank(coords[:k].float(), U[:, :k].float(), 1.0)
+    if total > 0:
+        log.info("--rank %d keeps %.4f%% of the merged update's energy (lowest module %.4f%%)",
+                 rank, 100 * kept / total, 100 * worst)
+
+
+def describe(updates: list[Update], method: Method, p: Params, *, rank: int | None = None,
+             base_model: str | None = None, base_fingerprint: str | None = None) -> dict:
+    """The metadata of a merge: ``method``, its effective ``params``, ``parents``, their ``tasks``, and the base
+    model and fingerprint (the inputs' own when not given)."""
+    meta = {"method": method.name, "params": effective_params(method, p, rank), "parents": list(p.names),
+            "base_model": base_model or _common(u.meta.get("base_model") for u in updates),
+            "base_fingerprint": base_fingerprint or _common(u.fingerprint for u in updates)}
+    tasks = [u.meta.get("task") for u in updates if u.meta.get("task")]
+    if tasks:
+        meta["tasks"] = tasks
+    return meta
+
+
+def widest_dtype(updates: list[Update]) -> torch.dtype:
+    return max((u.dtype for u in updates), key=lambda d: torch.finfo(d).bits)
+
+
+def merge(updates: list[Update], method: Method | str, p: Params, device: torch.device, *,
+          rank: int | None = None, name: str | None = None, base_model: str | None = None,
+          base_fingerprint: str | None = None, dtype: torch.dtype | None = None) -> Update:
+    """Merge ``updates`` into one :class:`Update`, checked first (``check_inputs``), described by ``describe``,
+    cast to ``dtype`` on write (default: the widest input dtype). A non-finite result is refused."""
+    method = resolve(method)
+    p = replace(p, names=list(p.names) or [u.name for u in updates])
+    check_inputs(method, len(updates), p)
+    meta = describe(updates, method, p, rank=rank, base_model=base_model, base_fingerprint=base_fingerprint)
+    merged = Update(name or f"{method.name}-merge", {}, meta, dtype or widest_dtype(updates))
+    for mod, r in checked(merge_stream(updates, method, p, device), rank):
+        merged.modules[mod] = r if isinstance(r, LowRank) else Dense(r)
+    return merged
+
+
+def checked(stream: Iterator[tuple[str, object]], rank: int | None = None) -> Iterator[tuple[str, object]]:
+    """The merged stream, truncated to ``rank`` when given, each module refused if it holds NaN or Inf."""
+    for mod, r in (to_rank(stream, rank) if rank is not None else stream):
+        check_finite(mod, r)
+        yield mod, r
+
+
+def check_finite(mod: str, r) -> None:
+    """A merged module holding NaN or Inf is an error, never an output."""
+    parts = (r.A, r.B) if isinstance(r, LowRank) else (r,)
+    if not all(bool(torch.isfinite(t).all()) for t in parts):
+        raise MergetoolError(mod, "the merge produced NaN or Inf", "check the inputs and options (weights, λ)")
+
+
+def _common(values):
+    vals = {v for v in values if v}
+    return vals.pop() if len(vals) == 1 else None

@@ -1,0 +1,15 @@
+"""The registry: importing this module registers every method family; ``get`` and ``all_methods`` read it."""
+
+from __future__ import annotations
+
+from . import families, knots  # noqa: F401  (each module registers its methods on import)
+from .base import METHODS, Method, lookup
+
+
+def get(name: str) -> Method:
+    """The method registered as ``name`` (a usage error naming the choices otherwise)."""
+    return lookup(name)
+
+
+def all_methods() -> dict[str, Method]:
+    return METHODS
