@@ -8,7 +8,7 @@ what a script would do with one resident model: for each update, write W + ΔW i
 restore. Predictions must be identical; scores equal to rounding.
 
     python benchmarks/bench_updates.py [--model DIR] [--updates 64] [--items 120] [--shots 0] [--json out.json]
-    python benchmarks/bench_updates.py --small --json out.json          # a tiny random model (CI)
+    python benchmarks/bench_updates.py --model TINY --updates 4 --items 12   # CI: a tiny model
 
 Without --model (and without --small) the testbed model (SmolLM2-135M-Instruct, real weights) is cached
 from its GGUF into --workdir and used.
@@ -72,7 +72,6 @@ def loop(model, tok, exs, updates, batch_tokens):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="model directory (default: the testbed model, cached)")
-    ap.add_argument("--small", action="store_true", help="a tiny random Llama with the testbed's tokenizer")
     ap.add_argument("--workdir", type=Path, default=ROOT / ".cache")
     ap.add_argument("--updates", type=int, default=64)
     ap.add_argument("--items", type=int, default=120)
@@ -90,18 +89,6 @@ def main():
         if not (model_dir / "config.json").exists():
             args.workdir.mkdir(parents=True, exist_ok=True)
             cache_gguf(resolve_base(str(testbed_gguf())), model_dir)
-    if args.small:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        tiny = args.workdir / "tiny-for-bench-updates"
-        if not (tiny / "config.json").exists():
-            torch.manual_seed(0)
-            LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tiny)
-            for f in model_dir.iterdir():
-                if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
-                    (tiny / f.name).write_bytes(f.read_bytes())
-        model_dir = tiny
     model, tok = load_model(resolve_base(str(model_dir)), dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     rows = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()]
     exs = check_examples(rows, "countries")

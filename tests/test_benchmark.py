@@ -37,3 +37,14 @@ def test_small_eval_train_benchmark(tiny_lm, tmp_path):
     assert res["eval"]["same_prediction"] >= 22 and res["eval"]["speedup"] > 0
     assert abs(res["eval"]["acc_ours"] - res["eval"]["acc_lm_eval"]) <= 2 / 24
     assert res["train"]["experts"] == 4 and res["train"]["mean_final_loss_ours"] > 0
+
+
+def test_small_updates_benchmark(tiny_lm, tmp_path):
+    """Many updates batched vs a loop of apply/evaluate/restore, at toy size: identical predictions."""
+    out = tmp_path / "u.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_updates.py"), "--model", str(tiny_lm),
+                        "--updates", "4", "--items", "12", "--device", "cpu", "--json", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["same_prediction"] == res["evaluations"] == 48 and res["max_logprob_diff"] < 1e-4

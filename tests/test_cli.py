@@ -280,3 +280,47 @@ def test_bad_weights_jsonl(adapters, tmp_path):
         r = run_cli("merge", "-m", "linear", "--weights", str(w), str(adapters[0]), str(adapters[1]),
                     "-o", str(tmp_path / "o.safetensors"))
         assert r.returncode == 1 and needle in r.stderr.decode(), (text, r.stderr)
+
+
+def test_metadata_records_the_effective_parameters(adapters, tmp_path):
+    """merge --method ties records the density that ran (0.2), not the CLI's None; knots records its inner
+    method's defaults; linear methods record their coefficients."""
+    for args, want in [(["-m", "ties"], {"density": 0.2, "trim_scope": "global", "lambda": 1.0}),
+                       (["-m", "knots"], {"inner": "ties", "density": 0.2}),
+                       (["-m", "knots", "--inner", "dare-ties"], {"inner": "dare-ties", "density": 0.5, "seed": 0,
+                                                                  "rescale": "paper"}),
+                       (["-m", "mean"], {"coefficients": [0.5, 0.5]}),
+                       (["-m", "ties", "--rank", "3"], {"rank": 3})]:
+        out = tmp_path / "o.safetensors"
+        r = cli("merge", *args, str(adapters[0]), str(adapters[1]), "-o", str(out))
+        assert r.exit_code == 0, r.output
+        (u,) = load(out)
+        assert {k: u.meta["params"][k] for k in want} == want, args
+
+
+def test_options_a_method_would_ignore_are_refused(adapters, tmp_path):
+    w = tmp_path / "w.jsonl"
+    w.write_text('{"adapter": "a0", "weight": 2}\n{"adapter": "a1", "weight": 1}\n')
+    for args, needle in [(["-m", "mean", "--weights", str(w)], "mean does not take --weights"),
+                         (["-m", "weighted-base", "--base-acc", str(w), "--weights", str(w)], "does not take --weights"),
+                         (["-m", "ties", "--base-acc", str(w)], "does not take --base-acc")]:
+        r = run_cli("merge", *args, str(adapters[0]), str(adapters[1]), "-o", str(tmp_path / "o.safetensors"))
+        assert r.returncode == 2 and needle in r.stderr.decode(), (args, r.stderr)
+        assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_base_accuracy_must_come_from_base_rows(tmp_path):
+    """--base-acc takes only the base model's rows (adapter null); a file holding another adapter's rows for a
+    task says so instead of using them."""
+    us = [random_lora(i, name=f"e{i}", task=f"t{i}") for i in range(2)]
+    paths = []
+    for u in us:
+        p = tmp_path / f"{u.name}.safetensors"
+        p.write_bytes(lora_blob(u))
+        paths.append(str(p))
+    acc = tmp_path / "acc.jsonl"
+    acc.write_text('{"task": "t0", "adapter": null, "n": 10, "accuracy": 0.9}\n'
+                   '{"task": "t1", "adapter": "e1", "n": 10, "accuracy": 0.2}\n')
+    r = run_cli("merge", "-m", "weighted-base", "--base-acc", str(acc), *paths, "-o", str(tmp_path / "o.safetensors"))
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "no base-model row" in err and "'t1'" in err and "'e1'" in err, err

@@ -354,3 +354,34 @@ def test_progress_bar_on_a_terminal_only(tiny_lm, tmp_path):
     assert b"eval" in seen and b"20/20" in seen, seen[-400:]
     piped = run_cli("eval", "--base", str(tiny_lm), str(data), check=True)
     assert b"20/20" not in piped.stderr and piped.stdout == p.stdout
+
+
+def test_many_adapters_in_one_run_and_resume_per_adapter(tiny_lm, tmp_path):
+    """--adapter POOL evaluates every adapter in one run: records per (adapter, example), equal to one run per
+    adapter; --resume continues per (adapter, id)."""
+    from conftest import lora_blob, random_lora
+
+    shapes = {"q_proj": (64, 64), "up_proj": (128, 64)}
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(3):
+        u = random_lora(i, rank=4, targets=shapes, name=f"p{i}", layers=[1])
+        for m in u.modules.values():
+            m.B *= 20
+        (pool / f"p{i}.safetensors").write_bytes(lora_blob(u))
+    data = write(tmp_path / "d.jsonl", capitals(5))
+    out = tmp_path / "r.jsonl"
+    run_cli("eval", "--base", str(tiny_lm), "--adapter", str(pool), str(data), "-o", str(out), check=True)
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted((r["adapter"], r["id"]) for r in recs) == sorted((f"p{i}", r["id"]) for i in range(3)
+                                                                   for r in capitals(5))
+    one = records(run_cli("eval", "--base", str(tiny_lm), "--adapter", str(pool / "p1.safetensors"), str(data),
+                          check=True).stdout)
+    mine = [r for r in recs if r["adapter"] == "p1"]
+    for a, b in zip(mine, one):
+        assert a["prediction"] == b["prediction"] and a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-5)
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:7]) + "\n")
+    run_cli("eval", "--base", str(tiny_lm), "--adapter", str(pool), str(data), "-o", str(out), "--resume", check=True)
+    again = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted((r["adapter"], r["id"]) for r in again) == sorted((r["adapter"], r["id"]) for r in recs)

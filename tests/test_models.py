@@ -145,3 +145,48 @@ def test_save_model_shards_with_an_index(tiny_base, adapters, tmp_path, monkeypa
         name = k.removeprefix("base_model.model.") + ".weight"
         want = b[name] + sum(fb(read_blobs(str(p))[0], "x").modules[k].delta() for p in adapters) / 3
         assert torch.allclose(got[name], want, atol=1e-6)
+
+
+def test_index_names_the_weight_files_and_total_size_follows_dtype(tiny_base, adapters, tmp_path, monkeypatch):
+    """A directory with model.safetensors.index.json is read through its index (a stray consolidated file
+    beside the shards is not mixed in); --dtype sizes the written index's total_size."""
+    import shutil
+
+    import mergetool.model as model
+    from mergetool.io import blob_bytes
+    from mergetool.methods import Params, get, merge_stream
+    from mergetool.updates import from_blob as fb
+
+    monkeypatch.setattr(model, "SHARD_BYTES", 40_000)
+    us = [fb(read_blobs(str(p))[0], p.stem) for p in adapters]
+    base = model.resolve_base(str(tiny_base))
+    out = tmp_path / "sharded"
+    out.mkdir()
+    model.save_model(base, out, merge_stream(us, get("mean"), Params(), torch.device("cpu")), torch.device("cpu"),
+                     dtype=torch.bfloat16)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    numel = sum(v.numel() for v in state(tiny_base).values())
+    assert index["metadata"]["total_size"] == 2 * numel  # bf16, not the base's fp32
+    for f in tiny_base.iterdir():
+        if f.name != "model.safetensors" and not f.name.startswith("model-"):
+            shutil.copy(f, out / f.name)
+    (out / "consolidated.safetensors").write_bytes(blob_bytes({"junk": torch.zeros(3)}, {}))
+    t = model.ModelTensors(model.resolve_base(str(out)))
+    assert "junk" not in t.keys() and set(t.keys()) == set(state(tiny_base))
+    # without an index, two files holding one tensor are refused rather than mixed
+    (out / "model.safetensors.index.json").unlink()
+    (out / "consolidated.safetensors").write_bytes(blob_bytes({"model.norm.weight": torch.zeros(64)}, {}))
+    with pytest.raises(Exception, match="two weight files"):
+        model.ModelTensors(model.resolve_base(str(out)))
+
+
+def test_base_reader_cache_does_not_grow(tiny_base, tmp_path):
+    import shutil
+
+    import mergetool.model as model
+
+    other = tmp_path / "copy"
+    shutil.copytree(tiny_base, other)
+    for d in (tiny_base, other, tiny_base):
+        model.base_tensors(model.resolve_base(str(d)))
+        assert len(model._BASES) == 1
