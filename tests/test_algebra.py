@@ -13,8 +13,9 @@ from mergetool.updates import Dense, LowRank, Update
 
 CPU = torch.device("cpu")
 ALL = sorted(all_methods())
-# methods whose single-input result is the input itself (with their neutral options)
-IDENTITY = [m for m in ALL if m not in ("model-stock", "slerp")]
+# methods whose single-input result is the input itself (with their neutral options); Iso-C and Iso-CTS flatten
+# the spectrum of even one task (Marczak et al.: the merge is σ̄ U Vᵀ whatever the number of tasks)
+IDENTITY = [m for m in ALL if m not in ("model-stock", "slerp", "iso-c", "iso-cts")]
 
 
 def merged(updates, method, **kw) -> dict[str, torch.Tensor]:
@@ -37,6 +38,8 @@ def neutral(method: str) -> dict:
     kw = {"density": 1.0}
     if method == "weighted-base":
         kw["base_acc"] = [0.5]
+    if method == "star":  # η = 1 keeps the whole nuclear norm: no truncation
+        kw["eta"] = 1.0
     return kw
 
 
@@ -47,7 +50,8 @@ def test_one_input_returns_itself(method):
     assert rel(out, dense(u)) < 1e-5, method
 
 
-@pytest.mark.parametrize("method", ["linear", "task-arithmetic", "ties", "magnitude", "dare-linear", "emr", "knots"])
+@pytest.mark.parametrize("method", ["linear", "task-arithmetic", "ties", "magnitude", "dare-linear", "emr", "knots",
+                                    "tsv", "star"])
 def test_weight_minus_one_negates(method):
     u = random_lora(2)
     kw = neutral(method)
@@ -67,7 +71,8 @@ def test_density_one_changes_nothing(method):
 
 
 @pytest.mark.parametrize("method", ["mean", "ties", "knots", "karcher", "multislerp", "model-stock", "emr",
-                                    "magnitude", "breadcrumbs"])
+                                    "magnitude", "breadcrumbs", "core-space", "tsv", "iso-c", "iso-cts", "star",
+                                    "cart"])
 def test_order_does_not_matter(method):
     us = [random_lora(s, rank=2 + s) for s in range(3)]
     a = merged(us, method)

@@ -39,6 +39,10 @@ class Params:
     for_task: str | None = None  # emr: the task whose mask and rescaler to apply
     tau: float = 1.0  # weighted-base temperature
     base_acc: list[float] | None = None  # weighted-base: the base model's accuracy on each input's task
+    rank_fraction: float | None = None  # tsv: rank per task / min(m, n) (default 1/n); cart: rank per correction (0.12)
+    common_fraction: float = 0.8  # iso-cts: share of the span given to the common subspace (the paper's 0.8)
+    eta: float = 0.4  # star: fraction of each task's nuclear norm kept (the paper's η = 40%)
+    correction: float = 2.0  # cart: coefficient λ of the low-rank corrections (the authors' 8-task setting)
     names: list[str] = field(default_factory=list)
 
     def w(self, n: int) -> list[float]:
@@ -57,12 +61,17 @@ class Method:
     min_inputs: int = 1
     max_inputs: int | None = None
     default_density: float | None = None
+    # Several groups merged at once (one batched factorisation for all), yielding each group's stream in turn.
+    many: Callable[[list["TaskVectors"], Params], Iterator[Iterator[tuple[str, object]]]] | None = None
+    # Defaults that depend on the number of inputs n (TSV's rank fraction 1/n), filled in for n inputs.
+    fill: Callable[[Params, int], Params] | None = None
 
-    def defaults(self, p: Params) -> Params:
-        """``p`` with this method's defaults filled in (what actually runs, and what metadata records)."""
+    def defaults(self, p: Params, n: int) -> Params:
+        """``p`` with this method's defaults filled in for n inputs (what runs, and what metadata records); the
+        defaults that depend on n stay unset while n is unknown (0)."""
         if p.density is None and self.default_density is not None:
-            return replace(p, density=self.default_density)
-        return p
+            p = replace(p, density=self.default_density)
+        return self.fill(p, n) if self.fill is not None and n else p
 
 
 METHODS: dict[str, Method] = {}
@@ -70,14 +79,14 @@ METHODS: dict[str, Method] = {}
 
 def register(name: str, pretty: str, reference: str, summary: str, *, options: tuple[str, ...] = (),
              coefficients=None, min_inputs: int = 1, max_inputs: int | None = None,
-             default_density: float | None = None):
+             default_density: float | None = None, many=None, fill=None):
     """Register ``fn`` as merge method ``name``."""
 
     def deco(fn):
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         METHODS[name] = Method(name, pretty, reference, summary, fn, options, coefficients,
-                               min_inputs, max_inputs, default_density)
+                               min_inputs, max_inputs, default_density, many, fill)
         return fn
 
     return deco

@@ -27,7 +27,9 @@ log = logging.getLogger("mergetool")
 # Method option (as on the command line) -> Params field.
 OPTION_FIELDS = {"weights": "weights", "lambda": "lam", "density": "density", "trim-scope": "trim_scope",
                  "rescale": "rescale", "t": "t", "seed": "seed", "gamma": "gamma", "epsilon": "epsilon",
-                 "inner": "inner", "for-task": "for_task", "base-acc": "base_acc", "tau": "tau"}
+                 "inner": "inner", "for-task": "for_task", "base-acc": "base_acc", "tau": "tau",
+                 "rank-fraction": "rank_fraction", "common-fraction": "common_fraction", "eta": "eta",
+                 "correction": "correction"}
 
 
 def resolve(method: str | Method) -> Method:
@@ -50,14 +52,15 @@ def effective_params(method: Method, p: Params, rank: int | None = None) -> dict
     method's own options, its inner method's, λ, and ``--rank`` when given."""
     inner = inner_of(method, p)
     opts = list(method.options) + (list(inner.options) if inner else [])
-    q = method.defaults(p)
+    n = len(p.names)
+    q = method.defaults(p, n)
     if inner is not None:
-        q = inner.defaults(q)
+        q = inner.defaults(q, n)
     out: dict = {}
     for opt in dict.fromkeys(opts + ["lambda"]):
         value = getattr(q, OPTION_FIELDS[opt])
         out[opt.replace("-", "_")] = value
-    if method.coefficients is not None:
+    if method.coefficients is not None and q.names:  # the inputs' own weights, once the inputs are known
         out["coefficients"] = method.coefficients(q, len(q.names))
     if rank is not None:
         out["rank"] = rank
@@ -86,6 +89,12 @@ def check_options(method: Method, p: Params, given: set[str] = frozenset()) -> N
         raise UsageError("--epsilon", f"{p.epsilon} is outside [0, 1)", "pass a small spread such as 0.15")
     if not p.tau > 0:
         raise UsageError("--tau", f"{p.tau} is not positive", "pass a positive temperature such as 0.5")
+    for opt, value, example in (("--rank-fraction", p.rank_fraction, "0.125"), ("--common-fraction", p.common_fraction,
+                                "0.8"), ("--eta", p.eta, "0.4 (the STAR paper's η = 40%)")):
+        if value is not None and not 0 < value <= 1:
+            raise UsageError(opt, f"{value} is outside (0, 1]", f"pass a fraction such as {example}")
+    if not math.isfinite(p.correction):
+        raise UsageError("--correction", f"{p.correction} is not a finite number", "pass a finite value such as 2")
     inner = inner_of(method, p)
     taken = set(method.options) | set(inner.options if inner else ())
     given = set(given) | {opt for opt, v in (("weights", p.weights), ("base-acc", p.base_acc)) if v is not None}
@@ -126,7 +135,7 @@ def merge_stream(updates: list[Update], method: Method | str, p: Params,
                  device: torch.device) -> Iterator[tuple[str, object]]:
     """Yield ``(module, merged)`` with λ applied; LoRA-only modules of linear methods stay exact LoRAs."""
     method = resolve(method)
-    p = method.defaults(p)
+    p = method.defaults(p, len(updates))
     with TaskVectors.of_updates(updates, device) as tv:
         if method.coefficients is not None:
             coef = method.coefficients(p, len(updates))
@@ -143,10 +152,14 @@ def merge_stream(updates: list[Update], method: Method | str, p: Params,
                     yield mod, (stack * c).sum(0) * p.lam
             return
         for mod, r in method.fn(tv, p):
-            if isinstance(r, LowRank):
-                yield mod, LowRank(r.A, r.B * p.lam, r.scale) if p.lam != 1 else r
-            else:
-                yield mod, r * p.lam if p.lam != 1 else r
+            yield mod, _scaled(r, p.lam)
+
+
+def _scaled(r, lam: float):
+    """θ = θ_base + λ·merged: λ applied to a merged module (to B for a LoRA)."""
+    if lam == 1:
+        return r
+    return LowRank(r.A, r.B * lam, r.scale) if isinstance(r, LowRank) else r * lam
 
 
 def to_rank(stream, rank: int):
@@ -209,6 +222,32 @@ def merge(updates: list[Update], method: Method | str, p: Params, device: torch.
     for mod, r in checked(merge_stream(updates, method, p, device), rank):
         merged.modules[mod] = r if isinstance(r, LowRank) else Dense(r)
     return merged
+
+
+def merge_many(groups: list[list[Update]], method: Method | str, p: Params, device: torch.device, *,
+               names: list[str] | None = None) -> list[Update]:
+    """Merge several groups of updates, one merged update per group, each the same as ``merge`` of that group
+    alone. Methods that can merge many groups at once (KnOTS: one batched QR/SVD for all groups' bases) do."""
+    method = resolve(method)
+    names = names or [f"{method.name}-merge-{i}" for i in range(len(groups))]
+    ps = [replace(p, names=[u.name for u in g]) for g in groups]
+    if method.many is None or method.coefficients is not None or len(groups) < 2:
+        return [merge(g, method, q, device, name=n) for g, q, n in zip(groups, ps, names)]
+    for g, q in zip(groups, ps):
+        check_inputs(method, len(g), q)
+    q = method.defaults(p, len(groups[0]))  # many() merges groups of one size (else it merges them one by one)
+    tvs = [TaskVectors.of_updates(g, device) for g in groups]
+    out = []
+    try:
+        for g, gp, n, stream in zip(groups, ps, names, method.many(tvs, q)):
+            merged = Update(n, {}, describe(g, method, gp), widest_dtype(g))
+            for mod, r in checked((mod, _scaled(r, q.lam)) for mod, r in stream):
+                merged.modules[mod] = r if isinstance(r, LowRank) else Dense(r)
+            out.append(merged)
+    finally:
+        for tv in tvs:
+            tv.close()
+    return out
 
 
 def checked(stream: Iterator[tuple[str, object]], rank: int | None = None) -> Iterator[tuple[str, object]]:

@@ -110,17 +110,39 @@ def knots_basis(tv: TaskVectors) -> tuple[dict[str, torch.Tensor], dict[str, tor
     return bases, coords
 
 
-@register("knots", "KnOTS", "https://arxiv.org/abs/2410.19735",
-          "SVD-align the LoRAs' side-by-side updates, merge the aligned coordinates with --inner "
-          "(default ties), write an exact LoRA of rank ≤ Σ r_i.",
-          options=("inner", "weights", "density", "trim-scope", "lambda"))
-def knots_fn(tv: TaskVectors, p: Params):
+def knots_many(tvs: list[TaskVectors], p: Params):
+    """Several groups at once (``score`` merges many groups of equal size): one batched QR/SVD computes every
+    group's bases (their modules are batched as if they were one group's), then each group's coordinates
+    are merged by the inner method on their own. Yields each group's stream in turn, the same as
+    ``knots_fn`` of that group alone."""
+    if len({tv.n for tv in tvs}) > 1:
+        for tv in tvs:
+            yield knots_fn(tv, p)
+        return
+    inner, ip = _inner(p, tvs[0].n)
+    keys = [(g, mod) for g, tv in enumerate(tvs) for mod in tv.modules]
+    union = TaskVectors(tvs[0].device, tvs[0].names, keys, {(g, m): tvs[g].shape(m) for g, m in keys},
+                        get=lambda key: tvs[key[0]].stacked(key[1]), parts=lambda key: tvs[key[0]].parts(key[1]))
+    bases, coords = knots_basis(union)
+    for g, tv in enumerate(tvs):
+        ctv = TaskVectors.of_stacks(tv.names, {mod: coords.pop((g, mod)) for mod in tv.modules})
+        yield iter([(mod, LowRank(q, bases.pop((g, mod)), 1.0)) for mod, q in inner.fn(ctv, ip)])
+
+
+def _inner(p: Params, n: int):
     inner = lookup(p.inner)
     if inner.name == "knots":
         raise UsageError("--inner", "knots cannot be its own inner method", "choose ties, mean, dare-ties, ...")
-    ip = inner.defaults(p)
+    return inner, inner.defaults(p, n)
+
+
+@register("knots", "KnOTS", "https://arxiv.org/abs/2410.19735",
+          "SVD-align the LoRAs' side-by-side updates, merge the aligned coordinates with --inner "
+          "(default ties), write an exact LoRA of rank ≤ Σ r_i.",
+          options=("inner", "weights", "density", "trim-scope", "lambda"), many=knots_many)
+def knots_fn(tv: TaskVectors, p: Params):
+    inner, ip = _inner(p, tv.n)
     bases, coords = knots_basis(tv)
     ctv = TaskVectors.of_stacks(tv.names, coords)
     for mod, q in inner.fn(ctv, ip):
         yield mod, LowRank(q, bases[mod], 1.0)
-
