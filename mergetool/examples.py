@@ -25,7 +25,10 @@ class Example:
 
 
 def check_examples(rows: list[dict], src: str) -> list[Example]:
-    """Validate examples JSONL (the schema above); each error names its line."""
+    """Validate examples JSONL (the schema above); each error names its line. An empty multiple-choice or
+    generation prompt is allowed (lm-eval conditions on BOS), and so is an empty target string; empty choices,
+    an empty ``targets`` list and an empty ``text`` are refused. Lone surrogates and over-long lines are
+    refused by ``io.read_jsonl`` already."""
     seen: set[str] = set()
     out = []
     for i, r in enumerate(rows, 1):
@@ -51,16 +54,23 @@ def check_examples(rows: list[dict], src: str) -> list[Example]:
                                      "fix the answer")
             kind = "mc"
         elif "target" in r or "targets" in r:
-            t = r.get("targets", [r.get("target")])
-            if not isinstance(r.get("prompt"), str) or not isinstance(t, list) or not all(isinstance(x, str) for x in t):
+            if not isinstance(r.get("prompt"), str) or ("target" in r and not isinstance(r["target"], str)):
                 raise MergetoolError(where, "generation needs 'prompt' and 'target' (or 'targets', a list)",
                                      "fix the record")
+            if "targets" in r:
+                t = r["targets"]
+                if not isinstance(t, list) or not t or not all(isinstance(x, str) for x in t):
+                    raise MergetoolError(where, "'targets' must be a non-empty list of strings",
+                                         "give at least one reference answer")
             kind = "gen"
-        elif isinstance(r.get("text"), str):
+        elif "text" in r:
             kind = "ppl"
         else:
             raise MergetoolError(where, "no 'choices', 'target(s)' or 'text' to evaluate",
                                  "see the examples format in the README")
+        if "text" in r and (not isinstance(r["text"], str) or not r["text"]):
+            raise MergetoolError(where, "'text' must be a non-empty string",
+                                 "give the passage, or leave the field out")
         out.append(Example(rid, task, kind, r))
     return out
 

@@ -9,32 +9,72 @@ import json
 from pathlib import Path
 
 from .errors import MergetoolError, UsageError
-from .io import read_blobs
+from .io import load_pickle_tensors, read_blobs
 from .model import Base, task_vector
-from .updates import Update, from_blob, from_tensors
+from .updates import Update, check_peft_config, from_blob, from_tensors
+
+MAX_CONFIG = 16 << 20  # bytes of adapter_config.json; PEFT's are a few hundred
 
 
-def _peft_dir(path: Path) -> Update:
+def _read_config(path: Path) -> dict:
+    """adapter_config.json as a type-checked object: every failure is one line naming the file and the field."""
+    f = path / "adapter_config.json"
+    what = str(f)
     try:
-        cfg = json.loads((path / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MergetoolError(str(path), f"unreadable adapter_config.json ({e.__class__.__name__})") from None
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise MergetoolError(str(path), f"peft_type {cfg.get('peft_type')} is not supported", "only LoRA adapters merge")
+        with open(f, "rb") as fh:
+            raw = fh.read(MAX_CONFIG + 1)
+    except OSError as e:
+        raise MergetoolError(what, f"cannot read ({e.strerror or e.__class__.__name__})") from None
+    if len(raw) > MAX_CONFIG:
+        raise MergetoolError(what, f"is larger than {MAX_CONFIG} bytes", "pass a PEFT adapter_config.json")
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise MergetoolError(what, "is not valid UTF-8", "rewrite it as UTF-8 JSON") from None
+    except (ValueError, RecursionError) as e:
+        raise MergetoolError(what, f"is not valid JSON ({e.__class__.__name__})", "fix or re-export it") from None
+    if not isinstance(cfg, dict):
+        raise MergetoolError(what, f"is not a JSON object (got a {type(cfg).__name__})",
+                             "pass a PEFT adapter_config.json")
+    kind = cfg.get("peft_type", "LORA")
+    if not isinstance(kind, str):
+        raise MergetoolError(what, f"field 'peft_type' must be a string, got {json.dumps(kind)[:40]}",
+                             "fix the LoRA config")
+    if kind != "LORA":
+        raise MergetoolError(str(path), f"peft_type {kind} is not supported", "only LoRA adapters merge")
+    base = cfg.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise MergetoolError(what, f"field 'base_model_name_or_path' must be a string, got {json.dumps(base)[:40]}",
+                             "fix the LoRA config")
+    return check_peft_config(cfg, what, label="")
+
+
+def _pickle_refused(src: str) -> MergetoolError:
+    return MergetoolError(src, "pickle files are refused (unpickling can run code)",
+                          "convert it to safetensors, or pass --allow-pickle if you trust the source "
+                          "(tensors only, loaded with weights_only)")
+
+
+def _peft_dir(path: Path, allow_pickle: bool = False) -> Update:
+    cfg = _read_config(path)
     st = path / "adapter_model.safetensors"
-    if not st.exists():
-        if (path / "adapter_model.bin").exists():
-            raise MergetoolError(str(path), "holds adapter_model.bin (pickle) only",
-                                 "convert it to safetensors; mergetool never unpickles")
-        raise MergetoolError(str(path), "has no adapter_model.safetensors", "pass a complete PEFT directory")
-    blobs = read_blobs(str(st))
     meta = {"base_model": cfg.get("base_model_name_or_path")}
+    if not st.exists():
+        pk = path / "adapter_model.bin"
+        if not pk.exists():
+            raise MergetoolError(str(path), "has no adapter_model.safetensors", "pass a complete PEFT directory")
+        if not allow_pickle:
+            raise _pickle_refused(str(pk))
+        return from_tensors(load_pickle_tensors(pk), meta, path.name, str(path), peft_config=cfg)
+    blobs = read_blobs(str(st))
     embedded = blobs[0].metadata.get("mergetool")
     if embedded:
         try:
-            meta.update(json.loads(embedded))
-        except json.JSONDecodeError:
-            pass
+            extra = json.loads(embedded)
+        except (ValueError, RecursionError):
+            extra = None
+        if isinstance(extra, dict):
+            meta.update(extra)
     return from_tensors(blobs[0].tensors, meta, path.name, str(path), peft_config=cfg)
 
 
@@ -42,8 +82,13 @@ def _is_model_dir(p: Path) -> bool:
     return (p / "config.json").exists() and not (p / "adapter_config.json").exists()
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 def load_inputs(paths: list[str], base: Base | None = None, allow_pickle: bool = False) -> list[Update]:
-    """Load every input (file, ``-``, PEFT dir, full model dir, pool dir) into updates, in order."""
+    """Load every input (file, ``-``, PEFT dir, full model dir, pool dir) into updates, in order. Pickles (a
+    ``.bin``/``.pt`` adapter, a PEFT directory's adapter_model.bin, a full model's ``*.bin``) load only with
+    ``allow_pickle``, as tensors (``torch.load(weights_only=True)``)."""
     if sum(p == "-" for p in paths) > 1:
         raise UsageError("inputs", "'-' given more than once", "stdin can be read once")
     out: list[Update] = []
@@ -56,7 +101,7 @@ def load_inputs(paths: list[str], base: Base | None = None, allow_pickle: bool =
             raise MergetoolError(src, "no such file or directory", "check the path")
         if p.is_dir():
             if (p / "adapter_config.json").exists():
-                out.append(_peft_dir(p))
+                out.append(_peft_dir(p, allow_pickle))
             elif _is_model_dir(p):
                 out.append(task_vector(p, base, allow_pickle=allow_pickle))
             else:
@@ -66,8 +111,10 @@ def load_inputs(paths: list[str], base: Base | None = None, allow_pickle: bool =
                     raise MergetoolError(src, "directory holds no adapters",
                                          "a pool holds .safetensors files or PEFT directories")
                 out += load_inputs([str(m) for m in members], base, allow_pickle)
-        elif p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
-            raise MergetoolError(src, "pickle files are refused", "convert it to safetensors")
+        elif p.suffix in PICKLE_SUFFIXES:
+            if not allow_pickle:
+                raise _pickle_refused(src)
+            out.append(from_tensors(load_pickle_tensors(p), {}, p.stem, src))
         else:
             blobs = read_blobs(src)
             stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.stem

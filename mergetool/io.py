@@ -4,16 +4,21 @@ Stream framing (docs/formats.md): several adapters on one stream are concatenate
 blobs. A blob is self-delimiting: 8-byte little-endian header length N, N bytes of JSON header, then
 data up to the largest ``data_offsets`` end. A file may hold one blob or several.
 
-Nothing here unpickles: only safetensors and JSON are ever parsed.
+Nothing here unpickles arbitrary objects: safetensors and JSON are parsed, and pickled state dicts only by
+``load_pickle_tensors`` (``torch.load(weights_only=True)``), which the commands call only with --allow-pickle.
+Untrusted lengths are checked against the bytes there are before anything is allocated for them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import math
 import os
 import shutil
+import stat
 import struct
 import sys
 import tempfile
@@ -43,6 +48,7 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
 MAX_HEADER = 100_000_000
+MAX_JSONL_LINE = 64 << 20  # bytes; a longer line is refused (with its number) before it is read
 
 
 def dtype_size(dtype: torch.dtype) -> int:
@@ -79,52 +85,105 @@ class Header:
         return self.data_start + self.data_len
 
 
-def parse_header(prefix: bytes, available: int, source: str) -> Header:
-    """Validate the header at the start of ``prefix``; ``available`` is how many bytes the blob may span."""
-    if available < 8:
-        raise MergetoolError(source, f"truncated safetensors ({available} bytes, a header needs 8)",
-                             "pass a complete .safetensors file")
-    (n,) = struct.unpack("<Q", prefix[:8])
-    if n > MAX_HEADER or 8 + n > available:
+def _check_header_len(n: int, available: int | None, source: str) -> None:
+    """Refuse a header length before anything is allocated for it: beyond the bytes there are (when known),
+    or beyond MAX_HEADER."""
+    if available is not None and 8 + n > available:
         raise MergetoolError(source, f"header length {n} is beyond the file ({available} bytes)",
                              "the file is truncated or not safetensors")
-    if len(prefix) < 8 + n:
-        raise MergetoolError(source, "truncated header", "pass a complete .safetensors file")
+    if n > MAX_HEADER:
+        raise MergetoolError(source, f"header length {n} exceeds the limit of {MAX_HEADER} bytes",
+                             "the input is corrupt or not safetensors")
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _json_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_header_json(raw: bytes | bytearray | memoryview, source: str) -> Header:
+    """Validate a safetensors header (the N bytes after the length) as the safetensors library does: a JSON
+    object of tensors with a known dtype, a shape of non-negative integers and data_offsets that match it,
+    whose byte ranges, sorted, cover the data section from 0 without gap or overlap; ``__metadata__`` maps
+    strings to strings."""
     try:
-        raw = json.loads(prefix[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = json.loads(bytes(raw).decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _Duplicate as e:
+        raise MergetoolError(source, f"header has the key {e.args[0]!r} twice", "the file is corrupt") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise MergetoolError(source, f"header is not valid JSON ({e.__class__.__name__})",
                              "the file is corrupt or not safetensors") from None
-    if not isinstance(raw, dict):
+    if not isinstance(doc, dict):
         raise MergetoolError(source, "header is not a JSON object", "the file is not safetensors")
-    meta = raw.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise MergetoolError(source, "__metadata__ must map strings to strings",
+    meta = doc.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise MergetoolError(source, "__metadata__ must be an object mapping strings to strings",
                              "rewrite the metadata with string values")
     specs: dict[str, TensorSpec] = {}
-    for name, info in raw.items():
+    for name, info in doc.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-            raise MergetoolError(source, f"tensor {name!r} has a malformed header entry",
-                                 "the file is corrupt")
-        dt = DTYPES.get(info["dtype"])
+            raise MergetoolError(source, f"tensor {name!r} has a malformed header entry "
+                                 "(an object with dtype, shape and data_offsets)", "the file is corrupt")
+        dt = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dt is None:
-            raise MergetoolError(source, f"tensor {name!r} has unsupported dtype {info['dtype']!r}",
+            shown = info["dtype"] if isinstance(info["dtype"], str) else json.dumps(info["dtype"])[:40]
+            raise MergetoolError(source, f"tensor {name!r} has unsupported dtype {shown!r}",
                                  f"use one of {', '.join(DTYPES)}")
         shape, offs = info["shape"], info["data_offsets"]
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
-                or not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offs) or offs[1] < offs[0]):
-            raise MergetoolError(source, f"tensor {name!r} has a malformed shape or data_offsets",
-                                 "the file is corrupt")
+        if not isinstance(shape, list) or not all(_json_int(d) and d >= 0 for d in shape):
+            raise MergetoolError(source, f"tensor {name!r}: shape must be a list of non-negative integers, got "
+                                 f"{json.dumps(shape)[:60]}", "the file is corrupt")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(_json_int(o) and o >= 0 for o in offs)
+                or offs[1] < offs[0]):
+            raise MergetoolError(source, f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, "
+                                 f"got {json.dumps(offs)[:60]}", "the file is corrupt")
         if offs[1] - offs[0] != math.prod(shape) * dtype_size(dt):
             raise MergetoolError(source, f"tensor {name!r}: data_offsets do not match shape {shape}",
                                  "the file is corrupt")
         specs[name] = TensorSpec(name, dt, tuple(shape), offs[0], offs[1])
-    h = Header(specs, dict(meta), n)
-    if h.total_len > available:
+    end, prev = 0, None
+    for s in sorted(specs.values(), key=lambda s: (s.start, s.end)):
+        if s.start != end:
+            why = (f"tensor {s.name!r} (bytes {s.start}-{s.end}) overlaps {prev!r}" if s.start < end else
+                   f"a gap of {s.start - end} bytes before tensor {s.name!r} (bytes {s.start}-{s.end})")
+            raise MergetoolError(source, f"data_offsets: {why}",
+                                 "the tensors' byte ranges must cover the data from 0 without gaps or overlaps")
+        end, prev = s.end, s.name
+    return Header(specs, dict(meta), len(raw))
+
+
+def parse_header(prefix: bytes, available: int, source: str) -> Header:
+    """Validate the header at the start of ``prefix``; ``available`` is how many bytes the blob may span."""
+    if available < 8 or len(prefix) < 8:
+        raise MergetoolError(source, f"truncated safetensors ({available} bytes, a header needs 8)",
+                             "pass a complete .safetensors file")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    _check_header_len(n, available, source)
+    if len(prefix) < 8 + n:
+        raise MergetoolError(source, "truncated header", "pass a complete .safetensors file")
+    h = parse_header_json(prefix[8:8 + n], source)
+    _check_data_fits(h, available, source)
+    return h
+
+
+def _check_data_fits(h: Header, available: int | None, source: str) -> None:
+    if available is not None and h.total_len > available:
         raise MergetoolError(source, f"tensor data ends at byte {h.total_len}, beyond the file ({available} bytes)",
                              "the file is truncated")
-    return h
 
 
 @dataclass
@@ -136,57 +195,195 @@ class Blob:
     source: str = ""
 
 
-def _tensors_from(buf: bytearray | memoryview, h: Header, base: int) -> dict[str, torch.Tensor]:
+def _tensors_from(buf, h: Header, data_at: int) -> dict[str, torch.Tensor]:
+    """Views of ``buf`` (any writable buffer), whose data section starts at ``data_at``; no copy."""
     out = {}
     for name, s in h.specs.items():
         n = math.prod(s.shape)
         if n == 0:
             out[name] = torch.empty(s.shape, dtype=s.dtype)
             continue
-        out[name] = torch.frombuffer(buf, dtype=s.dtype, count=n, offset=base + h.data_start + s.start).reshape(s.shape)
+        out[name] = torch.frombuffer(buf, dtype=s.dtype, count=n, offset=data_at + s.start).reshape(s.shape)
     return out
 
 
 def split_blobs(buf: bytearray, source: str) -> list[Blob]:
-    """Split a buffer of concatenated safetensors blobs."""
+    """Split a buffer of concatenated safetensors blobs (their tensors are views of ``buf``)."""
     blobs, pos = [], 0
+    view = memoryview(buf)
     while pos < len(buf):
         label = source if pos == 0 else f"{source} (blob {len(blobs) + 1})"
-        h = parse_header(bytes(buf[pos:pos + 8 + _peek_len(buf, pos)]), len(buf) - pos, label)
-        blobs.append(Blob(_tensors_from(buf, h, pos), h.metadata, label))
+        avail = len(buf) - pos
+        if avail < 8:
+            raise MergetoolError(label, f"truncated safetensors ({avail} bytes, a header needs 8)",
+                                 "pass a complete .safetensors file")
+        (n,) = struct.unpack("<Q", view[pos:pos + 8])
+        _check_header_len(n, avail, label)
+        h = parse_header_json(view[pos + 8:pos + 8 + n], label)
+        _check_data_fits(h, avail, label)
+        blobs.append(Blob(_tensors_from(buf, h, pos + h.data_start), h.metadata, label))
         pos += h.total_len
     if not blobs:
         raise MergetoolError(source, "empty input (no safetensors blob)", "pipe an adapter or pass a file")
     return blobs
 
 
-def _peek_len(buf: bytearray, pos: int) -> int:
-    if len(buf) - pos < 8:
-        return 0
-    (n,) = struct.unpack("<Q", bytes(buf[pos:pos + 8]))
-    return min(n, MAX_HEADER)
-
-
-def read_stdin_bytes() -> bytearray:
-    if sys.stdin is None or sys.stdin.isatty():
-        raise UsageError("-", "refusing to read data from a terminal", "pipe data in or pass a file")
-    return bytearray(sys.stdin.buffer.read())
-
-
-def read_blobs(src: str) -> list[Blob]:
-    """Read every blob of a safetensors file, or of stdin for ``-``."""
-    if src == "-":
-        return split_blobs(read_stdin_bytes(), "<stdin>")
-    p = Path(src)
+def _alloc(n: int, source: str) -> torch.Tensor:
+    """An uninitialised byte buffer for a blob's data section: nothing is written to it before its bytes are read,
+    so an unsized stream that lies about its length costs address space, not memory."""
     try:
-        buf = bytearray(p.read_bytes())
+        return torch.empty(n, dtype=torch.uint8)
+    except (RuntimeError, MemoryError):
+        raise MergetoolError(source, f"its header asks for {n} bytes of tensor data, which cannot be allocated",
+                             "the input is corrupt, or too large for this machine") from None
+
+
+def _read_exact(f: IO[bytes], n: int) -> bytes:
+    """Up to ``n`` bytes, fewer only at the end of the stream; read in pieces, so memory follows the bytes read."""
+    if n <= 1 << 20:
+        out = f.read(n)
+        while out is not None and len(out) < n:  # a pipe or raw stream may return short reads
+            more = f.read(n - len(out))
+            if not more:
+                break
+            out += more
+        return out or b""
+    parts = bytearray()
+    while len(parts) < n:
+        more = f.read(min(n - len(parts), 1 << 20))
+        if not more:
+            break
+        parts += more
+    return bytes(parts)
+
+
+def _readinto_exact(f: IO[bytes], view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        k = f.readinto(view[got:])
+        if not k:
+            break
+        got += k
+    return got
+
+
+def _stream_size(f: IO[bytes]) -> int | None:
+    """Bytes left in ``f`` when it is a regular file (or an in-memory stream), else None (a pipe, a device)."""
+    try:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return max(st.st_size - f.tell(), 0)
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        pass
+    try:
+        if f.seekable():
+            here = f.tell()
+            end = f.seek(0, os.SEEK_END)
+            f.seek(here)
+            return end - here
+    except (OSError, AttributeError, ValueError):
+        pass
+    return None
+
+
+def _read_stream(f: IO[bytes], source: str) -> list[Blob]:
+    """Read concatenated blobs from a stream, blob by blob: 8 bytes, the header (validated), then exactly the
+    data section into one buffer. Lengths are checked against the stream's size when it has one."""
+    left = _stream_size(f)
+    blobs: list[Blob] = []
+    try:
+        while left is None or left > 0:
+            label = source if not blobs else f"{source} (blob {len(blobs) + 1})"
+            first = _read_exact(f, 8)
+            if not first:
+                break
+            if len(first) < 8:
+                raise MergetoolError(label, f"truncated safetensors ({len(first)} bytes, a header needs 8)",
+                                     "pass a complete .safetensors file")
+            (n,) = struct.unpack("<Q", first)
+            _check_header_len(n, left, label)
+            raw = _read_exact(f, n)
+            if len(raw) < n:
+                raise MergetoolError(label, f"truncated header ({len(raw)} of {n} bytes)",
+                                     "pass a complete .safetensors file")
+            h = parse_header_json(raw, label)
+            _check_data_fits(h, left, label)
+            data = _alloc(h.data_len, label)
+            got = _readinto_exact(f, memoryview(data.numpy()))
+            if got < h.data_len:
+                raise MergetoolError(label, f"truncated: the tensor data holds {got} of {h.data_len} bytes",
+                                     "pass a complete .safetensors file")
+            blobs.append(Blob(_tensors_from(data.numpy(), h, 0), h.metadata, label))
+            if left is not None:
+                left -= h.total_len
+    except OSError as e:
+        raise MergetoolError(source, f"cannot read ({e.strerror or e.__class__.__name__})") from None
+    if not blobs:
+        raise MergetoolError(source, "empty input (no safetensors blob)", "pipe an adapter or pass a file")
+    return blobs
+
+
+def stdin_binary() -> IO[bytes]:
+    """stdin as a binary stream; refused when it is a terminal (or closed)."""
+    if sys.stdin is None:
+        raise UsageError("-", "stdin is closed", "pipe data in or pass a file")
+    if sys.stdin.isatty():
+        raise UsageError("-", "refusing to read data from a terminal", "pipe data in or pass a file")
+    return sys.stdin.buffer
+
+
+def _open_input(src: str) -> IO[bytes]:
+    try:
+        return open(src, "rb")
     except FileNotFoundError:
         raise MergetoolError(src, "no such file", "check the path") from None
     except IsADirectoryError:
         raise MergetoolError(src, "is a directory", "pass a file") from None
     except OSError as e:
         raise MergetoolError(src, f"cannot read ({e.strerror})") from None
-    return split_blobs(buf, src)
+
+
+def read_blobs(src: str) -> list[Blob]:
+    """Read every blob of a safetensors file, or of stdin for ``-``, one blob at a time."""
+    if src == "-":
+        return _read_stream(stdin_binary(), "<stdin>")
+    with _open_input(src) as f:
+        return _read_stream(f, src)
+
+
+def load_pickle_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict (``.bin``/``.pt``), only ever behind ``--allow-pickle``: ``torch.load`` with
+    ``weights_only=True`` (no arbitrary objects are built), and it must hold a dict of tensors. Every failure
+    is one line, without torch's advice to load it unsafely."""
+    import pickle
+    import re
+    import warnings
+
+    src = str(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(src, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MergetoolError(src, "no such file", "check the path") from None
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        g = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"Unsupported global: ([\w.]+)", text)
+        why = (f"holds a pickled {g.group(1)} object, which a weights-only load refuses" if g else
+               "is not a pickle of tensors that a weights-only load accepts")
+        raise MergetoolError(src, why, "re-save its tensors as safetensors") from None
+    except Exception as e:  # noqa: BLE001 (corrupt archives, foreign formats: torch raises many types)
+        raise MergetoolError(src, f"cannot be read as a torch checkpoint ({e.__class__.__name__})",
+                             "re-save its tensors as safetensors") from None
+    if not isinstance(obj, dict):
+        raise MergetoolError(src, f"holds a {type(obj).__name__}, not a dict of tensors",
+                             "pass a state dict (name -> tensor)")
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise MergetoolError(src, f"entry {str(k)[:60]!r} is a {type(v).__name__}, not a tensor",
+                                 "pass a state dict (name -> tensor)")
+    return dict(obj)
 
 
 class LazySafetensors:
@@ -195,12 +392,20 @@ class LazySafetensors:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
+        with _open_input(self.path) as f:
+            size = os.fstat(f.fileno()).st_size
             first = f.read(8)
-            n = struct.unpack("<Q", first)[0] if len(first) == 8 else 0
-            prefix = first + f.read(min(n, MAX_HEADER)) if n <= MAX_HEADER else first
-        self.header = parse_header(prefix, size, self.path)
+            if len(first) < 8:
+                raise MergetoolError(self.path, f"truncated safetensors ({size} bytes, a header needs 8)",
+                                     "pass a complete .safetensors file")
+            (n,) = struct.unpack("<Q", first)
+            _check_header_len(n, size, self.path)
+            raw = f.read(n)
+            if len(raw) < n:
+                raise MergetoolError(self.path, f"truncated header ({len(raw)} of {n} bytes)",
+                                     "pass a complete .safetensors file")
+            self.header = parse_header_json(raw, self.path)
+        _check_data_fits(self.header, size, self.path)
 
     def keys(self) -> list[str]:
         return list(self.header.specs)
@@ -353,29 +558,215 @@ def refuse_binary_to_tty(dst: str | None) -> None:
                          "redirect stdout (> out.safetensors) or pass -o FILE")
 
 
+def _stdout():
+    """sys.stdout, refused with one line when fd 1 was closed before the command started (Python then sets
+    sys.stdout to None)."""
+    if sys.stdout is None:
+        raise MergetoolError("stdout", "is closed", "run the command with stdout open (> FILE), or pass -o FILE")
+    return sys.stdout
+
+
+def _stdout_failed(e: Exception) -> MergetoolError:
+    """The one line for a failed write to stdout. What is left in its buffers would fail again at the
+    interpreter's final flush (a second message), so fd 1 is pointed at /dev/null first."""
+    try:
+        fd = sys.stdout.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
+    if isinstance(e, OSError) and e.errno == errno.EBADF or isinstance(e, ValueError):
+        return MergetoolError("stdout", "is closed", "run the command with stdout open (> FILE), or pass -o FILE")
+    why = e.strerror if isinstance(e, OSError) and e.strerror else e.__class__.__name__
+    return MergetoolError("stdout", f"cannot write ({why})", "free space where stdout goes, or redirect it elsewhere")
+
+
+def write_stdout(text: str) -> None:
+    """Text to stdout, flushed. A closed pipe stays BrokenPipeError (the command ends quietly); a closed or
+    failing stdout (``>&-``, ``> /dev/full``) is one line."""
+    out = _stdout()
+    try:
+        out.write(text)
+        out.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as e:
+        raise _stdout_failed(e) from None
+
+
+class StdoutText:
+    """A text sink for stdout that gathers what is written and sends it on ``flush`` (``write_stdout``): a
+    closed or failing stdout is one line, a closed pipe ends the command quietly."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.parts.append(text)
+
+    def flush(self) -> None:
+        if self.parts:
+            text, self.parts = "".join(self.parts), []
+            write_stdout(text)
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _pump(src: IO[bytes], fd: int) -> None:
+    """Copy ``src`` to the file descriptor with plain writes (no buffer left behind when one fails)."""
+    while True:
+        chunk = src.read(1 << 22)
+        if not chunk:
+            return
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def _copy_to_stdout(src: IO[bytes]) -> None:
+    out = _stdout()
+    try:
+        out.flush()
+        try:
+            fd = out.fileno()
+        except (AttributeError, ValueError, io.UnsupportedOperation):  # a captured stdout (tests): its buffer
+            shutil.copyfileobj(src, out.buffer, 1 << 22)
+            out.buffer.flush()
+            return
+        out.buffer.flush()
+        _pump(src, fd)
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as e:
+        raise _stdout_failed(e) from None
+
+
+def _copy_to_path(src: IO[bytes], dst: str) -> None:
+    """Write straight into a device, FIFO or magic link: opened for writing, never replaced."""
+    try:
+        fd = os.open(dst, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise MergetoolError(dst, f"cannot open for writing ({e.strerror})",
+                             "check the path and its permissions") from None
+    try:
+        _pump(src, fd)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise MergetoolError(dst, f"cannot write ({e.strerror})", "check where -o points") from None
+    finally:
+        os.close(fd)
+
+
+def _output_target(dst: str) -> tuple[str, bool]:
+    """Where ``-o DST`` lands and how: ``(path, False)`` for a regular file or a new path (a temporary file beside
+    ``path`` renamed into place; through a symlink, its target is replaced and the link kept), ``(dst, True)`` for
+    a character device (/dev/null), a FIFO, a socket or a link to one (/dev/stdout), written straight: a rename
+    would replace the device with a file."""
+    try:
+        st = os.stat(dst)  # follows symlinks
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise MergetoolError(dst, f"cannot write ({e.strerror})", "check the path") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise MergetoolError(dst, "is a directory", "pass a file path to -o")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        if not os.access(dst, os.W_OK):
+            raise MergetoolError(dst, "is not writable", "check its permissions")
+        return dst, True
+    target = dst
+    if os.path.islink(dst):
+        real = os.path.realpath(dst)
+        try:
+            same = st is None or os.path.samefile(real, dst)
+        except OSError:
+            same = False
+        if not same:  # a link the kernel resolves by itself (/proc/self/fd/N): write through it
+            return dst, True
+        target = real
+    d = os.path.dirname(os.path.abspath(target)) or "."
+    if not os.path.isdir(d):
+        raise MergetoolError(dst, "its directory does not exist", "create it first")
+    return target, False
+
+
+def check_output(dst: str | None) -> None:
+    """Refuse an output that cannot be written (``-o`` an existing directory, in a missing directory, an empty
+    path; stdout closed) with one line, before any work: ``atomic_output`` checks the same when it opens."""
+    if dst == "":
+        raise UsageError("-o", "is an empty path", "pass a file path, or - for stdout")
+    if dst is None or dst == "-":
+        _stdout()
+    else:
+        _output_target(dst)
+
+
+class _Sink:
+    """The handle ``atomic_output`` yields: a failed write to its temporary file is one line."""
+
+    def __init__(self, fh: IO[bytes], where: str):
+        self._fh, self._where = fh, where
+
+    def write(self, data) -> int:
+        try:
+            return self._fh.write(data)
+        except OSError as e:
+            raise MergetoolError(self._where, f"cannot write a temporary file ({e.strerror})",
+                                 "free space there (TMPDIR for stdout outputs)") from None
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
 @contextlib.contextmanager
 def atomic_output(dst: str | None) -> Iterator[IO[bytes]]:
-    """Yield a binary file handle; on success the data lands at ``dst`` (renamed into place) or is
-    copied to stdout (``None`` or ``-``). On failure nothing is left behind and nothing is written."""
+    """Yield a binary file handle; on success the data lands at ``dst`` or on stdout (``None`` or ``-``).
+    A regular file (or a new path) is written to a temporary file beside it and renamed into place; a
+    device, FIFO or stdout gets the bytes straight, from a temporary file, once they are complete. On failure
+    nothing is left behind and nothing is written."""
     to_stdout = dst is None or dst == "-"
-    d = None if to_stdout else (os.path.dirname(os.path.abspath(dst)) or ".")
-    if d is not None and not os.path.isdir(d):
-        raise MergetoolError(dst, "its directory does not exist", "create it first")
-    fd, tmp = tempfile.mkstemp(prefix=".mergetool-", suffix=".tmp", dir=d)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a finished output gets the usual mode
+    check_output(dst)  # a directory, a missing directory, a closed stdout: refused before anything is written
+    if to_stdout:
+        target, straight = "stdout", True
+    else:
+        target, straight = _output_target(dst)
+    where = tempfile.gettempdir() if straight else (os.path.dirname(os.path.abspath(target)) or ".")
+    tmp = None
     try:
-        with os.fdopen(fd, "w+b") as fh:
-            yield fh
-            fh.flush()
-            if to_stdout:
+        if straight:  # an unnamed temporary file: nothing to clean up, even after kill -9
+            fh = tempfile.TemporaryFile(prefix=".mergetool-", suffix=".tmp")
+        else:
+            fd, tmp = tempfile.mkstemp(prefix=".mergetool-", suffix=".tmp", dir=where)
+            fh = os.fdopen(fd, "w+b")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a finished output gets the usual mode
+    except OSError as e:
+        raise MergetoolError(dst or "stdout", f"cannot create a temporary file in {where} ({e.strerror})",
+                             "check the directory's permissions and free space") from None
+    try:
+        with fh:
+            yield _Sink(fh, where)
+            try:
+                fh.flush()
+            except OSError as e:
+                raise MergetoolError(where, f"cannot write a temporary file ({e.strerror})",
+                                     "free space there (TMPDIR for stdout outputs)") from None
+            if straight:
                 fh.seek(0)
-                out = sys.stdout.buffer
-                shutil.copyfileobj(fh, out, 1 << 22)
-                out.flush()
-        if not to_stdout:
-            os.replace(tmp, dst)
+                if to_stdout:
+                    _copy_to_stdout(fh)
+                else:
+                    _copy_to_path(fh, target)
+        if tmp is not None:
+            try:
+                os.replace(tmp, target)
+            except OSError as e:
+                raise MergetoolError(dst, f"cannot write ({e.strerror})",
+                                     "check the path and its permissions") from None
             tmp = None
     finally:
         if tmp is not None and os.path.exists(tmp):
@@ -408,38 +799,99 @@ def atomic_dir(dst: str) -> Iterator[Path]:
 
 
 def read_jsonl(src: str) -> list[dict]:
-    """Read JSONL (``-`` for stdin). Blank lines are errors; each error names its line number."""
+    """Read JSONL (``-`` for stdin), line by line. Blank lines, lines that are not UTF-8, not a JSON object or
+    longer than MAX_JSONL_LINE, and strings holding a lone surrogate (``"\\udc80"``, which json accepts but no
+    text can hold) are errors that name their line."""
     if src == "-":
-        text = read_stdin_bytes().decode("utf-8", errors="replace")
-        name = "<stdin>"
-    else:
-        try:
-            text = Path(src).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise MergetoolError(src, "no such file", "check the path") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise MergetoolError(src, f"cannot read ({e})") from None
-        name = src
+        return _parse_jsonl(stdin_binary(), "<stdin>")
+    with _open_input(src) as f:
+        return _parse_jsonl(f, src)
+
+
+def _read_line(f: IO[bytes], name: str, i: int) -> bytes | bytearray:
+    """One line (with its newline), refused as soon as it passes MAX_JSONL_LINE: memory stays at one line."""
+    step = min(MAX_JSONL_LINE + 1, 1 << 20)
+    line = f.readline(step)
+    if len(line) == step and not line.endswith(b"\n"):  # a long line: gather it up to the limit
+        line = bytearray(line)
+        while not line.endswith(b"\n") and len(line) <= MAX_JSONL_LINE:
+            more = f.readline(min(MAX_JSONL_LINE + 2 - len(line), 1 << 20))
+            if not more:
+                break
+            line += more
+    if len(line) - line.endswith(b"\n") > MAX_JSONL_LINE:
+        raise _too_long(name, i)
+    return line
+
+
+def _too_long(name: str, i: int) -> MergetoolError:
+    limit = f"{MAX_JSONL_LINE >> 20} MiB" if MAX_JSONL_LINE % (1 << 20) == 0 else f"{MAX_JSONL_LINE} bytes"
+    return MergetoolError(f"{name}:{i}", f"line is longer than {limit}",
+                          "one JSON object per line; split or shorten the record")
+
+
+def _has_surrogate(obj) -> bool:
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if not x.isascii():
+                try:
+                    x.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return False
+
+
+def _parse_jsonl(f: IO[bytes], name: str) -> list[dict]:
     rows = []
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            raise MergetoolError(f"{name}:{i}", "empty line", "remove blank lines from the JSONL")
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MergetoolError(f"{name}:{i}", f"malformed JSON ({e.msg})", "one JSON object per line") from None
-        if not isinstance(obj, dict):
-            raise MergetoolError(f"{name}:{i}", "not a JSON object", "one JSON object per line")
-        rows.append(obj)
+    i = 0
+    try:
+        while True:
+            i += 1
+            raw = _read_line(f, name, i)
+            if not raw:
+                break
+            where = f"{name}:{i}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise MergetoolError(where, "not valid UTF-8", "write the JSONL as UTF-8") from None
+            if not line.strip():
+                raise MergetoolError(where, "empty line", "remove blank lines from the JSONL")
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MergetoolError(where, f"malformed JSON ({e.msg})", "one JSON object per line") from None
+            except RecursionError:
+                raise MergetoolError(where, "malformed JSON (nested too deeply)", "one JSON object per line") from None
+            except ValueError as e:  # e.g. an integer of more digits than Python converts
+                raise MergetoolError(where, f"malformed JSON ({str(e).splitlines()[0][:80]})",
+                                     "one JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise MergetoolError(where, "not a JSON object", "one JSON object per line")
+            if "\\u" in line and _has_surrogate(obj):
+                raise MergetoolError(where, "a string holds a lone surrogate escape (\\ud800-\\udfff), "
+                                     "which is not text", "fix the escape (a character outside the BMP is a pair "
+                                     "of escapes)")
+            rows.append(obj)
+    except OSError as e:
+        raise MergetoolError(name, f"cannot read ({e.strerror or e.__class__.__name__})") from None
     if not rows:
         raise MergetoolError(name, "no records", "pass a non-empty JSONL file")
     return rows
 
 
 def write_jsonl_line(obj: dict, fh: IO[str] | None = None) -> None:
-    fh = fh or sys.stdout
-    fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    """One JSON object and a newline, flushed, to ``fh`` or stdout (a closed or full stdout is one line)."""
+    line = json.dumps(obj, ensure_ascii=False) + "\n"
+    if fh is None:
+        write_stdout(line)
+        return
+    fh.write(line)
     fh.flush()

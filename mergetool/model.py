@@ -124,15 +124,20 @@ class ModelTensors:
                     self._specs[k] = (s.dtype, s.shape)
                     self._where[k] = (lambda dev, lz=lz, k=k: lz.read(k, dev))
             return
-        pickles = sorted(d.glob("*.bin")) + sorted(d.glob("*.pt"))
+        # The weights, not a Trainer's pickled objects beside them (training_args.bin, optimizer.pt, ...).
+        not_weights = {"training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt"}
+        pickles = ([d / "pytorch_model.bin"] if (d / "pytorch_model.bin").exists() else
+                   [f for f in sorted(d.glob("*.bin")) + sorted(d.glob("*.pt")) if f.name not in not_weights])
         if not pickles:
             raise MergetoolError(str(d), "holds no model weights (*.safetensors)", "pass a model directory")
         if not allow_pickle:
             raise MergetoolError(str(d), "holds pickle weights (*.bin) only",
                                  "convert them to safetensors, or pass --allow-pickle if you trust the source")
+        from .io import load_pickle_tensors
+
         sd = {}
-        for f in pickles:
-            sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        for f in pickles:  # weights_only; every failure is one line (never torch's advice to load unsafely)
+            sd.update(load_pickle_tensors(f))
         self._from_state_dict(sd)
 
     def _gguf_state_dict(self) -> dict[str, torch.Tensor]:
@@ -305,18 +310,38 @@ def save_model(base: Base, out_dir: Path, merged: Iterator[tuple[str, object]], 
 
 def load_model(base: Base, device: torch.device, dtype: torch.dtype | None = None):
     """A base model and its tokenizer on ``device``, to run (bf16 on CUDA, fp32 on CPU unless ``dtype``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tok = load_tokenizer(base)
     try:
-        tok = AutoTokenizer.from_pretrained(str(base.dir), trust_remote_code=False, **base.load_kwargs())
         model = AutoModelForCausalLM.from_pretrained(str(base.dir), dtype=dtype, trust_remote_code=False,
                                                      **base.load_kwargs()).to(device).eval()
     except OSError as e:
         raise MergetoolError(base.name, f"cannot load the model ({str(e)[:150]})", "pass a model directory") from None
+    return model, tok
+
+
+def skeleton(base: Base):
+    """The model's modules without its weights (on the meta device): its layout, at no cost."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(base.dir), trust_remote_code=False, **base.load_kwargs())
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def load_tokenizer(base: Base):
+    """The base model's tokenizer (padding with EOS when it has no pad token)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(base.dir), trust_remote_code=False, **base.load_kwargs())
+    except OSError as e:
+        raise MergetoolError(base.name, f"cannot load the tokenizer ({str(e)[:150]})", "pass a model directory") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return model, tok
+    return tok
 
 
 def testbed_gguf() -> Path:
@@ -344,7 +369,17 @@ def cache_gguf(base: Base, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -
     with _atomic_dir(out_dir) as d:
         fresh.to(dtype).save_pretrained(d)
         AutoTokenizer.from_pretrained(str(base.dir), gguf_file=base.gguf_file).save_pretrained(d)
+        _plain_config(d)
     return Path(out_dir)
+
+
+def _plain_config(d: Path) -> None:
+    """A model written as plain safetensors from a GGUF file must not claim GGUF quantisation in config.json
+    (loading it would say it dequantises a GGUF file it does not have)."""
+    cfg_path = Path(d) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.pop("quantization_config", None) is not None:
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_model_files(base: Base, out_dir: Path) -> None:
@@ -353,6 +388,7 @@ def _copy_model_files(base: Base, out_dir: Path) -> None:
 
         AutoConfig.from_pretrained(str(base.dir), gguf_file=base.gguf_file).save_pretrained(out_dir)
         AutoTokenizer.from_pretrained(str(base.dir), gguf_file=base.gguf_file).save_pretrained(out_dir)
+        _plain_config(out_dir)
         return
     for f in COPY_FILES:
         if (base.dir / f).exists():

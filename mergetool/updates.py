@@ -54,6 +54,13 @@ class LowRank:
     def to(self, device) -> "LowRank":
         return LowRank(self.A.to(device), self.B.to(device), self.scale)
 
+    def svdvals(self) -> torch.Tensor:
+        """Singular values of ΔW (fp64), from the factors: with B = Q_B R_B and Aᵀ = Q_A R_A (thin QRs),
+        ΔW = scale · Q_B (R_B R_Aᵀ) Q_Aᵀ has the singular values of the r×r core, whatever the layer's width."""
+        _, rb = torch.linalg.qr(self.B.double() * self.scale)
+        _, ra = torch.linalg.qr(self.A.double().T)
+        return torch.linalg.svdvals(rb @ ra.T)
+
 
 @dataclass
 class Dense:
@@ -73,6 +80,11 @@ class Dense:
 
     def to(self, device) -> "Dense":
         return Dense(self.tensor.to(device)) if self.tensor is not None else self
+
+    def svdvals(self) -> torch.Tensor:
+        """Singular values of a matrix delta (fp64); a vector's (a norm or bias delta) is its norm."""
+        d = self.delta(dtype=torch.float64)
+        return torch.linalg.svdvals(d) if d.dim() == 2 else d.reshape(-1).norm().reshape(1)
 
 
 Module = Union[LowRank, Dense]
@@ -109,9 +121,66 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def lora_scale(cfg: dict, module: str, rank: int) -> float:
-    """PEFT's scaling: lora_alpha / r, or lora_alpha / sqrt(r) with rslora (per-module patterns honoured)."""
-    alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", rank))
+    """PEFT's scaling: lora_alpha / r, or lora_alpha / sqrt(r) with rslora (per-module patterns honoured).
+    ``cfg`` has passed :func:`check_peft_config`; a missing (or null) lora_alpha is r (scale 1)."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank {rank} has no scale")
+    default = cfg.get("lora_alpha")
+    alpha = _pattern_value(cfg.get("alpha_pattern"), module, rank if default is None else default)
     return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+
+
+def _shown(x) -> str:
+    try:
+        text = json.dumps(x)
+    except (TypeError, ValueError):
+        text = repr(x)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_amount(x) -> bool:
+    """A finite number >= 0 (not a bool)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def check_peft_config(cfg, what: str, label: str = "peft_config ") -> dict:
+    """Type-check the LoRA config fields that set an adapter's scale (r, lora_alpha, use_rslora, alpha_pattern,
+    rank_pattern), so a wrong one is one line naming ``what`` and the field, never a TypeError later. Null
+    fields count as absent. ``label`` prefixes the field names (``"peft_config "`` inside adapter metadata)."""
+    if not isinstance(cfg, dict):
+        raise MergetoolError(what, f"{label.strip() or 'the config'} is not a JSON object (got {_shown(cfg)})",
+                             "write the LoRA config as an object")
+
+    def bad(key: str, must: str, got) -> MergetoolError:
+        return MergetoolError(what, f"{label}field {key!r} must be {must}, got {_shown(got)}",
+                              "fix the LoRA config")
+
+    if cfg.get("r") is not None and not (_is_int(cfg["r"]) and cfg["r"] >= 1):
+        raise bad("r", "a positive integer", cfg["r"])
+    if cfg.get("lora_alpha") is not None and not _is_amount(cfg["lora_alpha"]):
+        raise bad("lora_alpha", "a finite number >= 0", cfg["lora_alpha"])
+    if cfg.get("use_rslora") is not None and not isinstance(cfg["use_rslora"], bool):
+        raise bad("use_rslora", "true or false", cfg["use_rslora"])
+    for name, ok, must in (("alpha_pattern", _is_amount, "finite numbers >= 0"),
+                           ("rank_pattern", lambda v: _is_int(v) and v >= 1, "positive integers")):
+        pat = cfg.get(name)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict):
+            raise bad(name, "an object (module pattern -> value)", pat)
+        for k, v in pat.items():
+            if not ok(v):
+                raise bad(name, f"an object of {must}", {k: v})
+            try:
+                re.compile(rf"(.*\.)?{k}$")
+            except (re.error, RecursionError, OverflowError, ValueError):
+                raise MergetoolError(what, f"{label}field {name!r}: {_shown(k)} is not a valid module pattern "
+                                     "(a regular expression)", "fix the LoRA config") from None
+    return cfg
 
 
 # ----------------------------------------------------------------------------- blobs <-> updates
@@ -127,8 +196,21 @@ def _check_float(name: str, t: torch.Tensor, source: str) -> None:
 
 def from_tensors(tensors: dict[str, torch.Tensor], meta: dict, name: str, source: str,
                  peft_config: dict | None = None) -> Update:
-    """Build an update from PEFT-named (``*.lora_A.weight``/``*.lora_B.weight``) or ``*.delta`` tensors."""
+    """Build an update from PEFT-named (``*.lora_A.weight``/``*.lora_B.weight``) or ``*.delta`` tensors. The
+    metadata fields that are read later (name, task, base model and fingerprint, training example) and the LoRA
+    config are type-checked here: a wrong type is one line naming the field."""
+    for key in ("name", "task", "base_model", "base_fingerprint", "example"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise MergetoolError(source, f"metadata field {key!r} must be a string, got {_shown(meta[key])}",
+                                 "rewrite the adapter's metadata")
+    training = meta.get("training")
+    if training is not None and (not isinstance(training, dict) or
+                                 training.get("example") is not None and not isinstance(training["example"], str)):
+        raise MergetoolError(source, f"metadata field 'training' must be an object (its 'example' a string), got "
+                             f"{_shown(training)}", "rewrite the adapter's metadata")
     cfg = peft_config if peft_config is not None else meta.get("peft_config")
+    if cfg is not None:
+        check_peft_config(cfg, source)
     guessed = cfg is None and any(".lora_" in k for k in tensors)
     cfg = {} if guessed else cfg
     halves: dict[str, dict[str, torch.Tensor]] = {}
@@ -153,6 +235,9 @@ def from_tensors(tensors: dict[str, torch.Tensor], meta: dict, name: str, source
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise MergetoolError(source, f"module {mod!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
                                  "have mismatched ranks", "lora_A is [r, in] and lora_B is [out, r]")
+        if A.shape[0] == 0:
+            raise MergetoolError(source, f"module {mod!r} has rank 0 (lora_A {tuple(A.shape)})",
+                                 "drop the module, or give it rank >= 1")
         if mod in modules:
             raise MergetoolError(source, f"module {mod!r} is both LoRA and dense", "keep one form per module")
         modules[mod] = LowRank(A, B, lora_scale(cfg, mod, A.shape[0]))
@@ -173,8 +258,9 @@ def from_blob(blob: Blob, default_name: str) -> Update:
     if raw is not None:
         try:
             meta = json.loads(raw)
-        except json.JSONDecodeError:
-            raise MergetoolError(blob.source, "metadata 'mergetool' is not valid JSON", "rewrite the metadata") from None
+        except (ValueError, RecursionError):  # JSONDecodeError, too many digits, too deep
+            raise MergetoolError(blob.source, "metadata 'mergetool' is not valid JSON",
+                                 "rewrite the metadata") from None
         if not isinstance(meta, dict):
             raise MergetoolError(blob.source, "metadata 'mergetool' is not a JSON object", "rewrite the metadata")
     return from_tensors(blob.tensors, meta, default_name, blob.source)
@@ -220,13 +306,13 @@ def metadata_for(update: Update) -> dict[str, str]:
     return {"format": "pt", "mergetool": json.dumps(meta, sort_keys=True)}
 
 
-def save_peft(update: Update, out_dir: str) -> None:
-    """Write a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) that
-    ``PeftModel.from_pretrained`` loads; built beside ``out_dir`` and moved into place when complete."""
-    from .io import atomic_dir, write_blob
+def save_peft(update: Update, d) -> None:
+    """Write a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that
+    ``PeftModel.from_pretrained`` loads into the directory ``d`` (a ``Path``; ``io.atomic_dir`` gives one that
+    moves into place when complete)."""
+    from .io import write_blob
 
-    with atomic_dir(out_dir) as d:
-        cfg = folded_peft_config(update, update.meta.get("base_model"))
-        (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-        with open(d / "adapter_model.safetensors", "wb") as fh:
-            write_blob(fh, to_tensors(update), metadata_for(update))
+    cfg = folded_peft_config(update, update.meta.get("base_model"))
+    (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    with open(d / "adapter_model.safetensors", "wb") as fh:
+        write_blob(fh, to_tensors(update), metadata_for(update))

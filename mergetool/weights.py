@@ -1,5 +1,6 @@
 """Merge weights: the weights JSONL that ``merge --weights`` reads and ``weight`` writes, the base model's
-accuracy per task that ``weighted-base`` and ``weight`` read, and the rules that turn them into weights.
+accuracy per task and the mergeability scores that ``weighted-base`` and ``weight`` read, and the rules that
+turn them into weights.
 
 Weights JSONL: one ``{"adapter": NAME, "weight": w}`` per line, ``w`` a finite number, each adapter once.
 
@@ -124,10 +125,63 @@ def base_accuracy(src: str) -> BaseAccuracy:
 
 def base_softmax(acc: list[float], tau: float) -> list[float]:
     """w_i = softmax((1 − acc_i) / τ) ("Will it Merge?" section 6, eq. 6's weights)."""
+    return softmax([1.0 - a for a in acc], tau)
+
+
+def softmax(s: list[float], tau: float) -> list[float]:
+    """w_i = exp(s_i / τ) / Σ_j exp(s_j / τ)."""
     if not (math.isfinite(tau) and tau > 0):
         raise UsageError("--tau", f"{tau} is not a positive finite temperature", "pass --tau 0.5, say")
-    s = [(1.0 - a) / tau for a in acc]
+    s = [x / tau for x in s]
     top = max(s)
     e = [math.exp(x - top) for x in s]
     z = sum(e)
     return [x / z for x in e]
+
+
+def score_values(src: str) -> dict[str, float]:
+    """Each adapter's mergeability score S from ``score`` records (``adapter``, ``score``)."""
+    out: dict[str, float] = {}
+    name = "<stdin>" if src == "-" else src
+    for i, r in enumerate(read_jsonl(src), 1):
+        where = f"{name}:{i}"
+        if not isinstance(r.get("adapter"), str) or "score" not in r:
+            raise MergetoolError(where, "a score record needs 'adapter' and 'score'", "pass mergetool score records")
+        s = _finite(r["score"], where, "'score'")
+        if not 0 <= s <= 1:
+            raise MergetoolError(where, f"'score' {s} is outside [0, 1]", "pass mergetool score records")
+        if r["adapter"] in out:
+            raise MergetoolError(where, f"adapter {r['adapter']!r} has a second score", "keep one record per adapter")
+        out[r["adapter"]] = s
+    return out
+
+
+def make_weights(src: str, by: str, tau: float, normalize: str,
+                 adapters: list[tuple[str, str]] | None = None) -> list[tuple[str, float]]:
+    """Merge weights from records: ``by="base"``: s_i = 1 − Acc_base(task of i) from eval records of the base
+    model ("Will it Merge?" section 6); ``by="score"``: s_i = 1 − S_i from score records, so less mergeable
+    adapters weigh more. w = softmax(s / τ), then ``normalize``: ``sum`` (the weights sum to 1) or ``max`` (the
+    largest is 1). ``adapters`` ((name, task) pairs) names the outputs; without them, every task (by base) or
+    every scored adapter (by score) in the records gets a weight."""
+    if by not in ("base", "score"):
+        raise UsageError("--by", f"unknown basis {by!r}", "use base or score")
+    if normalize not in ("sum", "max"):
+        raise UsageError("--normalize", f"unknown normalisation {normalize!r}", "use sum or max")
+    if by == "base":
+        acc = base_accuracy(src)
+        keys = adapters if adapters is not None else [(t, t) for t in acc.by_task]
+        if not keys:
+            raise MergetoolError(acc.source, "holds no base-model rows (adapter null)", "pass eval records of the base")
+        s = [1.0 - a for a in acc.of(keys)]
+    else:
+        scores = score_values(src)
+        keys = adapters if adapters is not None else [(n, n) for n in scores]
+        missing = [n for n, _ in keys if n not in scores]
+        if missing:
+            raise MergetoolError(src, f"no score for adapter {missing[0]!r}", "score every adapter first")
+        s = [1.0 - scores[n] for n, _ in keys]
+    w = softmax(s, tau)
+    if normalize == "max":
+        top = max(w)
+        w = [x / top for x in w]
+    return [(n, x) for (n, _), x in zip(keys, w)]
