@@ -71,38 +71,49 @@ def rouge_l(pred: str, ref: str) -> float:
 
 def evaluate(model, tok, examples: list[Example], norm: str = "tokens", max_new_tokens: int = 32,
              batch_tokens: int = 8192, progress=None, adapters: RowAdapters | None = None,
-             which: Sequence[int] = (-1,)) -> list[list[dict]]:
-    """Results (dicts without id/task/adapter) of every example under every update in ``which`` (indices into
-    ``adapters``; -1 is the base model): per update, in example order. Multiple-choice examples of all the
-    updates are scored together, several updates per batch, their shared lower layers computed once;
-    ``progress(n)`` is called as each batch of n examples is done."""
-    which = list(which)
-    out: list[list[dict | None]] = [[None] * len(examples) for _ in which]
+             jobs: Sequence[tuple[int, Sequence[int]]] | None = None, cache: dict | None = None) -> list[list[dict]]:
+    """Results (dicts without id/task/adapter) of examples under updates: each job is (update index into
+    ``adapters``, -1 for the base model; indices of the examples it evaluates), default the base on every
+    example. Returns per job, in the job's example order. Multiple-choice examples of all jobs are scored
+    together, several updates per batch, the lower layers they share computed once per example (and kept in
+    ``cache`` across calls on the same ``examples``); ``progress(n)`` is called as batches of n are done."""
+    jobs = [(u, list(idx)) for u, idx in (jobs if jobs is not None else [(-1, range(len(examples)))])]
+    out: list[list[dict | None]] = [[None] * len(idx) for _, idx in jobs]
     mc = [i for i, e in enumerate(examples) if e.kind == "mc"]
-    if mc:
+    at = {i: k for k, i in enumerate(mc)}
+    mc_jobs = [(u, [at[i] for i in idx if i in at]) for u, idx in jobs]
+    if any(idx for _, idx in mc_jobs):
         items = scoring.encode_choices(tok, [(examples[i].context, examples[i].rec["choices"]) for i in mc])
-        lls = scoring.choice_loglikelihoods(model, items, [(u, range(len(mc))) for u in which], adapters,
-                                            batch_tokens, progress)
-        for w in range(len(which)):
-            for k, i in enumerate(mc):
-                out[w][i] = mc_record(examples[i], lls[w][k], norm)
-    gens = [i for i, e in enumerate(examples) if e.kind == "gen"]
-    ppl = [i for i, e in enumerate(examples) if e.kind == "ppl"]
-    pairs = ([([scoring.prefix_token(tok)], list(ids)) for ids in
-              tok([examples[i].rec["text"] for i in ppl], add_special_tokens=False).input_ids] if ppl else [])
-    for w, u in enumerate(which):
+        lls = scoring.choice_loglikelihoods(model, items, mc_jobs, adapters, batch_tokens, progress, cache=cache)
+        for j, (_, idx) in enumerate(jobs):
+            got = iter(lls[j])
+            for k, i in enumerate(idx):
+                if i in at:
+                    out[j][k] = mc_record(examples[i], next(got), norm)
+    for j, (u, idx) in enumerate(jobs):
+        gens = [k for k, i in enumerate(idx) if examples[i].kind == "gen"]
+        ppl = [k for k, i in enumerate(idx) if examples[i].kind == "ppl"]
         if adapters is not None and (gens or ppl):
             adapters.use(u)
         if gens:
-            texts = scoring.generate(model, tok, [examples[i].context for i in gens], max_new_tokens, progress=progress)
-            for i, p in zip(gens, texts):
-                refs = examples[i].rec.get("targets") or [examples[i].rec["target"]]
-                out[w][i] = {"correct": int(any(normalise(p) == normalise(t) for t in refs)), "prediction": p,
+            texts = scoring.generate(model, tok, [examples[idx[k]].context for k in gens], max_new_tokens,
+                                     progress=progress)
+            for k, p in zip(gens, texts):
+                rec = examples[idx[k]].rec
+                refs = rec.get("targets") or [rec["target"]]
+                out[j][k] = {"correct": int(any(normalise(p) == normalise(t) for t in refs)), "prediction": p,
                              "rouge_l": max(rouge_l(p, t) for t in refs)}
         if ppl:
-            for i, (s, n) in zip(ppl, scoring.loglikelihoods(model, pairs, batch_tokens, progress)):
-                out[w][i] = {"perplexity": math.exp(-s / max(n, 1)), "nll": -s, "tokens": n}
+            pairs = passages(tok, [examples[idx[k]].rec["text"] for k in ppl])
+            for k, (s, n) in zip(ppl, scoring.loglikelihoods(model, pairs, batch_tokens, progress)):
+                out[j][k] = {"perplexity": math.exp(-s / max(n, 1)), "nll": -s, "tokens": n}
     return out
+
+
+def passages(tok, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) pairs that score a passage's every token: conditioned on the prefix token."""
+    ids = tok(texts, add_special_tokens=False).input_ids if texts else []
+    return [([scoring.prefix_token(tok)], list(x)) for x in ids]
 
 
 def summarise(records: Iterable[dict]) -> list[dict]:

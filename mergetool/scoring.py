@@ -265,7 +265,7 @@ class _Runner:
     computed once per item and fed in."""
 
     def __init__(self, model, items: list[Item], jobs: list[Job], adapters: RowAdapters | None,
-                 batch_tokens: int, share_prefix: bool = True):
+                 batch_tokens: int, share_prefix: bool = True, cache: dict | None = None):
         self.model, self.items, self.jobs, self.adapters = model, items, jobs, adapters
         self.dev = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -273,11 +273,12 @@ class _Runner:
         self.lens = [_packed_len(x) for x in items]
         self.width = max([ROW] + self.lens)
         self.prefix, self.states = None, None
-        if adapters is not None and share_prefix and len(jobs) > 1:
+        if adapters is not None and share_prefix and (len(jobs) > 1 or cache is not None):
             first = first_layer(model, adapters.paths([u for u, _ in jobs if u >= 0]))
             if first > 0:
                 self.prefix = Prefix(model, first)
-                self._prefix_states(sorted({i for _, idx in jobs for i in idx}))
+                self.states = {} if cache is None else cache.setdefault(("prefix", first), {})
+                self._prefix_states(sorted({i for _, idx in jobs for i in idx} - set(self.states)))
 
     def _batches(self, rows: list[tuple[int, list[int]]]) -> Iterator[list[tuple[int, list[int]]]]:
         i = 0
@@ -294,8 +295,9 @@ class _Runner:
 
     def _prefix_states(self, needed: list[int]) -> None:
         """The hidden states entering the first adapted layer, per item, under the base model."""
+        if not needed:
+            return
         self.adapters.use(None)
-        self.states = {}
         rows = [(-1, [needed[k] for k in r]) for r in _rows([self.lens[i] for i in needed], self.width)]
         for batch in self._batches(rows):
             packed = pack([[self.items[x] for x in r] for _, r in batch])
@@ -334,9 +336,11 @@ class _Runner:
 @torch.no_grad()
 def choice_loglikelihoods(model, items: list[Item], jobs: list[Job] | None = None,
                           adapters: RowAdapters | None = None, batch_tokens: int = 8192, progress=None,
-                          share_prefix: bool = True) -> list[list[list[tuple[float, int]]]]:
+                          share_prefix: bool = True, cache: dict | None = None) -> list[list[list[tuple[float, int]]]]:
     """Summed log p(choice | context) and token count of every choice of every item of every job (default:
-    one job, every item under the current model). Returns, per job, per item of the job, per choice."""
+    one job, every item under the current model). Returns, per job, per item of the job, per choice.
+    ``cache`` (a dict kept by the caller across calls on the same ``items``) keeps the lower layers' states
+    of the items, so each is computed once for a whole run."""
     items = truncate(items, model_max_len(model))
     jobs = jobs if jobs is not None else [(-1, range(len(items)))]
     jobs = [(u, list(idx)) for u, idx in jobs]
@@ -346,7 +350,7 @@ def choice_loglikelihoods(model, items: list[Item], jobs: list[Job] | None = Non
         return _plain_choice_loglikelihoods(model, items, jobs, adapters, batch_tokens, progress)
     out = [[None] * len(idx) for _, idx in jobs]
     where = [{x: k for k, x in enumerate(idx)} for _, idx in jobs]
-    runner = _Runner(model, items, jobs, adapters, batch_tokens, share_prefix)
+    runner = _Runner(model, items, jobs, adapters, batch_tokens, share_prefix, cache)
     for batch, packed, ready in runner.run():
         with ready():
             sums = _sums(model, packed, runner.dev)

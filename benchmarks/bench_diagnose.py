@@ -1,0 +1,126 @@
+"""diagnose's weight-space metrics for all pairs at once against a plain per-pair loop over dense ΔW, side by side.
+
+64 random rank-16 LoRAs on q/k/v of every layer of a Llama-3.2-1B-shaped model (hidden 2048, k/v 512,
+16 layers): 2016 pairs, each with the four conflict metrics of "Task-level model-merging collapse" (eq. 4-7,
+the sign and conflict ratios in both readings) and the cosines. The plain loop forms both dense ΔW of a pair
+module by module and computes each metric from them; it is timed on --plain-pairs pairs (each pair costs the
+same) and carried to all pairs, and its values are compared with diagnose's on those pairs.
+
+    python benchmarks/bench_diagnose.py [--adapters 64] [--plain-pairs 24] [--device cpu] [--json out.json]
+    python benchmarks/bench_diagnose.py --small --json out.json          # CI size
+    python benchmarks/bench_diagnose.py --shape mistral-7b --device cuda --json out.json   # the GPU figure
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import machine, pick, sync  # noqa: E402
+
+from mergetool.diagnose.weightspace import pair_metrics  # noqa: E402
+from mergetool.updates import PREFIX, LowRank, Update  # noqa: E402
+
+METRICS = ("magnitude_change_ratio", "sign_change_ratio", "sign_change_ratio_strict", "conflict_magnitude_ratio",
+           "conflict_magnitude_ratio_strict", "cosine", "cosine_global")
+
+
+def adapters(n, layers, hidden, kv, rank, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden)}
+    out = []
+    for e in range(n):
+        mods = {}
+        for layer in range(layers):
+            for proj, (o, i) in shapes.items():
+                mods[f"{PREFIX}model.layers.{layer}.self_attn.{proj}"] = LowRank(
+                    torch.randn(rank, i, generator=g) / i ** 0.5, torch.randn(o, rank, generator=g) * 0.01, 2.0)
+        out.append(Update(f"a{e}", mods, {"name": f"a{e}"}))
+    return out
+
+
+@torch.no_grad()
+def plain_pair(a: Update, b: Update, dev) -> dict:
+    """Eq. 4-7 of one pair, computed from the two dense task vectors, module by module."""
+    l1a = l1b = l1d = 0.0
+    sign_ne = strict = conf = conf_strict = 0.0
+    dot = na = nb = 0.0
+    entries = 0
+    cos = []
+    for mod in a.modules:
+        x, y = a.modules[mod].delta(dev).double(), b.modules[mod].delta(dev).double()
+        entries += x.numel()
+        l1a += float(x.abs().sum())
+        l1b += float(y.abs().sum())
+        diff = (x - y).abs()
+        l1d += float(diff.sum())
+        ne = torch.sign(x) != torch.sign(y)
+        opp = x * y < 0
+        sign_ne += float(ne.sum())
+        strict += float(opp.sum())
+        conf += float(diff[ne].sum())
+        conf_strict += float(diff[opp].sum())
+        d, sa, sb = float((x * y).sum()), float((x * x).sum()), float((y * y).sum())
+        dot, na, nb = dot + d, na + sa, nb + sb
+        cos.append(d / (sa * sb) ** 0.5)
+    tot = l1a + l1b
+    return {"magnitude_change_ratio": l1d / tot, "sign_change_ratio": sign_ne / entries,
+            "sign_change_ratio_strict": strict / entries, "conflict_magnitude_ratio": conf / tot,
+            "conflict_magnitude_ratio_strict": conf_strict / tot, "cosine": sum(cos) / len(cos),
+            "cosine_global": dot / (na * nb) ** 0.5}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--plain-pairs", type=int, default=24)
+    ap.add_argument("--small", action="store_true", help="hidden 256, 4 layers, 8 adapters")
+    ap.add_argument("--shape", choices=["llama-3.2-1b", "mistral-7b"], default="llama-3.2-1b")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev = pick(args.device)
+    shapes = {"llama-3.2-1b": (16, 2048, 512), "mistral-7b": (32, 4096, 1024)}
+    n, layers, hidden, kv = (8, 4, 256, 64) if args.small else (args.adapters, *shapes[args.shape])
+    us = adapters(n, layers, hidden, kv, args.rank)
+    pairs = list(itertools.combinations(range(n), 2))
+    info = {"machine": machine(dev, ()), "device": str(dev), "adapters": n, "pairs": len(pairs), "rank": args.rank,
+            "shape": f"q/k/v of {layers} layers, hidden {hidden}, k/v {kv}"}
+    print(f"machine: {json.dumps(info['machine'])}", flush=True)
+    sync(dev)
+    t = time.perf_counter()
+    res = pair_metrics(us, dev)
+    sync(dev)
+    t_all = time.perf_counter() - t
+    timed = pairs[:: max(1, len(pairs) // args.plain_pairs)][:args.plain_pairs]
+    worst = 0.0
+    t = time.perf_counter()
+    for i, j in timed:
+        want = plain_pair(us[i], us[j], dev)
+        for k in METRICS:
+            worst = max(worst, abs(float(res[k][i, j]) - want[k]) / max(abs(want[k]), 1e-12))
+    sync(dev)
+    t_pair = (time.perf_counter() - t) / len(timed)
+    info.update({"all_pairs_s": t_all, "plain_s_per_pair": t_pair, "plain_pairs_timed": len(timed),
+                 "plain_s_estimated": t_pair * len(pairs), "speedup": t_pair * len(pairs) / t_all,
+                 "max_rel_diff": worst})
+    print(f"{n} adapters, {len(pairs)} pairs ({info['shape']}, rank {args.rank}): all pairs {t_all:.1f} s vs plain "
+          f"{t_pair:.2f} s/pair x {len(pairs)} = {t_pair * len(pairs):.0f} s (timed on {len(timed)} pairs) = "
+          f"{info['speedup']:.1f}x; max relative difference {worst:.1e}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""mergetool score's trials against the plain loop, side by side in one run, and their cost at the paper's scale.
+
+The setting of "Will it Merge?" section 3.1: a pool of P rank-64 LoRA experts on mlp.up_proj of the middle
+layer, one per multiple-choice question (the capitals and currencies of examples/data/countries.jsonl,
+8 choices), KnOTS with TIES inside, M partners, N trials. Random factors (timing does not depend on them).
+
+- shared: the trial plan of ``score`` (N partitions into groups of M+1), groups merged --merge-chunk at a
+  time (one batched factorisation), each merge evaluated on its members' questions, all merges of a chunk
+  in one batched pass with the lower layers computed once per question for the whole run.
+- plain: the paper's loop with the same model resident: for each (adapter, trial), merge the adapter with
+  its partners (the same partners the shared plan gave it, so the merges coincide and S must agree) and
+  evaluate its question. Timed on --plain-pairs of the N·P pairs (each pair costs the same) and carried to
+  all N·P; the S of those pairs is compared with the shared run's.
+
+Then the measured cost per merge and per evaluated question is carried to the paper's scale (639 experts,
+a Llama-3.2-3B-shaped model, 8 options with 4 shots, M=50, N=5) by FLOP counts, as an estimate.
+
+    python benchmarks/bench_score.py [--model DIR] [--pool 200] [--partners 50] [--trials 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_updates import experts  # noqa: E402
+from common import machine, pick, sync  # noqa: E402
+
+from mergetool import evaluate as ev  # noqa: E402
+from mergetool.adapters import RowAdapters  # noqa: E402
+from mergetool.examples import check_examples  # noqa: E402
+from mergetool.methods import Params, get, merge  # noqa: E402
+from mergetool.model import load_model, resolve_base  # noqa: E402
+from mergetool.score import Scorer, plan  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="model directory (default: the testbed model, cached)")
+    ap.add_argument("--workdir", type=Path, default=ROOT / ".cache")
+    ap.add_argument("--pool", type=int, default=200)
+    ap.add_argument("--partners", type=int, default=50)
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--plain-pairs", type=int, default=40)
+    ap.add_argument("--merge-chunk", type=int, default=8)
+    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev = pick(args.device)
+    model_dir = args.model
+    if model_dir is None:
+        from mergetool.model import cache_gguf, testbed_gguf
+
+        model_dir = args.workdir / "smollm2-135m"
+        if not (model_dir / "config.json").exists():
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            cache_gguf(resolve_base(str(testbed_gguf())), model_dir)
+    model, tok = load_model(resolve_base(str(model_dir)), dev)
+    rows = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()]
+    exs = check_examples(rows, "countries")[:args.pool]
+    for e in exs:
+        e.context = e.rec["prompt"]
+    pool = experts(model, args.pool)
+    for u, e in zip(pool, exs):
+        u.name = u.meta["name"] = e.id
+    P, M, N = args.pool, args.partners, args.trials
+    groups = plan(P, M, N, seed=0)
+    method, p = get("knots"), Params()
+    info = {"machine": machine(dev), "model": model_dir.name, "device": str(dev), "pool": P, "partners": M,
+            "trials": N, "method": "knots (ties inside, density 0.2)", "merges_shared": len(groups),
+            "merges_plain": P * N}
+    print(f"machine: {json.dumps(info['machine'])}", flush=True)
+    ev.evaluate(model, tok, exs[:4], batch_tokens=args.batch_tokens)  # warm-up (and the packing check)
+
+    # shared: the score trials
+    scorer = Scorer(model, tok, pool, exs, [[i] for i in range(P)], method, p, dev, batch_tokens=args.batch_tokens,
+                    merge_chunk=args.merge_chunk)
+    per = {}
+    sync(dev)
+    t = time.perf_counter()
+    scorer.run_groups(groups, list(range(len(groups))),
+                      lambda g, res: per.update({(a, groups[g].trial): v for a, v in res.items()}))
+    sync(dev)
+    t_shared = time.perf_counter() - t
+    t_merge = scorer.seconds["merge"]
+    S = {a: sum(per[(a, k)] for k in range(N)) / N for a in range(P)}
+
+    # plain: one merge and one evaluation per (adapter, trial), the same partners as the shared plan
+    pairs = [(a, g) for g in groups for a in g.counted][:: max(1, (P * N) // args.plain_pairs)][:args.plain_pairs]
+    same = 0
+    t_plain_merge = 0.0
+    sync(dev)
+    t = time.perf_counter()
+    for a, g in pairs:
+        tm = time.perf_counter()
+        m = merge([pool[i] for i in g.members], method, p, dev)
+        sync(dev)
+        t_plain_merge += time.perf_counter() - tm
+        with RowAdapters(model, [m]) as ad:
+            r = ev.evaluate(model, tok, exs, batch_tokens=args.batch_tokens, adapters=ad, jobs=[(0, [a])])[0][0]
+        same += int(r["correct"] == per[(a, g.trial)])
+    sync(dev)
+    t_pair = (time.perf_counter() - t) / len(pairs)
+    t_plain = t_pair * P * N
+    info.update({"shared_s": t_shared, "shared_merge_s": t_merge, "shared_eval_s": t_shared - t_merge,
+                 "plain_pairs_timed": len(pairs), "plain_s_per_pair": t_pair,
+                 "plain_merge_s_per_pair": t_plain_merge / len(pairs), "plain_s_estimated": t_plain,
+                 "speedup": t_plain / t_shared, "same_outcome_on_timed_pairs": same, "mean_S": sum(S.values()) / P})
+    per_merge = t_merge / len(groups)
+    per_question = (t_shared - t_merge) / (P * N)
+    info.update({"s_per_merge": per_merge, "s_per_evaluated_question": per_question})
+    print(f"P={P} M={M} N={N} on {model_dir.name}: shared {t_shared:.1f} s ({len(groups)} merges: {t_merge:.1f} s; "
+          f"{P * N} evaluations: {t_shared - t_merge:.1f} s) vs plain {t_pair:.2f} s/pair x {P * N} = "
+          f"{t_plain:.0f} s (timed on {len(pairs)} pairs) = {info['speedup']:.1f}x; "
+          f"same outcome on {same}/{len(pairs)} timed pairs; mean S {info['mean_S']:.3f}", flush=True)
+    info["paper_scale_estimate"] = paper_scale(model, per_merge, per_question, M, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=2))
+
+
+def paper_scale(model, per_merge: float, per_question: float, M: int, args) -> dict:
+    """The measured costs carried by FLOP counts to 639 rank-64 experts on a Llama-3.2-3B shape (hidden
+    3072, MLP 8192, 28 layers, vocabulary 128256), 8 options with 4 shots, M=50, N=5, on this device."""
+    cfg = model.config
+    h, f, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = h * cfg.num_key_value_heads // cfg.num_attention_heads
+    H, F, LL, VV, KV = 3072, 8192, 28, 128256, 1024
+    # KnOTS of M+1 rank-64 experts on up_proj [F, H]: QRs of B_c [F, 64(M+1)] and of each Aᵀ, the SVD of the
+    # core: ~ F·R² + R³ with R = min(64(M+1), F)
+    R_here, R_there = min(64 * (M + 1), f), min(64 * 51, F)
+    merge_ratio = (F * R_there ** 2 + R_there ** 3) / (f * R_here ** 2 + R_here ** 3)
+    # a question: 0-shot here (about 18 packed tokens), 5x the tokens with 4 shots; the upper half of the layers
+    # runs per merge (the lower half once), plus the output layer at about 13 positions
+    layer = lambda hd, ff, k: 2 * hd * hd + 2 * hd * k + 3 * hd * ff  # noqa: E731
+    here = 18 * (L / 2) * layer(h, f, kv) + 13 * h * V
+    there = 90 * (LL / 2) * layer(H, F, KV) + 13 * H * VV
+    q_ratio = there / here
+    merges, questions = 5 * math.ceil(639 / 51), 5 * 639
+    est = merges * per_merge * merge_ratio + questions * per_question * q_ratio
+    out = {"merges": merges, "evaluated_questions": questions, "merge_flop_ratio": merge_ratio,
+           "question_flop_ratio": q_ratio, "estimated_s_on_this_device": est}
+    print(f"paper scale (639 experts, Llama-3.2-3B shape, 4-shot, M=50, N=5) estimated on this device: "
+          f"{merges} merges x {per_merge * merge_ratio:.1f} s + {questions} questions x {per_question * q_ratio:.2f} s "
+          f"= {est / 60:.0f} min", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

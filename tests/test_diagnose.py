@@ -1,0 +1,289 @@
+"""mergetool diagnose: each metric on hand-computable cases, the factor route against the dense route, the
+bounds of Theorem 1, the predictor, the statistics against scipy, and the command end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import lora_blob, random_lora, run_cli
+
+from mergetool.diagnose import representation as rep
+from mergetool.diagnose.weightspace import adapter_stats, pair_metrics
+from mergetool.updates import Dense, LowRank, Update
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dense_copy(u: Update, name: str) -> Update:
+    return Update(name, {k: Dense(m.delta()) for k, m in u.modules.items()}, {"name": name})
+
+
+def test_identical_adapters_agree_completely():
+    a = random_lora(1, rank=4)
+    b = random_lora(2, rank=4)
+    res = pair_metrics([a, dense_copy(a, "a2"), b], budget=30000)
+    assert float(res["sign_change_ratio"][0, 1]) == 0 and float(res["magnitude_change_ratio"][0, 1]) == pytest.approx(0, abs=1e-6)
+    assert float(res["conflict_magnitude_ratio"][0, 1]) == pytest.approx(0, abs=1e-7)
+    assert float(res["cosine"][0, 1]) == pytest.approx(1, abs=1e-6) and float(res["cosine_global"][0, 1]) == pytest.approx(1, abs=1e-6)
+    neg = Update("neg", {k: LowRank(m.A, -m.B, m.scale) for k, m in a.modules.items()})
+    res = pair_metrics([a, neg])
+    assert float(res["sign_change_ratio"][0, 1]) == 1 and float(res["sign_change_ratio_strict"][0, 1]) == 1
+    assert float(res["magnitude_change_ratio"][0, 1]) == pytest.approx(1) and float(res["cosine"][0, 1]) == pytest.approx(-1)
+
+
+def test_all_pairs_at_once_equal_a_plain_loop_over_dense_deltas():
+    """Every metric from the block products (and the LoRA factor route for inner products) equals eq. 4-7
+    computed pair by pair on the dense ΔW, zeros included (a sparse dense update, a module only one has)."""
+    us = [random_lora(i, rank=2 + i) for i in range(4)]
+    g = torch.Generator().manual_seed(9)
+    d = torch.randn(64, 64, generator=g)
+    d[d.abs() < 0.7] = 0
+    first = next(iter(us[0].modules))
+    us.append(Update("sparse", {first: Dense(d)}))
+    res = pair_metrics(us, budget=40000)
+    mods = list(dict.fromkeys(k for u in us for k in u.modules))
+    size = {m: next(u.modules[m].delta().numel() for u in us if m in u.modules) for m in mods}
+
+    def per_module(u):
+        return [u.modules[m].delta().double().reshape(-1) if m in u.modules else torch.zeros(size[m], dtype=torch.float64)
+                for m in mods]
+
+    V = [per_module(u) for u in us]
+    for i, j in itertools.combinations(range(len(us)), 2):
+        a, b = torch.cat(V[i]), torch.cat(V[j])
+        tot = a.abs().sum() + b.abs().sum()
+        diff = torch.sign(a) != torch.sign(b)
+        want = {"magnitude_change_ratio": (a - b).abs().sum() / tot,
+                "sign_change_ratio": diff.double().mean(),
+                "sign_change_ratio_strict": (a * b < 0).double().mean(),
+                "conflict_magnitude_ratio": ((a - b).abs() * diff).sum() / tot,
+                "conflict_magnitude_ratio_strict": ((a - b).abs() * (a * b < 0)).sum() / tot,
+                "cosine_global": (a @ b) / (a.norm() * b.norm()),
+                "l2_distance": (a - b).norm()}
+        cos = [(x @ y) / (x.norm() * y.norm()) for x, y in zip(V[i], V[j]) if x.norm() > 0 and y.norm() > 0]
+        want["cosine"] = sum(cos) / len(cos)
+        for k, v in want.items():
+            assert float(res[k][i, j]) == pytest.approx(float(v), rel=1e-5, abs=1e-7), (k, i, j)
+            assert float(res[k][j, i]) == pytest.approx(float(v), rel=1e-5, abs=1e-7)
+
+
+def test_factor_route_equals_dense_route():
+    us = [random_lora(i, rank=3) for i in range(3)]
+    a = pair_metrics(us)
+    b = pair_metrics([dense_copy(u, u.name) for u in us])
+    for k in ("cosine", "cosine_global", "l2_distance", "magnitude_change_ratio"):
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_adapter_stats_from_factors():
+    u = random_lora(3, rank=4)
+    s = adapter_stats(u)
+    dense = [m.delta().double() for m in u.modules.values()]
+    assert s["norm_f"] == pytest.approx(math.sqrt(sum(float(d.pow(2).sum()) for d in dense)))
+    assert s["sigma_max"] == pytest.approx(max(float(torch.linalg.svdvals(d)[0]) for d in dense))
+    assert 1 <= s["effective_rank"] <= 4
+
+
+# ----------------------------------------------------------------------------- representations
+
+
+def test_jung_bounds_on_a_regular_simplex():
+    """N vertices of a regular simplex with edge Δ: the smallest enclosing ball has r² = (N−1)/(2N)·Δ² exactly
+    (Jung's bound is tight there), its centre the uniform weights; two points: r² = Δ²/4 at the midpoint."""
+    for N in (2, 3, 5, 8):
+        pts = torch.eye(N, dtype=torch.float64) * 3.0  # edge 3√2
+        d2 = torch.cdist(pts, pts).pow(2)
+        t1 = rep.theorem1(d2, hidden_dim=N, names=[str(i) for i in range(N)])
+        delta2 = 18.0
+        assert t1["diameter2"] == pytest.approx(delta2)
+        assert t1["meb_radius2"] == pytest.approx((N - 1) / (2 * N) * delta2, rel=1e-6)
+        assert t1["lower_bound"] <= t1["meb_radius2"] + 1e-9 <= t1["upper_bound_jung"] + 2e-9
+        assert t1["upper_bound_jung"] <= t1["upper_bound_paper"] + 1e-9
+        assert list(t1["jung_weights"].values()) == pytest.approx([1 / N] * N, abs=1e-4)
+
+
+def test_hidden_sim_and_mds_by_hand():
+    d = torch.tensor([[0, 1, 3], [1, 0, 2], [3, 2, 0]], dtype=torch.float64)
+    sim, degenerate = rep.hidden_sim(d)
+    assert not degenerate
+    assert sim.tolist() == [[1, 1, 0], [1, 1, 0.5], [0, 0.5, 1]]
+    assert rep.mds(sim) == pytest.approx([2.0, 1 / 0.75, 4.0])
+    sim2, degenerate = rep.hidden_sim(torch.tensor([[0, 2.0], [2.0, 0]], dtype=torch.float64))
+    assert degenerate and sim2.tolist() == [[1, 1], [1, 1]]
+    assert rep.mds(torch.tensor([[1, 0, 0], [0, 1, 1], [0, 1, 1]], dtype=torch.float64))[0] is None
+
+
+# ----------------------------------------------------------------------------- predictor and statistics
+
+
+def test_predictor_recovers_a_planted_sparse_weight_vector():
+    import random
+
+    from mergetool.diagnose.predict import fit, leave_one_task_out
+
+    g = torch.Generator().manual_seed(0)
+    tasks = [f"t{i}" for i in range(6)]
+    rows = []
+    for k in range(300):
+        x = torch.rand(6, generator=g).tolist()
+        rows.append({**{f"f{i}": x[i] for i in range(6)}, "y": 2 * x[0] - x[3] + 0.05 * float(torch.randn(1, generator=g)),
+                     "tasks": random.Random(k).sample(tasks, 2)})
+    feats = [f"f{i}" for i in range(6)]
+    m = fit(rows, feats, "y")
+    w = dict(zip(feats, m.weights))
+    assert w["f0"] > 0 and w["f3"] < 0 and w["f0"] > 1.5 * abs(w["f3"])
+    assert all(abs(w[f]) < 0.25 * w["f0"] for f in ("f1", "f2", "f4", "f5"))
+    v = leave_one_task_out(rows, feats, "y")
+    assert v["pearson"] > 0.9 and len(v["folds"]) == 6 and v["nonzero_frequency"]["f0"] == 1
+
+
+def test_anova_against_scipy_on_a_planted_effect():
+    from scipy import stats
+
+    from mergetool.diagnose.analysis import anovas
+
+    g = torch.Generator().manual_seed(1)
+    cells = []
+    for t, effect in zip("abcd", (0, -30, -5, -60)):
+        for m in ("mean", "ties", "knots"):
+            for rep_ in range(3):
+                cells.append({"method": m, "task": t, "loss": effect + float(torch.randn(1, generator=g)) * 3})
+    out = {(r["test"], r.get("factor")): r for r in anovas(cells)}
+    by_task = [[c["loss"] for c in cells if c["task"] == t] for t in "abcd"]
+    assert out[("anova1", "task")]["p_value"] == pytest.approx(stats.f_oneway(*by_task).pvalue)
+    assert out[("anova1", "task")]["p_value"] < 1e-10 and out[("anova1", "method")]["p_value"] > 0.05
+    two = out[("anova2", None)]
+    assert two["task"]["p_value"] < 1e-10 and two["method"]["p_value"] > 0.01
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def pool_of(tmp_path, n, tasks=("country-capital", "country-currency"), rank=8):
+    rows = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()]
+    pool = tmp_path / "pool"
+    pool.mkdir(exist_ok=True)
+    for i in range(n):
+        u = random_lora(i, rank=rank, targets={"up_proj": (128, 64), "q_proj": (64, 64)}, layers=[1],
+                        name=f"e{i}", task=tasks[i % len(tasks)])
+        for m in u.modules.values():
+            m.B *= 30
+        (pool / f"e{i}.safetensors").write_bytes(lora_blob(u))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:60]))
+    return pool, data
+
+
+def records(text):
+    return [json.loads(x) for x in text.splitlines()]
+
+
+def test_representations_and_an_actual_merge(tiny_lm, tmp_path):
+    """The measured distortion of any merge is at least r², which is at least Δ²/4; a 'merge' equal to an
+    expert has distortion 0 for that expert."""
+    pool, data = pool_of(tmp_path, 4)
+    merged = tmp_path / "m.safetensors"
+    run_cli("merge", "-m", "ties", str(pool), "-o", str(merged), check=True)
+    out = records(run_cli("diagnose", "--base", str(tiny_lm), "--data", str(data), "--merged", str(merged),
+                          "--budget", "1e9", str(pool), check=True).stdout.decode())
+    (g,) = [r for r in out if r["kind"] == "group"]
+    assert g["distortion_max"] >= g["meb_radius2"] - 1e-6 >= g["lower_bound"] - 2e-6
+    assert g["n_inputs"] == 10 and g["hidden_dim"] == 64 and g["verdict"] == "yes_if_linear" and g["met"]
+    ads = [r for r in out if r["kind"] == "adapter"]
+    assert all(r["mds"] >= 1 for r in ads) and all("distortion" in r for r in ads)
+    pairs = [r for r in out if r["kind"] == "pair"]
+    assert len(pairs) == 6 and max(p["hidden_sim"] for p in pairs) == 1 and min(p["hidden_sim"] for p in pairs) == 0
+    same = records(run_cli("diagnose", "--base", str(tiny_lm), "--data", str(data), "--merged",
+                           str(pool / "e1.safetensors"), str(pool), check=True).stdout.decode())
+    d = {r["adapter"]: r["distortion"] for r in same if r["kind"] == "adapter"}
+    assert d["e1"] == pytest.approx(0, abs=1e-6) and min(v for k, v in d.items() if k != "e1") > 0
+
+
+def test_gradients_explain_scores_fit_and_predict(tiny_lm, tmp_path):
+    pool, data = pool_of(tmp_path, 6)
+    scores = tmp_path / "s.jsonl"
+    scores.write_text("".join(json.dumps({"adapter": f"e{i}", "score": s}) + "\n"
+                              for i, s in enumerate([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])))
+    model = tmp_path / "m.json"
+    r = run_cli("diagnose", "--base", str(tiny_lm), "--data", str(data), "--gradients", "--explain", "--scores",
+                str(scores), "--fit", str(model), str(pool), "--plot", str(tmp_path / "figs"), check=True)
+    out = records(r.stdout.decode())
+    pairs = [x for x in out if x["kind"] == "pair"]
+    assert all(p["grad_cosine"] is not None and p["grad_l2"] >= 0 for p in pairs)
+    ads = [x for x in out if x["kind"] == "adapter"]
+    assert all({"gap", "p_correct", "finetuned", "perplexity"} <= set(a) for a in ads)
+    stats = [x for x in out if x["kind"] == "stat" and x["test"] == "correlation"]
+    assert {s["x"] for s in stats} >= {"mds", "norm_f", "gap"} and all(s["y"] == "score" for s in stats)
+    m = json.loads(model.read_text())
+    assert m["kind"] == "model" and m["target"] == "score" and len(m["weights"]) == len(m["features"])
+    pred = records(run_cli("diagnose", "--base", str(tiny_lm), "--data", str(data), "--explain", "--gradients",
+                           "--predict", str(model), str(pool), check=True).stdout.decode())
+    assert sum(x["kind"] == "prediction" for x in pred) == 6
+    assert (tmp_path / "figs" / "hidden_sim.png").exists()
+
+
+def test_losses_join_pairs_and_groups(tiny_lm, tmp_path):
+    pool, data = pool_of(tmp_path, 4, tasks=("a", "b", "c", "d"))
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    tasks = ["a", "b", "c", "d"]
+    data.write_text("".join(json.dumps({**r, "task": tasks[i % 4]}) + "\n" for i, r in enumerate(rows)))
+    loss = []
+    names = [f"e{i}" for i in range(4)]
+    for method, shift in (("mean", -10), ("ties", -5)):
+        for a, b in itertools.combinations(range(4), 2):
+            for x in (a, b):
+                loss.append({"group": f"{a}{b}", "adapters": [names[a], names[b]], "method": method, "adapter": names[x],
+                             "task": tasks[x], "loss": shift - 3 * (a + b) - x})
+        for x in range(4):
+            loss.append({"adapters": names, "method": method, "adapter": names[x], "task": tasks[x], "loss": shift - 7 * x})
+    lf = tmp_path / "l.jsonl"
+    lf.write_text("".join(json.dumps(x) + "\n" for x in loss))
+    out = records(run_cli("diagnose", "--base", str(tiny_lm), "--data", str(data), "--losses", str(lf), str(pool),
+                          check=True).stdout.decode())
+    stats = [x for x in out if x["kind"] == "stat"]
+    assert {s["factor"] for s in stats if s["test"] == "anova1"} == {"method", "task"}
+    assert sum(s["test"] == "correlation" and s["y"] == "pair_loss" for s in stats) >= 2 * 8
+    assert any(s["test"] == "correlation" and s["x"] == "mds" and s["n"] == 4 for s in stats)
+    assert any(s["test"] == "merging_loss" and s["n_members"] == 4 for s in stats)
+
+
+def test_select_replaces_the_most_incompatible_member(tiny_lm, tmp_path):
+    pool, data = pool_of(tmp_path, 6)
+    group = [str(pool / f"e{i}.safetensors") for i in range(4)]
+    cands = tmp_path / "cands"
+    cands.mkdir()
+    for i in (4, 5):
+        (pool / f"e{i}.safetensors").rename(cands / f"e{i}.safetensors")
+    out = records(run_cli("diagnose", "--base", str(tiny_lm), "--data", str(data), "--select", "4", "--candidates",
+                          str(cands), *group, check=True).stdout.decode())
+    (s,) = [x for x in out if x["kind"] == "selection"]
+    assert len(s["group"]) == 4 and s["worst_mds_after"] <= s["worst_mds_before"]
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["@pool", "--base", "@base"], 2, "both --base and --data"),
+    (["@pool", "--budget", "5"], 2, "needs the model"),
+    (["@pool", "--budget", "nan", "--base", "@base", "--data", "@data"], 2, "finite"),
+    (["@pool", "--fit", "m.json"], 2, "needs measured"),
+    (["@pool", "--pool", "max"], 2, "unknown pooling"),
+    (["@pool", "--scores", "@badscores"], 1, "no adapter of the score records"),
+    (["@one"], 2, "at least two"),
+    (["@pool", "--predict", "@junk"], 1, "not a diagnose model"),
+])
+def test_bad_inputs(args, code, needle, tiny_lm, tmp_path, capsys):
+    from mergetool.cli.main import run
+
+    pool, data = pool_of(tmp_path, 3)
+    (tmp_path / "bs.jsonl").write_text('{"adapter": "nobody", "score": 0.5}\n')
+    (tmp_path / "junk.json").write_text('{"kind": "other"}')
+    subst = {"@pool": str(pool), "@base": str(tiny_lm), "@data": str(data), "@badscores": str(tmp_path / "bs.jsonl"),
+             "@one": str(pool / "e0.safetensors"), "@junk": str(tmp_path / "junk.json")}
+    rc = run(["diagnose", *[subst.get(a, a) for a in args]])
+    got = capsys.readouterr()
+    assert rc == code and needle in got.err and "Traceback" not in got.err, got.err
+    assert len(got.err.strip().splitlines()) == 1 and not got.out

@@ -1,0 +1,317 @@
+"""mergetool score and weight: the trial plan, planted pools, resume after kill -9, bad inputs, weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import lora_blob, random_lora, run_cli
+
+from mergetool.score import Group, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_every_adapter_gets_n_trials_with_uniform_partners(independent):
+    """Each adapter is counted in exactly N trials (one per trial index), every merge has M+1 members, and
+    over many trials each other adapter is a partner equally often (χ² test, fixed seed)."""
+    from scipy import stats
+
+    P, M, N = 13, 4, 600
+    groups = plan(P, M, N, seed=7, independent=independent)
+    seen = {a: [] for a in range(P)}
+    together = [[0] * P for _ in range(P)]
+    for g in groups:
+        assert len(g.members) == M + 1 and len(set(g.members)) == M + 1
+        for a in g.counted:
+            seen[a].append(g.trial)
+            for b in g.members:
+                if b != a:
+                    together[a][b] += 1
+    assert all(sorted(t) == list(range(N)) for t in seen.values())
+    expected = N * M / (P - 1)
+    for a in range(P):
+        counts = [together[a][b] for b in range(P) if b != a]
+        assert sum(counts) == N * M
+        assert stats.chisquare(counts, [expected] * (P - 1)).pvalue > 1e-3
+    if not independent:  # about N·P/(M+1) merges instead of N·P
+        assert len(groups) == N * math.ceil(P / (M + 1))
+
+
+def test_shared_and_independent_plans_agree_in_expectation():
+    """A planted pool: adapters 0-3 always survive, 4-7 never, 8-11 survive exactly when adapter 0 is among
+    their partners (probability M/(P-1)). Both schemes estimate the same expected scores."""
+    P, M, N = 12, 3, 400
+
+    def scores(groups):
+        total = [0.0] * P
+        for g in groups:
+            for a in g.counted:
+                total[a] += 1.0 if a < 4 else 0.0 if a < 8 else float(0 in g.members)
+        return [t / N for t in total]
+
+    shared, indep = scores(plan(P, M, N, 1)), scores(plan(P, M, N, 2, independent=True))
+    assert shared[:8] == indep[:8] == [1.0] * 4 + [0.0] * 4
+    for a in range(8, 12):
+        assert abs(shared[a] - M / (P - 1)) < 0.07 and abs(indep[a] - M / (P - 1)) < 0.07
+
+
+def test_partners_from_draws_only_from_that_set():
+    groups = plan(10, 3, 5, seed=0, scored=[0, 1], partner_pool=[5, 6, 7, 8, 9])
+    assert len(groups) == 10 and all(set(g.members[1:]) <= {5, 6, 7, 8, 9} and g.watched == g.members[1:]
+                                     for g in groups)
+    assert isinstance(groups[0], Group)
+
+
+# ----------------------------------------------------------------------------- end to end on a tiny model
+
+
+def capitals(n):
+    rows = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["task"] == "country-capital"][:n]
+
+
+def make_pool(tmp_path, n, gain=30.0, zero=False, rank=8):
+    rows = capitals(n)
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pool = tmp_path / "pool"
+    pool.mkdir(exist_ok=True)
+    for i, r in enumerate(rows):
+        u = random_lora(i, rank=rank, targets={"up_proj": (128, 64)}, layers=[1], name=r["id"])
+        u.meta["training"] = {"example": r["id"]}
+        for m in u.modules.values():
+            m.B *= 0.0 if zero else gain
+        (pool / f"{r['id']}.safetensors").write_bytes(lora_blob(u))
+    return data, pool, rows
+
+
+def records(text):
+    return {r["adapter"]: r for r in map(json.loads, text.splitlines())}
+
+
+def test_planted_pool_scores_are_the_base_correctness(tiny_lm, tmp_path):
+    """Adapters that change nothing (B = 0): every merge is the base model, so an adapter whose question the
+    base answers always survives (S = 1) and one it misses never does (S = 0), in both schemes."""
+    data, pool, rows = make_pool(tmp_path, 10, zero=True)
+    base = {r["id"]: r["correct"] for r in map(json.loads, run_cli("eval", "--base", str(tiny_lm), str(data),
+                                                                      check=True).stdout.decode().splitlines())}
+    for extra in ([], ["--independent"]):
+        r = run_cli("score", "--base", str(tiny_lm), "--data", str(data), "-M", "3", "-N", "2", "--method", "mean",
+                    *extra, str(pool), check=True)
+        got = records(r.stdout.decode())
+        assert set(got) == set(base)
+        for a, rec in got.items():
+            assert rec["score"] == base[a] and rec["per_trial"] == [base[a]] * 2
+            assert rec["trials"] == 2 and rec["partners"] == 3 and rec["method"] == "mean"
+            assert rec["finetuned"] == base[a] and rec["base_accuracy"] == base[a]
+            assert rec["delta_trained"] == pytest.approx(0, abs=1e-6) and rec["norm_f"] == 0
+            assert {"p_correct", "p_max", "gap", "rank", "perplexity", "length", "sigma_max", "seed"} <= set(rec)
+
+
+def test_shared_trials_equal_merging_each_group_by_hand(tiny_lm, tmp_path):
+    """Each per_trial value is the adapter's correctness under the merge of its trial's group, as merge + eval
+    compute it one by one (KnOTS)."""
+    from mergetool.inputs import load_inputs
+
+    data, pool, rows = make_pool(tmp_path, 8)
+    r = run_cli("score", "--base", str(tiny_lm), "--data", str(data), "-M", "3", "-N", "2", "--seed", "3",
+                str(pool), check=True)
+    got = records(r.stdout.decode())
+    names = sorted(u.name for u in load_inputs([str(pool)]))
+    groups = plan(len(names), 3, 2, seed=3)
+    for g in groups[:3]:
+        merged = tmp_path / "m.safetensors"
+        run_cli("merge", "-m", "knots", *[str(pool / f"{names[i]}.safetensors") for i in g.members], "-o",
+                str(merged), check=True)
+        ev = {x["id"]: x["correct"] for x in map(json.loads, run_cli(
+            "eval", "--base", str(tiny_lm), "--adapter", str(merged), str(data), check=True).stdout.decode().splitlines())}
+        for a in g.counted:
+            assert got[names[a]]["per_trial"][g.trial] == ev[names[a]]
+
+
+def test_resume_after_kill_gives_the_uninterrupted_records(tiny_lm, tmp_path):
+    data, pool, rows = make_pool(tmp_path, 40)
+    args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "3", "-N", "4", "--merge-chunk", "1",
+            str(pool)]
+    whole = records(run_cli(*args, check=True).stdout.decode())
+    out = tmp_path / "s.jsonl"
+    side = tmp_path / "s.jsonl.trials"
+    p = subprocess.Popen([sys.executable, "-m", "mergetool", *args, "-o", str(out)], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if side.exists() and sum(1 for x in side.read_text().splitlines() if '"group"' in x) >= 5:
+            break
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert side.exists(), "the run finished before it could be killed"
+    done_before = sum(1 for x in side.read_text().splitlines() if '"group"' in x)
+    assert 5 <= done_before < 40
+    with side.open("a") as f:
+        f.write('{"kind": "group", "gro')  # a line cut by the kill
+    r = run_cli(*args, "-o", str(out), "--resume", check=True)
+    assert f"({done_before} done before)" in r.stderr.decode()
+    again = records(out.read_text())
+    assert not side.exists() and set(again) == set(whole)
+    for a, rec in whole.items():
+        assert again[a]["per_trial"] == rec["per_trial"] and again[a]["score"] == rec["score"]
+        for k in ("p_correct", "gap", "delta_trained", "perplexity", "norm_f"):
+            assert again[a][k] == pytest.approx(rec[k], rel=1e-4, abs=1e-6)
+
+
+def test_resume_refuses_another_plan(tiny_lm, tmp_path):
+    data, pool, _ = make_pool(tmp_path, 6)
+    out = tmp_path / "s.jsonl"
+    side = tmp_path / "s.jsonl.trials"
+    side.write_text('{"kind": "plan", "key": "0000"}\n')
+    r = run_cli("score", "--base", str(tiny_lm), "--data", str(data), "-M", "2", "-N", "2", str(pool),
+                "-o", str(out), "--resume")
+    assert r.returncode == 1 and b"another" in r.stderr and b"Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["@pool"], 2, "--data"),
+    (["--data", "@data"], 2, "no adapters"),
+    (["--data", "@data", "--level", "sentence", "@pool"], 2, "unknown level"),
+    (["--data", "@data", "--resume", "@pool", "@stdout"], 2, "needs -o"),
+    (["--data", "@data", "-M", "0", "@pool"], 2, "at least 1"),
+    (["--data", "@data", "-M", "9", "@pool"], 1, "need 10 adapters"),
+    (["--data", "@data", "--method", "slerp", "@pool"], 2, "at most 2"),
+    (["--data", "@data", "--method", "nope", "@pool"], 2, "unknown method"),
+    (["--data", "@data", "--density", "nan", "@pool"], 2, "finite"),
+    (["--data", "@data", "--plot", "x.pdf", "@pool"], 2, ".png"),
+    (["--data", "@other", "@pool"], 1, "matches no example id"),
+    (["--data", "@data", "--level", "task", "@pool"], 1, "matches no task"),
+])
+def test_bad_inputs(args, code, needle, tiny_lm, tmp_path, capsys):
+    """Each bad input: one line, its exit code, no output (run in-process: these fail before any model loads)."""
+    from mergetool.cli.main import run
+
+    data, pool, rows = make_pool(tmp_path, 6)
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**r, "id": r["id"] + "-x"}) + "\n" for r in rows))
+    subst = {"@pool": str(pool), "@data": str(data), "@other": str(other)}
+    out = tmp_path / "s.jsonl"
+    to = [] if "@stdout" in args else ["-o", str(out)]
+    rc = run(["score", "--base", str(tiny_lm), *[subst.get(a, a) for a in args if a != "@stdout"], *to])
+    got = capsys.readouterr()
+    assert rc == code and needle in got.err and "Traceback" not in got.err, got.err
+    assert len(got.err.strip().splitlines()) == 1 and not out.exists() and not got.out
+
+
+def test_summary_and_plot(tiny_lm, tmp_path):
+    data, pool, _ = make_pool(tmp_path, 12)
+    png = tmp_path / "s.png"
+    r = run_cli("score", "--base", str(tiny_lm), "--data", str(data), "-M", "3", "-N", "3", str(pool),
+                "--plot", str(png), check=True)
+    err = r.stderr.decode()
+    assert "Binomial(N=3" in err and "Spearman" in err and "gap" in err
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_binomial_fit_and_correlations():
+    from scipy import stats
+
+    from mergetool.stats import binomial_fit, binned, correlate
+
+    bimodal = [0.0] * 40 + [1.0] * 40  # mergeability is a trait: far from any binomial
+    fit = binomial_fit(bimodal, 5)
+    assert fit["p"] == 0.5 and fit["observed"] == [40, 0, 0, 0, 0, 40]
+    assert fit["p_value"] < 1e-10 and fit["dispersion"] > 4
+    assert fit["expected"] == pytest.approx([80 * stats.binom.pmf(k, 5, 0.5) for k in range(6)])
+    c = correlate([1, 2, 3, 4, 5], [2, 4, 5, 4, 6])
+    assert c["spearman"] == pytest.approx(stats.spearmanr([1, 2, 3, 4, 5], [2, 4, 5, 4, 6]).statistic)
+    assert correlate([1, 1, 1], [1, 2, 3])["spearman"] is None
+    rows = binned([{"score": s, "x": s * 2} for s in (0.0, 0.0, 0.4, 1.0)], "score", ["x"], 5)
+    assert [r["bin"] for r in rows] == ["0.00", "0.40", "1.00"] and rows[0]["n"] == 2 and rows[0]["x_mean"] == 0
+
+
+# ----------------------------------------------------------------------------- weight
+
+
+def test_weight_from_base_accuracy_by_hand(tmp_path):
+    acc = tmp_path / "acc.jsonl"
+    acc.write_text('{"task": "a", "adapter": null, "n": 10, "accuracy": 0.9}\n'
+                   '{"task": "b", "adapter": null, "n": 10, "accuracy": 0.3}\n'
+                   '{"task": "c", "adapter": null, "n": 10, "accuracy": 0.5}\n')
+    got = [json.loads(x) for x in run_cli("weight", "--records", str(acc), "--tau", "0.5", check=True).stdout.splitlines()]
+    s = [0.1 / 0.5, 0.7 / 0.5, 0.5 / 0.5]
+    z = sum(math.exp(x) for x in s)
+    assert [g["adapter"] for g in got] == ["a", "b", "c"]
+    assert [g["weight"] for g in got] == pytest.approx([math.exp(x) / z for x in s])
+    mx = [json.loads(x)["weight"] for x in run_cli("weight", "--records", str(acc), "--tau", "0.5", "--normalize",
+                                                  "max", check=True).stdout.splitlines()]
+    assert mx == pytest.approx([math.exp(x - max(s)) for x in s])
+
+
+def test_weight_by_score_and_per_example_records(tmp_path):
+    sc = tmp_path / "s.jsonl"
+    sc.write_text('{"adapter": "x", "score": 1.0}\n{"adapter": "y", "score": 0.0}\n')
+    got = [json.loads(x) for x in run_cli("weight", "--by", "score", "--records", str(sc), "--tau", "1",
+                                          check=True).stdout.splitlines()]
+    assert got[1]["weight"] == pytest.approx(math.e / (1 + math.e))  # the less mergeable weighs more
+    recs = tmp_path / "r.jsonl"
+    recs.write_text("".join(json.dumps({"id": str(i), "task": "t", "adapter": None, "correct": int(i < 3)}) + "\n"
+                            for i in range(4)))
+    w = json.loads(run_cli("weight", "--records", str(recs), check=True).stdout)
+    assert w == {"adapter": "t", "weight": 1.0}
+
+
+def test_weight_pipes_into_merge(tmp_path):
+    """mergetool weight ... experts/ | mergetool merge -m linear --weights - experts/"""
+    pool = tmp_path / "experts"
+    pool.mkdir()
+    us = [random_lora(i, name=f"e{i}", task=f"t{i}") for i in range(3)]
+    for u in us:
+        (pool / f"{u.name}.safetensors").write_bytes(lora_blob(u))
+    acc = tmp_path / "acc.jsonl"
+    acc.write_text("".join(json.dumps({"task": f"t{i}", "adapter": None, "n": 5, "accuracy": a}) + "\n"
+                           for i, a in enumerate([0.2, 0.9, 0.6])))
+    cmd = (f"{sys.executable} -m mergetool weight --records {acc} --tau 0.5 {pool} | "
+           f"{sys.executable} -m mergetool merge -m linear --weights - {pool} -o {tmp_path / 'm.safetensors'}")
+    p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True)
+    assert p.returncode == 0, p.stderr
+    from mergetool.io import read_blobs
+    from mergetool.updates import from_blob
+
+    m = from_blob(read_blobs(str(tmp_path / "m.safetensors"))[0], "m")
+    w = torch.softmax(torch.tensor([0.8, 0.1, 0.4]) / 0.5, 0)
+    for k, mm in m.modules.items():
+        want = sum(float(w[i]) * us[i].modules[k].delta() for i in range(3))
+        assert torch.allclose(mm.delta(), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("args,stdin,needle", [
+    (["--tau", "0"], b"", "positive finite"),
+    (["--tau", "nan"], b"", "positive finite"),
+    (["--by", "votes"], b"", "unknown basis"),
+    (["--normalize", "l2"], b"", "unknown normalisation"),
+    ([], b'{"task": "t", "adapter": "x", "accuracy": 0.5}\n', "no base-model rows"),
+    ([], b'{"task": "t", "adapter": null, "accuracy": 1.5}\n', "outside [0, 1]"),
+    ([], b'{"task": "t", "adapter": null, "accuracy": NaN}\n', "finite"),
+    (["--by", "score"], b'{"adapter": "x", "score": 0.5}\n{"adapter": "x", "score": 0.1}\n', "second score"),
+])
+def test_weight_bad_inputs(args, stdin, needle, tmp_path, capsys):
+    from mergetool.cli.main import run
+
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(stdin or b"{}\n")
+    rc = run(["weight", *args, "--records", str(src)])
+    got = capsys.readouterr()
+    assert rc in (1, 2) and needle in got.err and "Traceback" not in got.err and not got.out, got.err
