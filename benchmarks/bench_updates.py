@@ -109,7 +109,7 @@ def main():
     t = time.perf_counter()
     with RowAdapters(model, ups) as ad:
         batched = ev.evaluate(model, tok, exs, "tokens", batch_tokens=args.batch_tokens, adapters=ad,
-                              which=range(len(ups)))
+                              jobs=[(i, range(len(exs))) for i in range(len(ups))])
     sync(dev)
     t_batched = time.perf_counter() - t
 

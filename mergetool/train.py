@@ -20,6 +20,7 @@ import torch
 from .adapters import Prefix, RowAdapters, decoder_layers, first_layer, layer_of
 from .errors import MergetoolError
 from .scoring import logits_at, prefix_token
+from .updates import Update
 
 
 @dataclass
@@ -60,6 +61,20 @@ def target_modules(model, spec: LoraSpec, default_middle: bool) -> list[str]:
         raise MergetoolError("--target-modules", f"no linear module matches {','.join(spec.targets)} in layers "
                              f"{layers}", "name modules such as mlp.up_proj or self_attn.q_proj")
     return names
+
+
+def expert_meta(template: dict, name: str, task: str, **training) -> dict:
+    """An expert's metadata: the run's ``template`` (kind, base, peft_config, training settings) with its name,
+    task, and what its own training adds (example id, final loss, ...)."""
+    return {**template, "name": name, "task": task, "training": {**template.get("training", {}), **training}}
+
+
+def check_finite(u: Update) -> None:
+    """A trained expert holding NaN or Inf is an error (the learning rate was too high), never an output."""
+    bad = next((k for k, m in u.modules.items()
+                if not (bool(torch.isfinite(m.A).all()) and bool(torch.isfinite(m.B).all()))), None)
+    if bad is not None:
+        raise MergetoolError(u.name, f"training diverged: module {bad} holds NaN or Inf", "lower --lr")
 
 
 def expert_seed(seed: int, example_id: str) -> int:
@@ -174,7 +189,7 @@ def train_task(model, tok, items: list[tuple[str, str]], spec: LoraSpec, names: 
             lo.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            loss = float(lo)
+            loss = float(lo.detach())
             if progress:
                 progress()
     return ad, loss

@@ -85,7 +85,7 @@ def test_twelve_updates_in_one_batched_call_equal_twelve_eval_runs(tiny_lm, setu
         calls = []  # the rows each batch is given: several different updates share one forward pass
         set_rows = ad.set_rows
         ad.set_rows = lambda rows: (calls.append(list(rows)), set_rows(rows))[1]
-        batched = ev.evaluate(model, tok, exs, "tokens", adapters=ad, which=range(len(ups)))
+        batched = ev.evaluate(model, tok, exs, "tokens", adapters=ad, jobs=[(i, range(len(exs))) for i in range(len(ups))])
     assert any(len(set(r)) > 3 for r in calls)  # several different updates shared one forward pass
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -48,3 +48,24 @@ def test_small_updates_benchmark(tiny_lm, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["same_prediction"] == res["evaluations"] == 48 and res["max_logprob_diff"] < 1e-4
+
+
+def test_small_diagnose_benchmark(tmp_path):
+    """All pairs at once vs a per-pair loop over dense ΔW, at toy size: the same values."""
+    out = tmp_path / "d.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_diagnose.py"), "--small", "--plain-pairs", "4",
+                        "--device", "cpu", "--json", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["pairs"] == 28 and res["max_rel_diff"] < 1e-5
+
+
+def test_small_score_benchmark(tiny_lm, tmp_path):
+    """Shared trials vs the plain loop on the same partners, at toy size: the same outcomes."""
+    out = tmp_path / "s.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_score.py"), "--model", str(tiny_lm), "--pool",
+                        "12", "--partners", "3", "--trials", "2", "--plain-pairs", "6", "--device", "cpu", "--json",
+                        str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["same_outcome_on_timed_pairs"] == res["plain_pairs_timed"] == 6 and res["merges_shared"] == 6

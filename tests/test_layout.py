@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "mergetool"
 # -> scoring -> evaluation -> the commands' libraries -> the CLI. A module may import from its own stage or
 # an earlier one.
 STAGES = [
-    ["mergetool", "mergetool.errors"],
+    ["mergetool", "mergetool.errors", "mergetool.device"],
     ["mergetool.io"],
     ["mergetool.updates"],
     ["mergetool.model", "mergetool.weights"],
@@ -23,8 +23,10 @@ STAGES = [
     ["mergetool.adapters", "mergetool.examples"],
     ["mergetool.scoring"],
     ["mergetool.evaluate"],
-    ["mergetool.train", "mergetool.score", "mergetool.diagnose", "mergetool.stats", "mergetool.plots",
-     "mergetool.distributed"],
+    ["mergetool.stats", "mergetool.plots"],
+    ["mergetool.train", "mergetool.diagnose", "mergetool.diagnose.weightspace", "mergetool.diagnose.representation",
+     "mergetool.diagnose.predict", "mergetool.diagnose.analysis", "mergetool.diagnose.gradients", "mergetool.score",
+     "mergetool.diagnose.core", "mergetool.distributed"],
     ["mergetool.cli", "mergetool.cli.app", "mergetool.cli.common"],
     ["mergetool.cli.merge", "mergetool.cli.eval", "mergetool.cli.train_expert", "mergetool.cli.score",
      "mergetool.cli.diagnose", "mergetool.cli.weight"],

@@ -5,6 +5,7 @@ Imports nothing of the commands (``cli.commands`` does), so there is no circle.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -26,6 +27,39 @@ app = typer.Typer(
 )
 
 state = {"command": None, "debug": False}
+
+
+class Stopped(BaseException):
+    """Ctrl-C (exit 130) or SIGTERM (exit 143) inside a command. Not a KeyboardInterrupt, which typer would turn
+    into a return value, and not an Exception, which no ``except Exception`` may swallow: it unwinds every
+    ``finally`` (temporary files are removed) up to ``main.run``, which prints one line."""
+
+    def __init__(self, code: int, why: str):
+        super().__init__(why)
+        self.code, self.why = code, why
+
+
+class PipeClosed(Exception):
+    """stdout was closed by its reader (``| head``): the command ends quietly with exit 0."""
+
+
+def command(name: str, **kw):
+    """``app.command`` for mergetool's commands: a Ctrl-C or a closed stdout inside one is carried past typer
+    (which would exit 1 on a broken pipe and swallow the interrupt's exit code) to ``main.run``."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except KeyboardInterrupt:
+                raise Stopped(130, "interrupted") from None
+            except BrokenPipeError:
+                raise PipeClosed() from None
+
+        return app.command(name, **kw)(wrapper)
+
+    return deco
 
 
 def version_callback(value: bool):

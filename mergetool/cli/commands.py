@@ -1,3 +1,3 @@
 """Imports every subcommand module so that each registers itself on the app."""
 
-from . import eval, merge, train_expert  # noqa: F401
+from . import diagnose, eval, merge, score, train_expert, weight  # noqa: F401

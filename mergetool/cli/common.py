@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..device import pick_device  # noqa: F401  (commands import it from here)
 from ..errors import UsageError
 
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cuda, cuda:N or cpu.",
@@ -18,6 +19,22 @@ BaseModel = Annotated[Optional[str], typer.Option("--base", metavar="MODEL",
                                                   help="Base model: directory, HF id (offline cache) or .gguf file.")]
 GgufFile = Annotated[Optional[str], typer.Option("--gguf-file", help="GGUF file inside the --base directory.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt pickle weights (weights_only).")]
+Norm = Annotated[str, typer.Option("--norm", help="Multiple-choice score: tokens (mean token log-prob), chars "
+                                   "(lm-eval acc_norm) or none (lm-eval acc).", metavar="tokens|chars|none")]
+Shots = Annotated[int, typer.Option("--shots", help="k-shot demonstrations per example (same task, never itself).")]
+ShotsFrom = Annotated[Optional[str], typer.Option("--shots-from", help="Pool of demonstrations (default: the records "
+                                                  "with split=train in DATA).", metavar="FILE")]
+Chat = Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the tokenizer's chat template.")]
+BatchTokens = Annotated[int, typer.Option("--batch-tokens", help="Tokens per scoring batch.")]
+Ray = Annotated[Optional[str], typer.Option("--ray", help="Run the jobs on Ray: local (a Ray instance here; also "
+                                            "--ray alone), auto (this machine's cluster), ray://HOST:PORT or HOST:PORT.",
+                                            metavar="[ADDRESS]")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="With --ray: workers, each with the model resident "
+                                                "(default: one per GPU, else one per node).")]
+Unordered = Annotated[bool, typer.Option("--unordered", help="With --ray: write records as jobs finish, not in the "
+                                         "single-process order.")]
+ModelDtype = Annotated[str, typer.Option("--dtype", help="Model dtype: auto (bf16 on CUDA, fp32 on CPU), float32, "
+                                         "bfloat16.")]
 
 
 def require_data_and_base(command: str, data: str | None, base: str | None) -> None:
@@ -28,16 +45,37 @@ def require_data_and_base(command: str, data: str | None, base: str | None) -> N
         raise UsageError("--base", f"{command} needs the base model", "pass --base MODEL")
 
 
-def pick_device(spec: str):
-    """``auto`` is CUDA when present; all tensor work of a command runs on the device chosen here."""
+
+
+def model_dtype(spec: str):
+    """The --dtype of a command that runs the model: None (auto: bf16 on CUDA, fp32 on CPU) or a torch dtype."""
     import torch
 
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError("--device", f"{spec} requested but CUDA is not available", "use --device cpu or auto")
-        return torch.device(spec)
-    if spec == "cpu":
-        return torch.device("cpu")
-    raise UsageError("--device", f"unknown device {spec!r}", "use auto, cuda or cpu")
+    dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    if spec not in dtypes:
+        raise UsageError("--dtype", f"unknown dtype {spec!r}", "use auto, float32 or bfloat16")
+    return dtypes[spec]
+
+
+def progress_bar(total: int, quiet: bool, label: str, unit: str):
+    """A progress bar of ``unit`` done on stderr when it is a terminal (not with --quiet); a no-op otherwise,
+    so pipes and logs stay clean. Call it with a count as work is done, and with None at the end."""
+    import sys
+
+    if quiet or not sys.stderr.isatty() or total == 0:
+        return lambda n: None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeRemainingColumn(),
+                 console=Console(stderr=True), transient=True, redirect_stdout=False, redirect_stderr=False)
+    task = p.add_task(label, total=total)
+    p.start()
+
+    def step(n):
+        if n is None:
+            p.stop()
+        else:
+            p.advance(task, n)
+
+    return step

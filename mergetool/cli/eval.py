@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..errors import MergetoolError, UsageError
-from .common import AllowPickle, BaseModel, Data, Debug, Device, GgufFile, Quiet, pick_device, require_data_and_base
-from .app import app, begin
+from .common import (AllowPickle, BaseModel, BatchTokens, Chat, Data, Debug, Device, GgufFile, ModelDtype, Norm, Quiet,
+                     Ray, Shots, ShotsFrom, Unordered, Workers, model_dtype, pick_device, progress_bar)
+from .app import begin, command
 
 log = logging.getLogger("mergetool")
 
@@ -38,27 +39,111 @@ Examples:
 """
 
 Opt = typer.Option
-CHUNK = 256
+FIRST_CHUNK, MAX_CHUNK, FLUSH_SECONDS = 32, 1024, 3.0
+RAY_CHUNK = 256  # examples per Ray job
 
 
-def _done_ids(path: Path) -> set[tuple]:
-    """(adapter, id) pairs already written; a last line cut by a crash is dropped from the file (and redone)."""
+def _eval_on_ray(dist, address, workers, unordered, b, gguf_file, fp, device, dtype, todo, updates, run, norm,
+                 max_new_tokens, batch_tokens, write, bar) -> None:
+    """The same evaluation on a Ray cluster: jobs of (a chunk of examples, a share of the adapters), each worker
+    with the model resident; a chunk's records are written, example by example, once all its shares are in."""
+    cluster = dist.connect(address, workers, b.name, gguf_file, fp, device, dtype if dtype != "auto" else None)
+    spec = dist.examples_spec(todo, run, norm=norm, max_new_tokens=max_new_tokens, batch_tokens=batch_tokens)
+    ref = cluster.put_updates(updates) if updates else []
+    n = len(updates)
+    per = max(1, -(-n // (2 * len(cluster.actors)))) if n else 1
+    shares = [list(range(s, min(n, s + per))) for s in range(0, n, per)] or [[]]
+    chunks = [list(range(s, min(len(todo), s + RAY_CHUNK))) for s in range(0, len(todo), RAY_CHUNK)]
+    jobs = [(spec, ref, share, ids) for ids in chunks for share in shares]
+    got: dict[int, list] = {}
+
+    def deliver(j, res):
+        c = j // len(shares)
+        got.setdefault(c, [None] * len(shares))[j % len(shares)] = res
+        if all(x is not None for x in got[c]):
+            write([todo[i] for i in chunks[c]], [r for part in got.pop(c) for r in part])
+            bar(len(chunks[c]) * max(n, 1))
+
+    cluster.run("evaluate", jobs, deliver, not unordered)
+
+
+def _done_ids(path: Path, run: str) -> set[tuple]:
+    """(adapter, id) pairs already written by a run of the same base and options (``run``); a last line cut by a
+    crash is dropped from the file (and redone); records of another run are refused, never mixed."""
     ids = set()
     if path.exists():
         text = path.read_text()
         if text and not text.endswith("\n"):
             text = text[: text.rfind("\n") + 1]
             path.write_text(text)
-        for line in text.splitlines():
+        for i, line in enumerate(text.splitlines(), 1):
             try:
                 r = json.loads(line)
-                ids.add((r.get("adapter"), r["id"]))
+                key = (r.get("adapter"), r["id"])
             except (json.JSONDecodeError, KeyError, TypeError):
-                pass  # a line cut by a crash is redone
+                raise MergetoolError(f"{path}:{i}", "is not an eval record", "resume into a file eval wrote") from None
+            if r.get("run") != run:
+                raise MergetoolError(str(path), "was written by eval with another base model or other options "
+                                     "(--norm, --shots, --seed, --chat, --split, --max-new-tokens)",
+                                     "resume with the same options, or write to a new file")
+            ids.add(key)
     return ids
 
 
-@app.command("eval", help=HELP, short_help="Evaluate a model or adapter on examples: JSONL records.",
+def _run_key(fp, norm, shots, shots_from, seed, chat, max_new_tokens, split) -> str:
+    """What an eval record depends on besides its adapter and example: records with different keys never mix."""
+    import hashlib
+
+    doc = [fp, norm, shots, shots_from, seed, chat, max_new_tokens, split]
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:12]
+
+
+def _base_of(updates) -> str:
+    """The base model named by the adapters' metadata, when --base is not given."""
+    bases = {u.meta.get("base_model") for u in updates if u.meta.get("base_model")}
+    if len(bases) == 1:
+        return bases.pop()
+    why = "the adapters name different base models" if bases else "no adapter names its base model"
+    raise UsageError("--base", f"eval needs the base model; {why}", "pass --base MODEL")
+
+
+def refuse_overwriting_inputs(out: Path, inputs) -> None:
+    """An output file that is one of the inputs would destroy it: refused."""
+    if not out.exists():
+        return
+    for src in inputs:
+        if src and src != "-" and Path(src).exists() and os.path.samefile(out, src):
+            raise UsageError("-o", f"{out} is the input {src}", "write the records to another file")
+
+
+class _Sink:
+    """Where records go: a file opened only when the first record is ready (a run that fails before leaves no
+    empty file), stdout, or nowhere (--summary to stdout collects them)."""
+
+    def __init__(self, path: Path | None, append: bool, stdout):
+        self.path, self.mode, self.fh, self.stdout = path, "a" if append else "w", None, stdout
+        if path is not None and path.parent and not path.parent.exists():
+            raise MergetoolError(str(path), "its directory does not exist", "create it first")
+
+    def write(self, text: str) -> None:
+        if self.path is not None:
+            if self.fh is None:
+                self.fh = open(self.path, self.mode)
+            self.fh.write(text)
+        elif self.stdout is not None:
+            self.stdout.write(text)
+
+    def flush(self) -> None:
+        target = self.fh if self.path is not None else self.stdout
+        if target is not None:
+            target.flush()
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+
+@command("eval", help=HELP, short_help="Evaluate a model or adapter on examples: JSONL records.",
              no_args_is_help=True)
 def eval_cmd(
     data: Data = None,
@@ -68,29 +153,30 @@ def eval_cmd(
                                                 "blobs), PEFT dir, pool directory, or - for stdin; repeatable.",
                                                 metavar="ADAPTER|-", show_default=False)] = None,
     summary: Annotated[bool, Opt("--summary", help="One record per task: n, accuracy, rouge_l, perplexity.")] = False,
-    norm: Annotated[str, Opt("--norm", help="Multiple-choice score: tokens (mean token log-prob), chars "
-                             "(lm-eval acc_norm) or none (lm-eval acc).", metavar="tokens|chars|none")] = "tokens",
-    shots: Annotated[int, Opt("--shots", help="k-shot demonstrations per example (same task, never itself).")] = 0,
-    shots_from: Annotated[Optional[str], Opt("--shots-from", help="Pool of demonstrations (default: the records "
-                                             "with split=train in DATA).", metavar="FILE")] = None,
+    norm: Norm = "tokens",
+    shots: Shots = 0,
+    shots_from: ShotsFrom = None,
     split: Annotated[Optional[str], Opt("--split", help="Evaluate only records of this split (default: all but "
                                         "split=train).")] = None,
-    chat: Annotated[bool, Opt("--chat", help="Wrap each prompt in the tokenizer's chat template.")] = False,
+    chat: Chat = False,
     max_new_tokens: Annotated[int, Opt("--max-new-tokens", help="Generation length for exact match.")] = 32,
-    batch_tokens: Annotated[int, Opt("--batch-tokens", help="Tokens per scoring batch.")] = 8192,
+    batch_tokens: BatchTokens = 8192,
     seed: Annotated[int, Opt("--seed", help="Seed of the demonstration draw.")] = 0,
     output: Annotated[Optional[str], Opt("-o", "--output", help="Write records here as they are made.",
                                          metavar="FILE")] = None,
     resume: Annotated[bool, Opt("--resume", help="With -o: skip the examples already in FILE.")] = False,
-    dtype: Annotated[str, Opt("--dtype", help="Model dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16.")]
-    = "auto",
+    dtype: ModelDtype = "auto",
+    ray: Ray = None,
+    workers: Workers = None,
+    unordered: Unordered = False,
     device: Device = "auto",
     allow_pickle: AllowPickle = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ):
     begin("eval", quiet, debug)
-    require_data_and_base("eval", data, base)
+    if data is None:
+        raise UsageError("DATA", "no examples given", "pass a JSONL file or -")
     adapters = list(adapter or [])
     if data == "-" and "-" in adapters:
         raise UsageError("-", "stdin is named twice", "read the adapter or the examples from stdin, not both")
@@ -100,7 +186,14 @@ def eval_cmd(
         raise UsageError("--resume", "needs -o FILE", "write the records to a file to resume them")
     if shots < 0 or max_new_tokens < 1 or batch_tokens < 16:
         raise UsageError("options", "--shots ≥ 0, --max-new-tokens ≥ 1 and --batch-tokens ≥ 16", "fix the values")
-    import torch
+    torch_dtype = model_dtype(dtype)
+    if ray:
+        from ..distributed import check_address
+
+        check_address(ray)
+    out_path = Path(output) if output and output != "-" else None
+    if out_path is not None:
+        refuse_overwriting_inputs(out_path, [data, shots_from, *adapters])
 
     from .. import evaluate as ev
     from ..adapters import RowAdapters
@@ -110,9 +203,6 @@ def eval_cmd(
     from ..model import fingerprint, load_model, resolve_base
 
     dev = pick_device(device)
-    torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, 0)
-    if torch_dtype == 0:
-        raise UsageError("--dtype", f"unknown dtype {dtype!r}", "use auto, float32 or bfloat16")
     rows = read_jsonl(data)
     examples = check_examples(rows, "<stdin>" if data == "-" else data)
     pool = examples
@@ -123,90 +213,89 @@ def eval_cmd(
     examples = [e for e in examples if (e.rec.get("split") == split if split else e.rec.get("split") != "train")]
     if not examples:
         raise MergetoolError(data, "no examples to evaluate after the split filter", "check --split")
+    if shots and not chat:  # demonstrations are drawn (and their count checked) before the model loads
+        add_contexts(examples, pool, shots, seed)
+    updates = load_inputs(adapters, None, allow_pickle) if adapters else []
+    if not base:
+        base = _base_of(updates)
     b = resolve_base(base, gguf_file)
-    updates = load_inputs(adapters, b, allow_pickle) if adapters else []
+    fp = fingerprint(b)
     if updates:
-        check_compatible(updates, fingerprint(b))
+        check_compatible(updates, fp)
         names = [u.name for u in updates]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup is not None:
             raise MergetoolError(dup, "two adapters share this name, so their records could not be told apart",
                                  "rename one (metadata 'name') or evaluate them separately")
     names = [u.name for u in updates] or [None]
+    run = _run_key(fp, norm, shots, shots_from, seed, chat, max_new_tokens, split)
 
-    out_path = Path(output) if output else None
     rec_path = out_path.with_name(out_path.name + ".records") if (out_path and summary) else out_path
-    done = _done_ids(rec_path) if (resume and rec_path) else set()
+    done = _done_ids(rec_path, run) if (resume and rec_path) else set()
     todo = [e for e in examples if any((n, e.id) not in done for n in names)]
-    model, tok = load_model(b, dev, torch_dtype)
-    if shots or chat:
-        add_contexts(todo, pool, shots, seed, tok, chat)
-    else:
-        for e in todo:
-            e.context = e.rec.get("prompt", "")
     log.info("%d examples (%d done before) on %s%s", len(examples), len(examples) - len(todo), b.name,
              f" + {len(updates)} adapter{'s' if len(updates) > 1 else ''}" if updates else "")
-
-    fh = None
-    if rec_path is not None:
-        if rec_path.parent and not rec_path.parent.exists():
-            raise MergetoolError(str(rec_path), "its directory does not exist", "create it first")
-        fh = open(rec_path, "a" if resume else "w")
-    sink = fh if fh is not None else (None if summary else sys.stdout)
     collected: list[dict] = []
-    bar = _progress(len(todo) * len(names), quiet)
-    which = list(range(len(updates))) or [-1]
-    try:
-        with RowAdapters(model, updates) as ad:
-            for s in range(0, len(todo), CHUNK):
-                chunk = todo[s:s + CHUNK]
-                results = ev.evaluate(model, tok, chunk, norm, max_new_tokens, batch_tokens, bar, ad, which)
+    if todo:
+        ray_mode = bool(ray)
+        if ray_mode:
+            from .. import distributed as dist
+            from ..model import load_tokenizer
+
+            model, tok = None, (load_tokenizer(b) if chat else None)
+        else:
+            model, tok = load_model(b, dev, torch_dtype)
+        if chat:
+            add_contexts(todo, pool, shots, seed, tok, chat)
+        elif not shots:
+            for e in todo:
+                e.context = e.rec.get("prompt", "")
+        from ..io import StdoutText
+
+        sink = _Sink(rec_path, resume, None if summary else StdoutText())
+        bar = progress_bar(len(todo) * len(names), quiet, "eval", "examples")
+
+        def write(chunk, results):  # example by example, every adapter's record: the order chunks cannot change
+            for k, e in enumerate(chunk):
                 for n, res in zip(names, results):
-                    for e, r in zip(chunk, res):
-                        if (n, e.id) in done:
-                            continue
-                        rec = {"id": e.id, "task": e.task, "adapter": n, **r}
-                        if summary:
-                            collected.append(rec)
-                        if sink is not None:
-                            sink.write(json.dumps(rec) + "\n")
-                if sink is not None:
-                    sink.flush()
-    finally:
-        bar(None)
-        if fh is not None:
-            fh.close()
+                    if (n, e.id) in done:
+                        continue
+                    rec = {"id": e.id, "task": e.task, "adapter": n, **res[k], "run": run}
+                    if summary:
+                        collected.append(rec)
+                    sink.write(json.dumps(rec) + "\n")
+            sink.flush()
+
+        try:
+            if ray_mode:
+                _eval_on_ray(dist, ray, workers, unordered, b, gguf_file, fp, device, dtype, todo, updates, run,
+                             norm, max_new_tokens, batch_tokens, write, bar)
+            else:
+                which = list(range(len(updates))) or [-1]
+                with RowAdapters(model, updates) as ad:
+                    s, size = 0, FIRST_CHUNK
+                    while s < len(todo):
+                        chunk = todo[s:s + size]
+                        t0 = time.monotonic()
+                        write(chunk, ev.evaluate(model, tok, chunk, norm, max_new_tokens, batch_tokens, bar, ad,
+                                                 [(u, range(len(chunk))) for u in which]))
+                        s += len(chunk)
+                        # records reach the disk every few seconds: a crash loses seconds of work, not the run
+                        size = max(8, min(MAX_CHUNK, int(len(chunk) * FLUSH_SECONDS / max(time.monotonic() - t0, 1e-3))))
+        finally:
+            bar(None)
+            sink.close()
     if summary:
         if rec_path is not None:  # include the records of earlier, resumed runs
             collected = [json.loads(x) for x in rec_path.read_text().splitlines() if x.strip()]
         lines = "".join(json.dumps(s) + "\n" for s in ev.summarise(collected))
         if out_path is not None:
-            tmp = out_path.with_name(out_path.name + ".tmp")
-            tmp.write_text(lines)
-            os.replace(tmp, out_path)
+            from ..io import atomic_output
+
+            with atomic_output(str(out_path)) as fh:
+                fh.write(lines.encode())
             rec_path.unlink()
         else:
-            sys.stdout.write(lines)
-            sys.stdout.flush()
+            from ..io import write_stdout
 
-
-def _progress(total: int, quiet: bool):
-    """A progress bar of examples done on stderr when it is a terminal (not with --quiet); a no-op otherwise,
-    so pipes and logs stay clean."""
-    if quiet or not sys.stderr.isatty() or total == 0:
-        return lambda n: None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    p = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
-                 TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-    task = p.add_task("eval", total=total)
-    p.start()
-
-    def step(n):
-        if n is None:
-            p.stop()
-        else:
-            p.advance(task, n)
-
-    return step
+            write_stdout(lines)

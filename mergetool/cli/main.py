@@ -1,12 +1,13 @@
 """The ``mergetool`` entry point: the edge where every failure becomes one line and an exit code.
 
-Exit codes: 0 ok; 1 bad data or runtime failure; 2 usage error; 130 interrupted. A closed stdout
-(``| head``) ends quietly with 0. Tracebacks only with ``--debug``.
+Exit codes: 0 ok; 1 bad data or runtime failure; 2 usage error; 130 interrupted (Ctrl-C); 143 terminated
+(SIGTERM). A closed stdout (``| head``) ends quietly with 0. Tracebacks only with ``--debug``.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 
@@ -18,7 +19,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as cx
 
 from . import commands  # noqa: F401  (registers the subcommands on the app)
-from .app import app, state
+from .app import PipeClosed, Stopped, app, state
 
 
 def _say(kind: str, text: str) -> None:
@@ -37,14 +38,36 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _ray_alone(args: list[str]) -> list[str]:
+    """``--ray`` without an address (at the end, or before another option) means ``--ray local``."""
+    out = []
+    for i, a in enumerate(args):
+        out.append(a)
+        if a == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append("local")
+    return out
+
+
+def _stop(signum, frame):
+    raise Stopped(143, "terminated")
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the app and map every failure to one line on stderr and an exit code."""
     from ..errors import MergetoolError
 
     debug = "--debug" in (argv if argv is not None else sys.argv)
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    saved = (signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.default_int_handler),
+             signal.signal(signal.SIGTERM, _stop))
     code = 0
     try:
-        app(args=argv, standalone_mode=False, prog_name="mergetool")
+        rv = app(args=_ray_alone(sys.argv[1:] if argv is None else list(argv)), standalone_mode=False,
+                 prog_name="mergetool")
+        if isinstance(rv, int) and rv:  # typer returns the exit code of an Exit it caught (its Ctrl-C is 130)
+            code = rv
+            if rv == 130:
+                _say("error", "interrupted")
     except typer.Exit as e:
         code = e.exit_code
     except cx.UsageError as e:
@@ -56,13 +79,13 @@ def run(argv: list[str] | None = None) -> int:
         else:
             _say("error", f"usage: {e.format_message().rstrip('.')}; see '{path} --help'")
         code = 2
-    except typer.Abort:
+    except Stopped as e:
+        _say("error", e.why)
+        code = e.code
+    except (typer.Abort, KeyboardInterrupt):
         _say("error", "interrupted")
         code = 130
-    except KeyboardInterrupt:
-        _say("error", "interrupted")
-        code = 130
-    except BrokenPipeError:
+    except (BrokenPipeError, PipeClosed):
         _quiet_stdout()
         code = 0
     except MergetoolError as e:
@@ -73,11 +96,23 @@ def run(argv: list[str] | None = None) -> int:
     except cx.ClickException as e:
         _say("error", e.format_message())
         code = e.exit_code
+    except OSError as e:  # a device full, a file that vanished: say which and why
+        if debug:
+            traceback.print_exc()
+        where = e.filename or "output"
+        _say("error", f"{where}: {e.strerror or e}; check the disk and the path")
+        code = 1
     except Exception as e:  # an internal failure still gets one line
         if debug:
             traceback.print_exc()
         _say("error", f"internal: {e.__class__.__name__}: {e}; rerun with --debug for a traceback")
         code = 1
-    if argv is None:
+    finally:
+        if argv is not None:  # in-process (tests): the caller's handlers again
+            signal.signal(signal.SIGINT, saved[0])
+            signal.signal(signal.SIGTERM, saved[1])
+    if argv is None:  # the command's work is over, written or refused: a late signal changes nothing now
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sys.exit(code)
     return code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -11,7 +12,7 @@ import typer
 
 from ..errors import MergetoolError, UsageError
 from .common import AllowPickle, Debug, Device, Quiet, pick_device
-from .app import app, begin
+from .app import begin, command
 
 log = logging.getLogger("mergetool")
 
@@ -21,8 +22,9 @@ Inputs are .safetensors adapters, PEFT adapter directories, full fine-tuned mode
 task vectors against --base, streamed tensor by tensor), directories of adapters (a pool), or - (a
 stream of concatenated blobs on stdin). Every method merges the effective updates ΔW = scale·B@A in
 fp32; λ scales the result (θ = θ_base + λ·merged). Linear methods (mean, linear, task-arithmetic,
-weighted-base) keep LoRAs exact (concatenated factors); knots writes an exact LoRA of rank ≤ Σ r_i;
-the others give dense deltas, or a LoRA by truncated SVD with --rank.
+weighted-base) keep LoRAs exact (concatenated factors); knots and the subspace merges (core-space, tsv,
+iso-c, iso-cts, star, cart) write an exact LoRA of rank ≤ Σ r_i from the factors; the others give dense
+deltas, or a LoRA by truncated SVD with --rank.
 
 \b
 Examples:
@@ -35,15 +37,16 @@ Examples:
 Opt = typer.Option
 
 # The registry's names, kept here so TAB completion need not import torch (a test checks they agree).
-METHOD_NAMES = ("breadcrumbs", "dare-linear", "dare-ties", "della", "emr", "karcher", "knots", "linear", "magnitude",
-                "mean", "model-stock", "multislerp", "slerp", "task-arithmetic", "ties", "weighted-base")
+METHOD_NAMES = ("breadcrumbs", "cart", "core-space", "dare-linear", "dare-ties", "della", "emr", "iso-c", "iso-cts",
+                "karcher", "knots", "linear", "magnitude", "mean", "model-stock", "multislerp", "slerp", "star",
+                "task-arithmetic", "ties", "tsv", "weighted-base")
 
 
 def _complete_method(incomplete: str) -> list[str]:
     return [n for n in METHOD_NAMES if n.startswith(incomplete)]
 
 
-@app.command("merge", help=HELP, short_help="Merge adapters into one adapter, PEFT directory or model.",
+@command("merge", help=HELP, short_help="Merge adapters into one adapter, PEFT directory or model.",
              no_args_is_help=True)
 def merge_cmd(
     inputs: Annotated[Optional[list[str]], typer.Argument(help="Adapters: files, directories, or - for stdin.",
@@ -60,7 +63,7 @@ def merge_cmd(
                                    metavar="global|tensor")] = "global",
     rescale: Annotated[str, Opt("--rescale", help="DARE/DELLA rescale: paper (1/keep), l1 (match L1 norm, "
                                 "mergekit), none.", metavar="paper|l1|none")] = "paper",
-    inner: Annotated[str, Opt("--inner", help="KnOTS: the method that merges the aligned coordinates.",
+    inner: Annotated[str, Opt("--inner", help="KnOTS, core-space: the method that merges the aligned coordinates.",
                               metavar="NAME", autocompletion=_complete_method)] = "ties",
     t: Annotated[float, Opt("--t", help="SLERP: interpolation fraction toward the second input.")] = 0.5,
     seed: Annotated[int, Opt("--seed", help="Seed of the random drops (DARE, DELLA).")] = 0,
@@ -73,6 +76,13 @@ def merge_cmd(
     base_acc: Annotated[Optional[str], Opt("--base-acc", help="weighted-base: eval --summary JSONL of the base.",
                                            metavar="FILE|-")] = None,
     tau: Annotated[float, Opt("--tau", help="weighted-base: softmax temperature.")] = 1.0,
+    rank_fraction: Annotated[Optional[float], Opt("--rank-fraction", help="tsv: rank kept per task as a fraction "
+                                                  "of min(m, n) (default 1/n); cart: rank of each correction "
+                                                  "(default 0.12).")] = None,
+    common_fraction: Annotated[float, Opt("--common-fraction", help="iso-cts: share of the span given to the "
+                                          "common subspace.")] = 0.8,
+    eta: Annotated[float, Opt("--eta", help="star: fraction of each task's nuclear norm kept (η).")] = 0.4,
+    correction: Annotated[float, Opt("--correction", help="cart: coefficient of the low-rank corrections.")] = 2.0,
     base: Annotated[Optional[str], Opt("--base", help="Base model (dir, HF id, .gguf): for full-model inputs, "
                                        "--save-model and the fingerprint check.", metavar="MODEL")] = None,
     gguf_file: Annotated[Optional[str], Opt("--gguf-file", help="GGUF file inside the --base directory.")] = None,
@@ -116,6 +126,7 @@ def merge_cmd(
     to_blob = output is not None or not (save_peft or save_model)
     if to_blob:
         io.refuse_binary_to_tty(output)
+        io.check_output(output)
     if save_model and not base:
         raise UsageError("--save-model", "needs the base model", "pass --base MODEL")
     out_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, 0)
@@ -125,7 +136,8 @@ def merge_cmd(
         raise UsageError("--rank", f"{rank} is not a positive rank", "pass --rank 16, say")
     dev = pick_device(device)
     p = Params(lam=lam, density=density, trim_scope=trim_scope, rescale=rescale, t=t, seed=seed, gamma=gamma,
-               epsilon=epsilon, inner=inner, for_task=for_task, tau=tau)
+               epsilon=epsilon, inner=inner, for_task=for_task, tau=tau, rank_fraction=rank_fraction,
+               common_fraction=common_fraction, eta=eta, correction=correction)
     check_options(m, p, {opt for opt, v in (("weights", weights), ("base-acc", base_acc)) if v})  # before any input
 
     b = resolve_base(base, gguf_file) if base else None
@@ -163,20 +175,20 @@ def merge_cmd(
         return
     merged = merge_updates(updates, m, p, dev, rank=rank, name=out_name, base_model=base, base_fingerprint=base_fp,
                            dtype=out_dtype)
-    if save_model:
-        with io.atomic_dir(save_model) as d:
+    if save_peft and merged.kind != "lora":
+        raise MergetoolError("--save-peft", f"{m.name} gives dense deltas, which PEFT cannot hold",
+                             "pass --rank R to write a LoRA by truncated SVD")
+    with contextlib.ExitStack() as outputs:  # every output is built aside and lands only if all of them succeed
+        if save_model:
+            d = outputs.enter_context(io.atomic_dir(save_model))
             info = write_model(b, d, iter(merged.modules.items()), dev, allow_pickle, keep_dtype)
-        log.info("wrote merged model to %s (%d tensors, %d patched, %d shards)", save_model, info["tensors"],
-                 info["patched"], info["shards"])
-    if save_peft:
-        if merged.kind != "lora":
-            raise MergetoolError("--save-peft", f"{m.name} gives dense deltas, which PEFT cannot hold",
-                                 "pass --rank R to write a LoRA by truncated SVD")
-        write_peft(merged, save_peft)
-        log.info("wrote PEFT adapter to %s", save_peft)
-    if to_blob:
-        with io.atomic_output(output) as fh:
-            io.write_blob(fh, to_tensors(merged), metadata_for(merged))
+            log.info("wrote merged model to %s (%d tensors, %d patched, %d shards)", save_model, info["tensors"],
+                     info["patched"], info["shards"])
+        if save_peft:
+            write_peft(merged, outputs.enter_context(io.atomic_dir(save_peft)))
+            log.info("wrote PEFT adapter to %s", save_peft)
+        if to_blob:
+            io.write_blob(outputs.enter_context(io.atomic_output(output)), to_tensors(merged), metadata_for(merged))
     ranks = sorted({mm.rank for mm in merged.modules.values() if isinstance(mm, LowRank)})
     log.info("merged %d inputs with %s: %d modules, %s%s", len(updates), m.name, len(merged.modules),
              f"LoRA rank {ranks[0]}-{ranks[-1]}" if merged.kind == "lora" and ranks else "dense",

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..errors import MergetoolError, UsageError
-from .common import BaseModel, Data, Debug, Device, GgufFile, Quiet, pick_device, require_data_and_base
-from .app import app, begin
+from .common import (BaseModel, Data, Debug, Device, GgufFile, Quiet, Ray, Unordered, Workers, pick_device,
+                     require_data_and_base)
+from .app import begin, command
 
 log = logging.getLogger("mergetool")
 
@@ -37,7 +39,7 @@ PER_TASK = dict(rank=16, alpha=32.0, targets="self_attn.q_proj,self_attn.k_proj,
                 epochs=3, batch_size=8)
 
 
-@app.command("train-expert", help=HELP, short_help="Train LoRA experts per task or per example.",
+@command("train-expert", help=HELP, short_help="Train LoRA experts per task or per example.",
              no_args_is_help=True)
 def train_cmd(
     data: Data = None,
@@ -65,6 +67,9 @@ def train_cmd(
     out_dir: Annotated[Optional[str], Opt("--out-dir", help="Write one <name>.safetensors per expert here.",
                                           metavar="DIR")] = None,
     resume: Annotated[bool, Opt("--resume", help="With --out-dir: skip experts already written.")] = False,
+    ray: Ray = None,
+    workers: Workers = None,
+    unordered: Unordered = False,
     device: Device = "auto",
     quiet: Quiet = False,
     debug: Debug = False,
@@ -75,6 +80,12 @@ def train_cmd(
         raise UsageError("-o", "-o and --out-dir both given", "choose one output")
     if resume and not out_dir:
         raise UsageError("--resume", "needs --out-dir", "write experts to a directory to resume")
+    if ray:
+        from ..distributed import check_address
+
+        check_address(ray)
+        if not per_example:
+            raise UsageError("--ray", "runs per-example training (--per-example)", "add --per-example")
     if (skip_known or keep_if_correct) and not per_example:
         raise UsageError("--skip-known", "--skip-known and --keep-if-correct go with --per-example",
                          "add --per-example")
@@ -82,16 +93,26 @@ def train_cmd(
 
     if not out_dir:
         io.refuse_binary_to_tty(output)
+        io.check_output(output)
     d = PER_EXAMPLE if per_example else PER_TASK
-    spec_kw = dict(rank=rank or d["rank"], alpha=alpha or d["alpha"], lr=lr or d["lr"], epochs=epochs or d["epochs"],
-                   batch_size=batch_size or d["batch_size"], seed=seed,
-                   targets=[t.strip() for t in (target_modules or d["targets"]).split(",") if t.strip()])
+    given = dict(rank=rank, alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size)
+    spec_kw = {k: d[k] if v is None else v for k, v in given.items()}
+    for opt, value, ok, rule in (("--rank", spec_kw["rank"], spec_kw["rank"] >= 1, "≥ 1"),
+                                 ("--epochs", spec_kw["epochs"], spec_kw["epochs"] >= 1, "≥ 1"),
+                                 ("--batch-size", spec_kw["batch_size"], spec_kw["batch_size"] >= 1, "≥ 1"),
+                                 ("--lr", spec_kw["lr"], math.isfinite(spec_kw["lr"]) and 0 < spec_kw["lr"] <= 1,
+                                  "in (0, 1]"),
+                                 ("--alpha", spec_kw["alpha"], math.isfinite(spec_kw["alpha"]) and spec_kw["alpha"] > 0,
+                                  "a finite number > 0")):
+        if not ok:
+            raise UsageError(opt, f"{value} is out of range", f"pass a value {rule}")
+    spec_kw.update(seed=seed, targets=[t.strip() for t in (target_modules or d["targets"]).split(",") if t.strip()])
+    if not spec_kw["targets"]:
+        raise UsageError("--target-modules", "names no module", "pass suffixes such as mlp.up_proj")
     try:
         spec_kw["layers"] = [int(x) for x in layers.split(",")] if layers else None
     except ValueError:
         raise UsageError("--layers", f"{layers!r} is not a list of integers", "pass --layers 14 or 0,1,2") from None
-    if min(spec_kw["rank"], spec_kw["epochs"], spec_kw["batch_size"]) < 1 or spec_kw["lr"] <= 0:
-        raise UsageError("options", "--rank, --epochs, --batch-size must be ≥ 1 and --lr > 0", "fix the values")
 
     import torch
 
@@ -111,73 +132,118 @@ def train_cmd(
         exs = [e for e in exs if e.task in keep]
     if not exs:
         raise MergetoolError(src, "no examples to train on", "check --task-filter")
-    b = resolve_base(base, gguf_file)
-    fp = fingerprint(b)
-    spec = tr.LoraSpec(**spec_kw)
-    model, tok = load_model(b, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    names = tr.target_modules(model, spec, default_middle=per_example)
-    layer_ids = sorted({layer_of(n, decoder_layers(model)[0]) for n in names})
-    peft_cfg = {"r": spec.rank, "lora_alpha": spec.alpha, "use_rslora": False,
-                "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}), "layers_to_transform": layer_ids}
-
-    def meta_for(name, task, extra):
-        return {"name": name, "kind": "lora", "task": task, "base_model": base, "base_fingerprint": fp,
-                "peft_config": peft_cfg, "training": {"lr": spec.lr, "epochs": spec.epochs, "seed": spec.seed,
-                                                      "mode": "per-example" if per_example else "per-task", **extra}}
-
-    written: list[tuple[str, bytes]] = []
-    outdir = Path(out_dir) if out_dir else None
-    if outdir:
-        outdir.mkdir(parents=True, exist_ok=True)
-
-    def emit(u):
-        blob = io.blob_bytes(to_tensors(u), metadata_for(u))
-        if outdir:
-            with io.atomic_output(str(outdir / f"{_safe(u.name)}.safetensors")) as fh:
-                fh.write(blob)
-        else:
-            written.append((u.name, blob))
-
-    if per_example:
-        missing = [e.id for e in exs if not isinstance(e.rec.get("text"), str)]
+    if per_example:  # every check on the data before the model loads
+        missing = [e.id for e in exs if not isinstance(e.rec.get("text"), str) or not e.rec["text"].strip()]
         if missing:
             raise MergetoolError(src, f"example {missing[0]!r} has no 'text' to train on",
                                  "per-example experts train on each record's text")
         if (skip_known or keep_if_correct) and any(e.kind != "mc" for e in exs):
             raise MergetoolError(src, "--skip-known/--keep-if-correct need multiple-choice records",
                                  "give prompt, choices and answer")
+    if out_dir:
+        file_names(e.id for e in exs) if per_example else file_names(dict.fromkeys(e.task for e in exs))
+    b = resolve_base(base, gguf_file)
+    fp = fingerprint(b)
+    spec = tr.LoraSpec(**spec_kw)
+    model = tok = None
+    if ray:  # the driver needs only the model's layout (its modules' names), not its weights
+        from ..model import skeleton
+
+        layout = skeleton(b)
+        names = tr.target_modules(layout, spec, default_middle=per_example)
+        layer_ids = sorted({layer_of(n, decoder_layers(layout)[0]) for n in names})
+    else:
+        model, tok = load_model(b, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        names = tr.target_modules(model, spec, default_middle=per_example)
+        layer_ids = sorted({layer_of(n, decoder_layers(model)[0]) for n in names})
+    peft_cfg = {"r": spec.rank, "lora_alpha": spec.alpha, "use_rslora": False,
+                "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}), "layers_to_transform": layer_ids}
+    template = {"kind": "lora", "base_model": base, "base_fingerprint": fp, "peft_config": peft_cfg,
+                "training": {"lr": spec.lr, "epochs": spec.epochs, "seed": spec.seed,
+                             "mode": "per-example" if per_example else "per-task"}}
+
+    written: list[tuple[str, bytes]] = []
+    outdir = Path(out_dir) if out_dir else None
+    if outdir:
+        outdir.mkdir(parents=True, exist_ok=True)
+
+    def emit_blob(name: str, blob: bytes):
+        if outdir:
+            with io.atomic_output(str(outdir / f"{_safe(name)}.safetensors")) as fh:
+                fh.write(blob)
+        else:
+            written.append((name, blob))
+
+    def emit(u):
+        tr.check_finite(u)
+        emit_blob(u.name, io.blob_bytes(to_tensors(u), metadata_for(u)))
+
+    if per_example:
         if resume:
             exs = [e for e in exs if not (outdir / f"{_safe(e.id)}.safetensors").exists()]
+        for e in exs:
+            e.context = e.rec.get("prompt", "")
+        cluster = rspec = None
+        if ray:
+            from .. import distributed as dist
+
+            cluster = dist.connect(ray, workers, base, gguf_file, fp, device, None)
+            rspec = dist.examples_spec(exs, f"train:{fp}:{spec.seed}", lora=spec_kw, keep_if_correct=keep_if_correct,
+                                       meta=template)
         if skip_known:
-            for e in exs:
-                e.context = e.rec["prompt"]
-            known = {e.id for e, r in zip(exs, ev.evaluate(model, tok, exs)[0]) if r["correct"]}
+            if cluster is not None:
+                chunks = [list(range(s, min(len(exs), s + 256))) for s in range(0, len(exs), 256)]
+                flags: list[bool] = []
+                cluster.run("known", [(rspec, c) for c in chunks], lambda j, res: flags.extend(res))
+                known = {e.id for e, k in zip(exs, flags) if k}
+            else:
+                known = {e.id for e, r in zip(exs, ev.evaluate(model, tok, exs)[0]) if r["correct"]}
             log.info("--skip-known: %d of %d examples already answered by the base; %d left", len(known), len(exs),
                      len(exs) - len(known))
-            exs = [e for e in exs if e.id not in known]
-        dropped = kept = 0
+        else:
+            known = set()
+        index = {e.id: i for i, e in enumerate(exs)}
+        exs = [e for e in exs if e.id not in known]
         rank_of = {e.id: i for i, e in enumerate(exs)}  # output order: the input's
         exs = sorted(exs, key=lambda e: len(e.rec["text"]))  # experts of similar lengths train together
-        for s in range(0, len(exs), spec.batch_size):
-            chunk = exs[s:s + spec.batch_size]
+        batches = [exs[s:s + spec.batch_size] for s in range(0, len(exs), spec.batch_size)]
+        tally = {"kept": 0, "dropped": 0, "trained": 0}
+
+        def take(results):
+            for name, blob, _ in results:
+                if blob is None:
+                    tally["dropped"] += 1
+                else:
+                    emit_blob(name, blob)
+                    tally["kept"] += 1
+            tally["trained"] += len(results)
+            log.info("trained %d/%d experts", tally["trained"], len(exs))
+
+        if cluster is not None:
+            cluster.run("train", [(rspec, [index[e.id] for e in chunk]) for chunk in batches],
+                        lambda j, res: take(res), not unordered)
+        for chunk in (batches if cluster is None else []):
             st, losses = tr.train_stacked(model, tok, [("", e.rec["text"]) for e in chunk], spec, names,
                                           [tr.expert_seed(spec.seed, e.id) for e in chunk])
             ok = [True] * len(chunk)
             if keep_if_correct:
                 scores = tr.stacked_choice_scores(model, tok, st, [e.rec for e in chunk])
                 ok = [max(range(len(sc)), key=sc.__getitem__) == e.rec["answer"] for sc, e in zip(scores, chunk)]
+            results = []
             for i, e in enumerate(chunk):
+                u = st.expert(i, e.id, tr.expert_meta(template, e.id, e.task, example=e.id, final_loss=losses[i]))
                 if ok[i]:
-                    emit(st.expert(i, e.id, meta_for(e.id, e.task, {"example": e.id, "final_loss": losses[i]})))
-                    kept += 1
-                else:
-                    dropped += 1
+                    tr.check_finite(u)
+                results.append((e.id, io.blob_bytes(to_tensors(u), metadata_for(u)) if ok[i] else None, losses[i]))
             st.remove()
-            log.info("trained %d/%d experts", min(s + spec.batch_size, len(exs)), len(exs))
+            take(results)
         if keep_if_correct:
-            log.info("--keep-if-correct: kept %d experts, dropped %d that miss their own question", kept, dropped)
+            log.info("--keep-if-correct: kept %d experts, dropped %d that miss their own question", tally["kept"],
+                     tally["dropped"])
         written.sort(key=lambda w: rank_of[w[0]])
     else:
+        if ray:
+            raise UsageError("--ray", "runs per-example training (--per-example)", "train per-task experts without --ray")
         by_task: dict[str, list] = {}
         for e in exs:
             r = e.rec
@@ -189,7 +255,7 @@ def train_cmd(
             if resume and (outdir / f"{_safe(task)}.safetensors").exists():
                 continue
             st, loss = tr.train_task(model, tok, items, spec, names)
-            emit(st.expert(0, task, meta_for(task, task, {"examples": len(items), "final_loss": loss})))
+            emit(st.expert(0, task, tr.expert_meta(template, task, task, examples=len(items), final_loss=loss)))
             st.remove()
             log.info("task %s: %d examples, final loss %.4f", task, len(items), loss)
     if not outdir:
@@ -202,4 +268,26 @@ def train_cmd(
 
 
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:200] or "expert"
+    """An expert's file name: its name with every character but letters, digits, '-' and '_' percent-encoded
+    ('x/1' -> 'x%2F1', 'x:1' -> 'x%3A1', a leading '.' too), so distinct names give distinct, reversible file
+    names; a name longer than 200 characters keeps 150 of them and a hash of the whole."""
+    import hashlib
+
+    safe = "".join(c if (c.isascii() and c.isalnum()) or c in "-_" or (c == "." and i) else
+                   "".join(f"%{b:02X}" for b in c.encode("utf-8")) for i, c in enumerate(name))
+    if len(safe) > 200:
+        safe = safe[:150] + "~" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+    return safe or "~"
+
+
+def file_names(names) -> dict[str, str]:
+    """Each name's file name; two names mapping to one file are refused before any training."""
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for n in names:
+        f = _safe(n)
+        if f in seen and seen[f] != n:
+            raise MergetoolError("--out-dir", f"{n!r} and {seen[f]!r} map to one file name", "rename one")
+        seen[f] = n
+        out[n] = f
+    return out

@@ -1,0 +1,110 @@
+"""score's trials on Ray against the single-process run, side by side in one run: the overhead of one worker,
+and the speed-up of two.
+
+The setting of bench_score.py (a pool of random rank-64 experts on mlp.up_proj of the middle layer, KnOTS,
+M partners, N trials, one question per expert). Each way runs the same plan and the same chunks of groups:
+
+- one process: score.Scorer with the model resident;
+- --ray with 1 worker, and with 2 workers (each with the model resident, the threads split between them).
+
+Timed twice: the trials alone (the model already loaded everywhere), and end to end (Ray's start and the
+workers' model loads included). S must be the same in every run.
+
+    python benchmarks/bench_ray.py [--model DIR] [--pool 200] [--partners 50] [--trials 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_updates import experts  # noqa: E402
+from common import machine, pick  # noqa: E402
+
+from mergetool import distributed as dist  # noqa: E402
+from mergetool.examples import check_examples  # noqa: E402
+from mergetool.methods import Params, get  # noqa: E402
+from mergetool.model import fingerprint, load_model, resolve_base  # noqa: E402
+from mergetool.score import Scorer, plan  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="model directory (default: the testbed model, cached)")
+    ap.add_argument("--workdir", type=Path, default=ROOT / ".cache")
+    ap.add_argument("--pool", type=int, default=200)
+    ap.add_argument("--partners", type=int, default=50)
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--merge-chunk", type=int, default=4)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local instance
+    dev = pick("cpu")
+    model_dir = args.model
+    if model_dir is None:
+        from mergetool.model import cache_gguf, testbed_gguf
+
+        model_dir = args.workdir / "smollm2-135m"
+        if not (model_dir / "config.json").exists():
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            cache_gguf(resolve_base(str(testbed_gguf())), model_dir)
+    b = resolve_base(str(model_dir))
+    model, tok = load_model(b, dev)
+    rows = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()]
+    exs = check_examples(rows, "countries")[:args.pool]
+    for e in exs:
+        e.context = e.rec["prompt"]
+    pool = experts(model, args.pool)
+    for u, e in zip(pool, exs):
+        u.name = u.meta["name"] = e.id
+    groups = plan(args.pool, args.partners, args.trials, seed=0)
+    ids = list(range(len(groups)))
+    data_of = [[i] for i in range(args.pool)]
+    m, p = get("knots"), Params()
+    info = {"machine": machine(dev, ("ray", "transformers")), "model": model_dir.name, "pool": args.pool,
+            "partners": args.partners, "trials": args.trials, "merges": len(groups), "merge_chunk": args.merge_chunk}
+    print(f"machine: {json.dumps(info['machine'])}", flush=True)
+
+    def run(scorer) -> tuple[float, dict]:
+        res: dict = {}
+        t = time.perf_counter()
+        scorer.run_groups(groups, ids, lambda g, r: res.update({(a, groups[g].trial): v for a, v in r.items()}))
+        return time.perf_counter() - t, res
+
+    one_s, want = run(Scorer(model, tok, pool, exs, data_of, m, p, dev, merge_chunk=args.merge_chunk))
+    info["one_process_s"] = one_s
+    print(f"one process: {one_s:.1f} s ({len(groups)} merges, {args.pool * args.trials} evaluations)", flush=True)
+    del model
+    fp = fingerprint(b)
+    spec = dist.examples_spec(exs, "bench", data_of=data_of, method="knots", params=p, norm="tokens",
+                              batch_tokens=8192, merge_chunk=args.merge_chunk)
+    for n in (1, 2):
+        t = time.perf_counter()
+        cluster = dist.connect("local", n, str(model_dir), None, fp, "cpu", None)
+        ref = cluster.put_updates(pool)
+        up = time.perf_counter() - t
+        s, got = run(dist.RayScorer(cluster, spec, ref, args.merge_chunk))
+        same = sum(got[k] == v for k, v in want.items())
+        info[f"ray_{n}"] = {"start_s": up, "trials_s": s, "end_to_end_s": up + s, "same_outcomes": same,
+                            "outcomes": len(want)}
+        print(f"ray, {n} worker{'s' if n > 1 else ''}: start {up:.1f} s, trials {s:.1f} s "
+              f"({s / one_s:.2f}x the one-process time); same outcome on {same}/{len(want)}", flush=True)
+        cluster.ray.shutdown()
+    info["overhead_one_worker"] = info["ray_1"]["trials_s"] / one_s - 1
+    info["speedup_two_workers"] = info["ray_1"]["trials_s"] / info["ray_2"]["trials_s"]
+    print(f"overhead of one Ray worker on the trials: {100 * info['overhead_one_worker']:+.1f}%; two workers: "
+          f"{info['speedup_two_workers']:.2f}x one worker", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""The papers' experiments at testbed scale (SmolLM2-135M-Instruct, country facts and GLUE), through the
+mergetool commands; EXPERIMENTS.md has the commands and what they found.
+
+    python benchmarks/experiments.py mergeability --out exp/      # "Will it Merge?" sections 2-5
+    python benchmarks/experiments.py tasks --out exp/              # task experts (8+ tasks), for the next two
+    python benchmarks/experiments.py weighted --out exp/           # section 6: weighted vs plain mean
+    python benchmarks/experiments.py collapse --out exp/           # "Task-level model-merging collapse"
+
+Every mergetool call is printed (``$ mergetool ...``) with its stderr, so the log is the exact sequence of
+commands. The GLUE data is read from ../shared/testbed (``--glue DIR``); the country facts are rebuilt from
+the installed packages (examples/make_countries.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GLUE = ROOT.parent / "shared" / "testbed" / "glue"
+TASKS8 = ["sst2", "rte", "mrpc", "cola", "wnli", "country-capital", "country-currency", "country-region"]
+EXTRA = ["country-language", "country-tld"]  # candidates for task selection
+METHODS = {"mean": [], "task-arithmetic": ["--lambda", "0.4"], "ties": ["--density", "0.2"],
+           "dare-ties": ["--density", "0.1", "--seed", "0"], "knots": []}
+
+
+def sh(*args: str, stdin: bytes | None = None, log: bool = True, shown: str | None = None) -> bytes:
+    print("$ " + (shown or " ".join(args)), flush=True)
+    r = subprocess.run(list(args), input=stdin, capture_output=True)
+    if log and r.stderr:
+        sys.stdout.write(r.stderr.decode())
+        sys.stdout.flush()
+    if r.returncode:
+        if not log:
+            sys.stdout.write(r.stderr.decode())
+        raise SystemExit(f"failed with exit {r.returncode}: {' '.join(args)}")
+    return r.stdout
+
+
+def mt(*args: str, **kw) -> bytes:
+    return sh(sys.executable, "-m", "mergetool", *args, shown=" ".join(["mergetool", *args]), **kw)
+
+
+def jsonl(b: bytes) -> list[dict]:
+    return [json.loads(x) for x in b.decode().splitlines() if x.strip()]
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def base_model(out: Path) -> Path:
+    d = out / "smollm2-135m"
+    if not (d / "config.json").exists():
+        from mergetool.model import cache_gguf, resolve_base, testbed_gguf
+
+        out.mkdir(parents=True, exist_ok=True)
+        cache_gguf(resolve_base(str(testbed_gguf())), d)
+    return d
+
+
+def countries(out: Path) -> Path:
+    p = out / "countries-more.jsonl"
+    if not p.exists():
+        p.write_bytes(sh(sys.executable, str(ROOT / "examples" / "make_countries.py"), "--attrs",
+                         "capital,currency,region,language,tld"))
+    return p
+
+
+# ----------------------------------------------------------------------------- Will it Merge? sections 2-5
+
+
+def mergeability(out: Path, args) -> None:
+    base, data = base_model(out), countries(out)
+    pool = out / "pool"
+    if not pool.exists() or not any(pool.iterdir()):
+        mt("train-expert", "--base", str(base), "--per-example", "--skip-known", "--keep-if-correct", str(data),
+           "--out-dir", str(pool), "--resume")
+    n = len(list(pool.glob("*.safetensors")))
+    print(f"{n} per-example experts", flush=True)
+    M = min(50, n - 1)
+    for method in ("knots", "ties", "mean"):
+        for m in sorted({M, 10}):
+            name = out / f"scores-{method}-M{m}.jsonl"
+            if not name.exists():
+                mt("score", "--base", str(base), "--data", str(data), "--method", method, "--partners", str(m),
+                   "--trials", "5", str(pool), "-o", str(name), "--plot", str(name.with_suffix(".png")))
+    locality(out, base, data, pool, out / f"scores-knots-M{M}.jsonl")
+    fit = out / "s-predictor.json"
+    mt("diagnose", "--base", str(base), "--data", str(data), "--level", "example", "--explain",
+       "--scores", str(out / f"scores-knots-M{M}.jsonl"), "--fit", str(fit), str(pool),
+       "-o", str(out / "diagnose-pool.jsonl"))
+
+
+def locality(out: Path, base: Path, data: Path, pool: Path, scores: Path) -> None:
+    """Section 5.1: the experts with S = 1 merged with partner groups drawn from each S bin."""
+    recs = jsonl(scores.read_bytes())
+    bins: dict[str, list[str]] = {}
+    for r in recs:
+        bins.setdefault(f"{r['score']:.1f}", []).append(r["adapter"])
+    fixed = bins.get("1.0", [])
+    if len(fixed) < 2:
+        print("locality: fewer than two experts with S = 1; skipped", flush=True)
+        return
+    links = out / "bins"
+    for b, names in bins.items():
+        d = links / b
+        d.mkdir(parents=True, exist_ok=True)
+        for n in names:
+            if not (d / f"{n}.safetensors").exists():
+                os.symlink((pool / f"{n}.safetensors").resolve(), d / f"{n}.safetensors")
+    M = 10
+    for b, names in sorted(bins.items()):
+        if len(names) < M:
+            continue
+        o = out / f"locality-partners-{b}.jsonl"
+        if not o.exists():
+            mt("score", "--base", str(base), "--data", str(data), "--partners", str(M), "--trials", "3",
+               "--partners-from", str(links / b), *[str(links / "1.0" / f"{n}.safetensors") for n in fixed[:30]],
+               "-o", str(o), "-q")
+
+
+# ----------------------------------------------------------------------------- task experts
+
+
+def task_data(out: Path, args) -> Path:
+    """8 tasks (and 2 candidates): GLUE SST-2, RTE, MRPC, CoLA, WNLI and country facts, each with a train
+    split (the expert's data) and a dev split (its evaluation)."""
+    p = out / "tasks.jsonl"
+    if p.exists():
+        return p
+    glue = jsonl(sh(sys.executable, str(ROOT / "examples" / "make_glue.py"), str(args.glue), "--per-split",
+                    str(args.per_split)))
+    rows = [r for r in glue]
+    rng = random.Random(0)
+    facts = jsonl(countries(out).read_bytes())
+    for task in ("country-capital", "country-currency", "country-region", "country-language", "country-tld"):
+        recs = [r for r in facts if r["task"] == task]
+        rng.shuffle(recs)
+        for i, r in enumerate(recs[: 2 * args.per_split]):
+            rows.append({**r, "split": "train" if i < args.per_split else "dev",
+                         "text": r["prompt"] + r["choices"][r["answer"]]})
+    for r in rows:
+        if r["split"] == "dev":
+            r.pop("text", None)
+    dev = {}
+    kept = []
+    for r in rows:  # at most --dev examples per task are evaluated
+        if r["split"] == "dev":
+            dev[r["task"]] = dev.get(r["task"], 0) + 1
+            if dev[r["task"]] > args.dev:
+                continue
+        kept.append(r)
+    return write(p, kept)
+
+
+def task_experts(out: Path, args) -> tuple[Path, Path, Path]:
+    base, data = base_model(out), task_data(out, args)
+    experts = out / "experts"
+    if not experts.exists() or len(list(experts.glob("*.safetensors"))) < len(TASKS8 + EXTRA):
+        train = write(out / "tasks-train.jsonl", [r for r in jsonl(data.read_bytes()) if r["split"] == "train"])
+        mt("train-expert", "--base", str(base), str(train), "--rank", "16", "--alpha", "32", "--target-modules",
+           "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,self_attn.o_proj", "--layers",
+           ",".join(str(i) for i in range(15, 30)), "--epochs", "2", "--lr", "5e-4", "--out-dir", str(experts),
+           "--resume")
+    dev = write(out / "tasks-dev.jsonl", [r for r in jsonl(data.read_bytes()) if r["split"] == "dev"])
+    return base, dev, experts
+
+
+def accuracies(base: Path, dev: Path, adapters: list[str] | None = None) -> dict[tuple, float]:
+    """(adapter or None, task) -> accuracy, from one batched eval --summary."""
+    flags = [x for a in (adapters or []) for x in ("--adapter", a)]
+    return {(r["adapter"], r["task"]): r["accuracy"] for r in jsonl(mt("eval", "-q", "--base", str(base), *flags,
+                                                                        "--summary", str(dev)))}
+
+
+def weighted(out: Path, args) -> None:
+    """Section 6: merge task experts with weights softmax((1 − Acc_base)/τ) against the plain mean."""
+    base, dev, experts = task_experts(out, args)
+    tasks = args.weighted_tasks.split(",")
+    files = [str(experts / f"{t}.safetensors") for t in tasks]
+    base_eval = out / "base-summary.jsonl"
+    base_eval.write_bytes(mt("eval", "-q", "--base", str(base), "--summary", str(dev)))
+    rows = []
+    for tau in (0.1, 0.2, 0.5):
+        w = mt("weight", "--records", str(base_eval), "--tau", str(tau), *files)
+        mt("merge", "-m", "linear", "--weights", "-", *files, "-o", str(out / f"weighted-{tau}.safetensors"),
+           "--name", f"weighted-tau{tau}", stdin=w)
+        rows.append((tau, {r["adapter"]: r["weight"] for r in jsonl(w)}))
+    mt("merge", "-m", "mean", *files, "-o", str(out / "mean.safetensors"), "--name", "mean")
+    acc = accuracies(base, dev, [*files, str(out / "mean.safetensors"),
+                                 *[str(out / f"weighted-{t}.safetensors") for t, _ in rows]])
+    (out / "weighted.json").write_text(json.dumps({"tasks": tasks, "weights": dict((str(t), w) for t, w in rows),
+                                                   "accuracy": {f"{a}|{t}": v for (a, t), v in acc.items()}}, indent=2))
+    print(json.dumps({"tasks": tasks, "accuracy": {f"{a}|{t}": v for (a, t), v in acc.items()}}, indent=1), flush=True)
+
+
+# ----------------------------------------------------------------------------- task-level collapse
+
+
+def collapse(out: Path, args) -> None:
+    base, dev, experts = task_experts(out, args)
+    files = {t: str(experts / f"{t}.safetensors") for t in TASKS8 + EXTRA}
+    alone = accuracies(base, dev, list(files.values()))
+    groups = [("pair-" + "+".join(g), list(g)) for g in itertools.combinations(TASKS8, 2)]
+    rng = random.Random(0)
+    groups += [(f"four-{i}", sorted(rng.sample(TASKS8, 4))) for i in range(4)]
+    groups += [("eight", list(TASKS8))]
+    losses = out / "losses.jsonl"
+    done = {(r["group"], r["method"]) for r in jsonl(losses.read_bytes())} if losses.exists() else set()
+    for method, opts in METHODS.items():
+        todo = [(g, members) for g, members in groups if (g, method) not in done]
+        if not todo:
+            continue
+        merged = []
+        for g, members in todo:
+            f = out / "merges" / f"{method}-{g}.safetensors"
+            f.parent.mkdir(exist_ok=True)
+            if not f.exists():
+                mt("merge", "-m", method, *opts, *[files[t] for t in members], "-o", str(f), "--name", f"{method}-{g}",
+                   log=False)
+            merged.append(str(f))
+        # every merge of this method on every task's dev examples: one batched eval, then each member's loss
+        acc = accuracies(base, dev, merged)
+        with losses.open("a") as fh:
+            for (g, members), f in zip(todo, merged):
+                name = f"{method}-{g}"
+                for t in members:
+                    a0 = alone[(t, t)]
+                    fh.write(json.dumps({"group": g, "adapters": members, "method": method, "adapter": t, "task": t,
+                                         "merged": acc[(name, t)], "alone": a0,
+                                         "loss": (acc[(name, t)] / a0 - 1) * 100 if a0 else None}) + "\n")
+    mt("diagnose", "--base", str(base), "--data", str(dev), "--losses", str(losses), "--gradients",
+       *[files[t] for t in TASKS8], "-o", str(out / "diagnose-tasks.jsonl"), "--plot", str(out / "figures"))
+    # task selection: replace the most incompatible of six tasks by a candidate, and measure both groups with TIES
+    six = TASKS8[:6]
+    sel = jsonl(mt("diagnose", "--base", str(base), "--data", str(dev), "--select", "6", "--candidates",
+                   *[files[t] for t in TASKS8[6:] + EXTRA], *[files[t] for t in six]))
+    pick = next(r for r in sel if r["kind"] == "selection")
+    for label, members in (("before", six), ("after", pick["group"])):
+        f = out / "merges" / f"ties-select-{label}.safetensors"
+        mt("merge", "-m", "ties", "--density", "0.2", *[files[t] for t in members], "-o", str(f),
+           "--name", f"select-{label}", log=False)
+        acc = accuracies(base, dev, [str(f)])
+        worst = min((acc[(f"select-{label}", t)] / alone[(t, t)] - 1) * 100 for t in members if alone[(t, t)])
+        print(f"selection {label}: {members} worst TIES loss {worst:.1f}", flush=True)
+        (out / f"select-{label}.json").write_text(json.dumps({"group": members, "worst_ties_loss": worst,
+                                                              "selection": pick}, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["mergeability", "tasks", "weighted", "collapse"])
+    ap.add_argument("--out", type=Path, default=Path("exp"))
+    ap.add_argument("--glue", type=Path, default=GLUE)
+    ap.add_argument("--per-split", type=int, default=200, help="training examples per task")
+    ap.add_argument("--dev", type=int, default=40, help="evaluated examples per task")
+    ap.add_argument("--weighted-tasks", default="sst2,rte,country-capital,country-region,cola,mrpc")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.what == "mergeability":
+        mergeability(args.out, args)
+    elif args.what == "tasks":
+        task_experts(args.out, args)
+    elif args.what == "weighted":
+        weighted(args.out, args)
+    else:
+        collapse(args.out, args)
+
+
+if __name__ == "__main__":
+    main()

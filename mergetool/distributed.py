@@ -1,0 +1,352 @@
+"""Past one machine: ``score``, ``eval`` over many adapters and ``train-expert --per-example`` on a Ray cluster.
+
+The work of these commands is many independent jobs against one base model: a chunk of trial groups merged
+and evaluated, a chunk of adapters evaluated on a chunk of examples, a batch of experts trained. One actor
+per GPU (or ``--workers`` actors on CPUs) loads the base model from ``--base`` on its own node, checks its
+fingerprint against the driver's (a node with another model refuses), and keeps it resident with the
+caches of the single-process run (the pool, the lower layers' states). Jobs carry the adapters through
+Ray's object store (put once, cached by the workers), so nodes need no shared filesystem. The driver draws
+the plan exactly as the single-process run does, hands out jobs, and receives results; in order by default
+(so the records are written in the single-process order) or as they arrive (``--unordered``).
+
+Faults: a job whose worker dies (its process killed, its node lost) is given to another worker (the dead
+one is restarted by Ray, reloading the model); each job's result is delivered once, by its index, so
+nothing is lost or counted twice. A driver that dies is resumed with ``--resume``, as without Ray.
+
+Ray is imported only here, and only with ``--ray``: ``pip install 'mergetool[ray]'``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import MergetoolError, UsageError
+
+log = logging.getLogger("mergetool")
+_ADDRESS = re.compile(r"^(local|auto|ray://[\w.\-]+:\d+|[\w.\-]+:\d+)$")
+RETRIES = 3
+
+
+def check_address(address: str) -> str:
+    """``local`` (start a Ray instance here), ``auto`` (the cluster this machine belongs to), ``ray://host:port``
+    (a Ray client connection) or ``host:port`` (a head node's GCS address)."""
+    if not _ADDRESS.match(address):
+        raise UsageError("--ray", f"{address!r} is not a Ray address",
+                         "pass local, auto, ray://HOST:PORT or HOST:PORT (--ray alone means local)")
+    return address
+
+
+def _messages_to_stderr() -> None:
+    """Ray prints its cluster's error messages ("a worker died ...") on the driver's stdout, which carries the
+    command's data: they go to stderr instead, with the rest of the notes."""
+    try:
+        import ray._private.worker as rw
+    except ImportError:  # pragma: no cover - another Ray layout: its messages keep their own stream
+        return
+    if getattr(rw.print_to_stdstream, "_mergetool", False):
+        return
+    original = rw.print_to_stdstream
+
+    def to_stderr(data, ignore_prefix):
+        original({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr._mergetool = True
+    rw.print_to_stdstream = to_stderr
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise MergetoolError("--ray", "Ray is not installed", "pip install 'mergetool[ray]'") from None
+    return ray
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+class Worker:
+    """Runs on a Ray node: the base model resident, and the single-process code on the jobs it is given."""
+
+    def __init__(self, base: str, gguf_file: str | None, expected: str, device: str, dtype: str | None,
+                 threads: int | None):
+        import torch
+
+        from .device import pick_device
+        from .model import fingerprint, load_model, resolve_base
+
+        if threads:
+            torch.set_num_threads(threads)
+        b = resolve_base(base, gguf_file)
+        self.fp = fingerprint(b)
+        self.refused = None
+        if self.fp != expected:
+            self.refused = f"node {os.uname().nodename} has another model at {base} (fingerprint {self.fp}, " \
+                           f"the driver's is {expected})"
+            return
+        self.dev = pick_device(device)
+        self.model, self.tok = load_model(b, self.dev, getattr(torch, dtype) if dtype else None)
+        self.cache: dict[str, Any] = {}
+
+    def ready(self) -> dict:
+        if self.refused:
+            raise MergetoolError("--base", self.refused, "install the same base model on every node")
+        return {"pid": os.getpid(), "node": os.uname().nodename}
+
+    def _cached(self, key: str, build: Callable[[], Any]):
+        if key not in self.cache:
+            self.cache[key] = build()
+        return self.cache[key]
+
+    def _examples(self, spec: dict):
+        from .examples import check_examples
+
+        def build():
+            exs = check_examples(spec["rows"], "examples")
+            for e, c in zip(exs, spec["contexts"]):
+                e.context = c
+            return exs
+
+        return self._cached(f"examples:{spec['key']}", build)
+
+    def _updates(self, key: str, ref: list):
+        import ray
+
+        return self._cached(f"updates:{key}", lambda: ray.get(ref[0]))
+
+    # -- score
+
+    def _scorer(self, spec: dict, pool_ref: list):
+        from .methods import get
+        from .score import Scorer
+
+        def build():
+            pool = self._updates(spec["key"], pool_ref)
+            return Scorer(self.model, self.tok, pool, self._examples(spec), spec["data_of"], get(spec["method"]),
+                          spec["params"], self.dev, spec["norm"], spec["batch_tokens"], spec["merge_chunk"])
+
+        return self._cached(f"scorer:{spec['key']}", build)
+
+    def score_groups(self, spec: dict, pool_ref: list, groups: list, ids: list[int]) -> dict[int, dict]:
+        out: dict[int, dict] = {}
+        self._scorer(spec, pool_ref).run_groups(groups, ids, lambda g, res: out.__setitem__(g, res))
+        return out
+
+    def explain(self, spec: dict, pool_ref: list, which: list[int], texts: list) -> dict:
+        return self._scorer(spec, pool_ref).explain(which, texts)
+
+    # -- eval
+
+    def evaluate(self, spec: dict, updates_ref: list, which: list[int], example_ids: list[int]) -> list[list[dict]]:
+        from . import evaluate as ev
+        from .adapters import RowAdapters
+
+        exs = self._examples(spec)
+        ups = self._updates(spec["key"], updates_ref) if updates_ref else []
+        chunk = [exs[i] for i in example_ids]
+        mine = [ups[i] for i in which] if ups else []
+        with RowAdapters(self.model, mine) as ad:
+            return ev.evaluate(self.model, self.tok, chunk, spec["norm"], spec["max_new_tokens"], spec["batch_tokens"],
+                               None, ad, [(k, range(len(chunk))) for k in (range(len(mine)) or [-1])])
+
+    # -- train-expert --per-example
+
+    def known(self, spec: dict, example_ids: list[int]) -> list[bool]:
+        from . import evaluate as ev
+
+        exs = self._examples(spec)
+        return [bool(r["correct"]) for r in ev.evaluate(self.model, self.tok, [exs[i] for i in example_ids])[0]]
+
+    def train(self, spec: dict, example_ids: list[int]) -> list[tuple[str, bytes | None, float]]:
+        """Train the experts of these examples together; each as (id, its blob or None when dropped, loss)."""
+        from . import train as tr
+        from .io import blob_bytes
+        from .updates import metadata_for, to_tensors
+
+        exs = [self._examples(spec)[i] for i in example_ids]
+        lspec = tr.LoraSpec(**spec["lora"])
+        names = tr.target_modules(self.model, lspec, default_middle=True)
+        ad, losses = tr.train_stacked(self.model, self.tok, [("", e.rec["text"]) for e in exs], lspec, names,
+                                      [tr.expert_seed(lspec.seed, e.id) for e in exs])
+        try:
+            ok = [True] * len(exs)
+            if spec["keep_if_correct"]:
+                scores = tr.stacked_choice_scores(self.model, self.tok, ad, [e.rec for e in exs])
+                ok = [max(range(len(sc)), key=sc.__getitem__) == e.rec["answer"] for sc, e in zip(scores, exs)]
+            out = []
+            for i, e in enumerate(exs):
+                blob = None
+                if ok[i]:
+                    u = ad.expert(i, e.id, tr.expert_meta(spec["meta"], e.id, e.task, example=e.id,
+                                                          final_loss=losses[i]))
+                    tr.check_finite(u)
+                    blob = blob_bytes(to_tensors(u), metadata_for(u))
+                out.append((e.id, blob, losses[i]))
+            return out
+        finally:
+            ad.remove()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class Cluster:
+    """The actors, and the loop that hands them jobs and receives results."""
+
+    ray: Any
+    actors: list
+    make: Callable[[], Any]
+
+    def put(self, value) -> list:
+        """An object for every job, sent once (wrapped in a list so that Ray does not fetch it eagerly)."""
+        return [self.ray.put(value)]
+
+    def put_updates(self, updates) -> list:
+        """Updates for the workers, their tensors in memory (a full model's task vector is read here, on the
+        driver, so nodes need not see its files)."""
+        from .updates import Dense, Update
+
+        return self.put([Update(u.name, {k: Dense(m.delta()) if isinstance(m, Dense) else m
+                                         for k, m in u.modules.items()}, u.meta, u.dtype) for u in updates])
+
+    def run(self, method: str, jobs: list[tuple], deliver: Callable[[int, Any], None], ordered: bool = True) -> None:
+        """Run ``actor.method(*job)`` for every job, at most two in flight per actor; ``deliver(index, result)`` once
+        per job, in job order (or as they arrive). A job whose actor died is given to another, up to RETRIES."""
+        ray = self.ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        queue = collections.deque(range(len(jobs)))
+        pending: dict = {}
+        tries = collections.Counter()
+        waiting: dict[int, Any] = {}
+        next_out = 0
+        turn = 0
+        while queue or pending:
+            while queue and len(pending) < 2 * len(self.actors):
+                j = queue.popleft()
+                actor = self.actors[turn % len(self.actors)]
+                turn += 1
+                pending[getattr(actor, method).remote(*jobs[j])] = (j, actor)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                j, actor = pending.pop(ref)
+                try:
+                    res = ray.get(ref)
+                except RayTaskError as e:
+                    cause = e.as_instanceof_cause()
+                    if isinstance(cause, MergetoolError):
+                        raise MergetoolError(cause.what, cause.why, cause.fix) from None
+                    raise MergetoolError("ray worker", f"{e.cause.__class__.__name__}: {str(e.cause)[:300]}",
+                                         "rerun with --debug") from None
+                except RayActorError:
+                    tries[j] += 1
+                    if tries[j] > RETRIES:
+                        raise MergetoolError("ray", f"job {j} failed on {RETRIES + 1} workers", "check the cluster") from None
+                    log.warning("a worker died; its job goes to another")
+                    self._revive(actor)
+                    queue.appendleft(j)
+                    continue
+                if not ordered:
+                    deliver(j, res)
+                    continue
+                waiting[j] = res
+                while next_out in waiting:
+                    deliver(next_out, waiting.pop(next_out))
+                    next_out += 1
+
+    def _revive(self, actor) -> None:
+        """Ray restarts a dead actor itself (max_restarts, reloading the model); one that is gone for good (its
+        restarts spent, its node lost) is replaced by a new one."""
+        if actor not in self.actors:
+            return  # already replaced, for another of its jobs
+        try:
+            self.ray.get(actor.pid.remote(), timeout=600)
+        except Exception:  # noqa: BLE001 - whatever the reason, this actor no longer serves
+            if actor in self.actors:
+                self.actors[self.actors.index(actor)] = self.make()
+
+    def pids(self) -> list[int]:
+        return self.ray.get([a.pid.remote() for a in self.actors])
+
+
+def connect(address: str, workers: int | None, base: str, gguf_file: str | None, fp: str, device: str,
+            dtype: str | None) -> Cluster:
+    """Start or join Ray and one resident model per worker (one per GPU when the cluster has GPUs, else
+    ``workers`` on CPUs, default one per node), each checked against the driver's base fingerprint."""
+    ray = _ray()
+    check_address(address)
+    _messages_to_stderr()
+    if not ray.is_initialized():
+        kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                  runtime_env={"env_vars": {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}})
+        ray.init(address=None if address == "local" else address, **kw)
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    if device == "cpu":
+        gpus = 0
+    n = workers or gpus or max(1, len([x for x in ray.nodes() if x.get("Alive")]))
+    cpus = max(1, int(res.get("CPU", 1)) // n)
+    actor_cls = ray.remote(Worker)
+
+    def make():
+        opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": cpus}
+        return actor_cls.options(max_restarts=RETRIES, max_task_retries=0, **opts).remote(
+            base, gguf_file, fp, "cuda" if gpus else "cpu", dtype, None if gpus else cpus)
+
+    actors = [make() for _ in range(n)]
+    cluster = Cluster(ray, actors, make)
+    try:
+        for a in actors:
+            ray.get(a.ready.remote())
+    except ray.exceptions.RayTaskError as e:
+        cause = e.as_instanceof_cause()
+        if isinstance(cause, MergetoolError):
+            raise MergetoolError(cause.what, cause.why, cause.fix) from None
+        raise MergetoolError("--ray", f"a worker failed to start ({e.cause.__class__.__name__}: {str(e.cause)[:200]})",
+                             "check that every node has mergetool and the base model") from None
+    log.info("ray: %d worker%s (%s)", n, "s" if n > 1 else "", "one GPU each" if gpus else f"{cpus} CPUs each")
+    return cluster
+
+
+# ----------------------------------------------------------------------------- the commands' jobs
+
+
+def examples_spec(examples, key: str, **extra) -> dict:
+    """The examples (records and the contexts the driver rendered) for the workers, cached under ``key``."""
+    return {"rows": [e.rec for e in examples], "contexts": [e.context for e in examples], "key": key, **extra}
+
+
+class RayScorer:
+    """``score.Scorer``'s two calls, run by the cluster's workers: the same chunks of groups, delivered in the
+    same order (or as they arrive, ``ordered=False``)."""
+
+    def __init__(self, cluster: Cluster, spec: dict, pool_ref: list, merge_chunk: int, ordered: bool = True):
+        self.cluster, self.spec, self.pool_ref, self.chunk, self.ordered = cluster, spec, pool_ref, merge_chunk, ordered
+        self.seconds = {"merge": None, "evaluate": None}
+
+    def run_groups(self, groups, ids, done, progress=None) -> None:
+        jobs = [(self.spec, self.pool_ref, groups, ids[s:s + self.chunk]) for s in range(0, len(ids), self.chunk)]
+
+        def deliver(j, res):
+            for g in jobs[j][3]:
+                done(g, res[g])
+            if progress:
+                progress(len(jobs[j][3]))
+
+        self.cluster.run("score_groups", jobs, deliver, self.ordered)
+
+    def explain(self, which: list[int], texts: list) -> dict:
+        out: dict = {}
+        step = 64
+        jobs = [(self.spec, self.pool_ref, which[s:s + step], texts[s:s + step]) for s in range(0, len(which), step)]
+        self.cluster.run("explain", jobs, lambda j, res: out.update(res), True)
+        return out

@@ -1,0 +1,254 @@
+"""What an adversarial pass found in the commands, kept found: signals and exit codes, values that must not pass,
+outputs that must not be clobbered or left half-written, inputs checked before the model loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import lora_blob, random_lora, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def capitals(n):
+    rows = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["task"] == "country-capital"][:n]
+
+
+def write(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def inproc(capsys, *args) -> tuple[int, str, str]:
+    from mergetool.cli.main import run
+
+    rc = run(list(args))
+    got = capsys.readouterr()
+    return rc, got.out, got.err
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def interrupt(args, sig, after, env=None):
+    p = subprocess.Popen([sys.executable, "-m", "mergetool", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env)
+    time.sleep(after)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    return p.returncode, out, err.decode()
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_during_start_up_is_one_line(sig, code, word, adapters, tmp_path):
+    """Interrupted while torch is still being imported: the exit code and one line, no traceback."""
+    rc, out, err = interrupt(["merge", "-m", "mean", *map(str, adapters), "-o", str(tmp_path / "o.safetensors")],
+                             sig, 0.3)
+    if rc == 0:
+        pytest.skip("the command finished before the signal")
+    assert rc == code and err.strip().endswith(f"error: {word}") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_signals_at_random_moments_then_resume(tiny_lm, tmp_path):
+    """SIGINT or SIGTERM at random moments of eval (with -o): exit 130/143 and one line, the records on disk are
+    whole lines, and --resume completes to the records of an uninterrupted run."""
+    data = write(tmp_path / "d.jsonl", capitals(60) * 1)
+    whole = {r["id"]: r for r in map(json.loads, run_cli("eval", "--base", str(tiny_lm), str(data), check=True)
+                                     .stdout.decode().splitlines())}
+    rng = random.Random(0)
+    out = tmp_path / "r.jsonl"
+    for k in range(3):
+        sig = rng.choice([signal.SIGINT, signal.SIGTERM])
+        args = ["eval", "--base", str(tiny_lm), str(data), "-o", str(out)] + (["--resume"] if k else [])
+        rc, _, err = interrupt(args, sig, rng.uniform(0.5, 6.0))
+        assert rc in (0, 130, 143), err
+        if rc:
+            assert len(err.strip().splitlines()[-1:]) == 1 and "Traceback" not in err
+            assert err.strip().splitlines()[-1].endswith("interrupted" if rc == 130 else "terminated")
+        if out.exists():
+            assert all(json.loads(x)["id"] for x in out.read_text().splitlines())  # whole lines only
+    run_cli("eval", "--base", str(tiny_lm), str(data), "-o", str(out), "--resume", check=True)
+    got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(got) == set(whole)
+    for i, r in got.items():
+        assert r["prediction"] == whole[i]["prediction"] and r["logprobs"] == pytest.approx(whole[i]["logprobs"], abs=1e-5)
+
+
+def test_interrupted_merge_and_training_leave_nothing(tiny_lm, tmp_path, adapters):
+    data = write(tmp_path / "d.jsonl", capitals(4))
+    rc, _, err = interrupt(["train-expert", "--base", str(tiny_lm), "--per-example", "--epochs", "200", "--rank", "4",
+                            str(data), "-o", str(tmp_path / "x.safetensors")], signal.SIGINT, 8)
+    assert rc == 130 and err.strip().splitlines()[-1].endswith("error: interrupted"), err
+    assert not (tmp_path / "x.safetensors").exists() and not list(tmp_path.glob(".mergetool-*"))
+
+
+def test_closed_pipe_after_the_first_record_exits_0(tiny_lm, tmp_path):
+    data = write(tmp_path / "d.jsonl", capitals(40))
+    cmd = f"{sys.executable} -m mergetool eval --base {tiny_lm} {data} | head -n 1"
+    p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True)
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 1 and b"Traceback" not in p.stderr, p.stderr
+
+
+# ----------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--lambda", "nan"], "--lambda"), (["--lambda", "inf"], "--lambda"), (["-m", "ties", "--density", "nan"], "finite"),
+    (["-m", "breadcrumbs", "--gamma", "2"], "--gamma"), (["-m", "breadcrumbs", "--gamma", "-1"], "--gamma"),
+    (["-m", "della", "--epsilon", "-1"], "--epsilon"), (["-m", "slerp", "--t", "nan"], "--t"),
+])
+def test_merge_refuses_out_of_range_and_non_finite_options(args, needle, adapters, tmp_path, capsys):
+    out = tmp_path / "o.safetensors"
+    rc, stdout, err = inproc(capsys, "merge", *args, str(adapters[0]), str(adapters[1]), "-o", str(out))
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1 and not out.exists(), err
+
+
+def test_non_finite_and_duplicate_weights(adapters, tmp_path, capsys):
+    w = tmp_path / "w.jsonl"
+    for text, needle in [('{"adapter": "a0", "weight": NaN}\n{"adapter": "a1", "weight": 1}\n', "finite"),
+                         ('{"adapter": "a0", "weight": Infinity}\n{"adapter": "a1", "weight": 1}\n', "finite"),
+                         ('{"adapter": "a0", "weight": 1}\n{"adapter": "a0", "weight": 2}\n', "'a0' has a second")]:
+        w.write_text(text)
+        rc, _, err = inproc(capsys, "merge", "-m", "linear", "--weights", str(w), str(adapters[0]), str(adapters[1]),
+                            "-o", str(tmp_path / "o.safetensors"))
+        assert rc == 1 and needle in err, err
+
+
+@pytest.mark.parametrize("opt,value", [("--rank", "0"), ("--lr", "0"), ("--lr", "nan"), ("--epochs", "0"),
+                                       ("--alpha", "0"), ("--alpha", "nan"), ("--batch-size", "0")])
+def test_train_expert_refuses_out_of_range_options(opt, value, tiny_lm, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", capitals(2))
+    rc, _, err = inproc(capsys, "train-expert", "--base", str(tiny_lm), opt, value, str(data), "-o",
+                        str(tmp_path / "o.safetensors"))
+    assert rc == 2 and opt in err and "pass a value" in err and len(err.strip().splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------- files and outputs
+
+
+def test_eval_refuses_to_overwrite_its_input(tiny_lm, tmp_path, capsys):
+    data = write(tmp_path / "same.jsonl", capitals(3))
+    before = data.read_text()
+    rc, _, err = inproc(capsys, "eval", "--base", str(tiny_lm), str(data), "-o", str(data))
+    assert rc == 2 and "is the input" in err and data.read_text() == before
+
+
+def test_out_dir_file_names_are_distinct_and_reversible(tiny_lm, tmp_path):
+    from urllib.parse import unquote
+
+    rows = [{**r, "id": i} for r, i in zip(capitals(3), ["x/1", "x_1", "x:1"])]
+    data = write(tmp_path / "d.jsonl", rows)
+    d = tmp_path / "pool"
+    r = run_cli("train-expert", "--base", str(tiny_lm), "--per-example", "--epochs", "1", "--rank", "2", str(data),
+                "--out-dir", str(d))
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name.removesuffix(".safetensors") for p in d.iterdir())
+    assert len(files) == 3 and sorted(unquote(f) for f in files) == sorted(["x/1", "x_1", "x:1"])
+
+
+def test_eval_resume_refuses_another_run(tiny_lm, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", capitals(4))
+    out = tmp_path / "r.jsonl"
+    run_cli("eval", "--base", str(tiny_lm), str(data), "-o", str(out), check=True)
+    before = out.read_text()
+    rc, _, err = inproc(capsys, "eval", "--base", str(tiny_lm), "--norm", "chars", str(data), "-o", str(out), "--resume")
+    assert rc == 1 and "another base model or other options" in err and out.read_text() == before
+
+
+def test_a_failed_run_leaves_nothing_new(tiny_lm, tmp_path, adapters):
+    data = write(tmp_path / "d.jsonl", capitals(2))
+    out = tmp_path / "r.jsonl"
+    r = run_cli("eval", "--base", str(tmp_path / "nomodel"), str(data), "-o", str(out))
+    assert r.returncode == 1 and not out.exists()
+    model, peft = tmp_path / "model", tmp_path / "peft"
+    r = run_cli("merge", "-m", "ties", "--base", str(tiny_lm), *map(str, adapters), "--save-model", str(model),
+                "--save-peft", str(peft))
+    assert r.returncode == 1 and b"PEFT cannot hold" in r.stderr
+    assert not model.exists() and not peft.exists() and not list(tmp_path.glob(".model-*"))
+
+
+def test_eval_records_reach_the_disk_before_the_run_ends(tiny_lm, tmp_path):
+    data = write(tmp_path / "d.jsonl", capitals(200))
+    out = tmp_path / "r.jsonl"
+    p = subprocess.Popen([sys.executable, "-m", "mergetool", "eval", "--base", str(tiny_lm), str(data), "-o", str(out)],
+                         stderr=subprocess.DEVNULL)
+    seen = set()
+    while p.poll() is None:
+        if out.exists():
+            seen.add(len(out.read_text().splitlines()))
+        time.sleep(0.02)
+    assert p.returncode == 0 and any(0 < n < 200 for n in seen), seen  # written chunk by chunk, as they are made
+
+
+# ----------------------------------------------------------------------------- checked before the model loads
+
+
+def test_eval_checks_demonstrations_before_loading_and_skips_a_finished_resume(tiny_lm, tmp_path, capsys, monkeypatch):
+    import mergetool.model as model
+
+    data = write(tmp_path / "d.jsonl", capitals(3))
+    loads = []
+    real = model.load_model
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    rc, _, err = inproc(capsys, "eval", "--base", str(tiny_lm), "--shots", "2", str(data))
+    assert rc == 1 and "demonstrations" in err and not loads
+    out = tmp_path / "r.jsonl"
+    assert inproc(capsys, "eval", "--base", str(tiny_lm), str(data), "-o", str(out))[0] == 0
+    loads.clear()
+    assert inproc(capsys, "eval", "--base", str(tiny_lm), str(data), "-o", str(out), "--resume")[0] == 0
+    assert not loads and len(out.read_text().splitlines()) == 3
+
+
+def test_eval_takes_the_base_from_the_adapter(tiny_lm, tmp_path):
+    u = random_lora(1, targets={"q_proj": (64, 64)})
+    u.meta["base_model"] = str(tiny_lm)
+    a = tmp_path / "a.safetensors"
+    a.write_bytes(lora_blob(u))
+    data = write(tmp_path / "d.jsonl", capitals(2))
+    r = run_cli("eval", "--adapter", str(a), str(data))
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr
+    r = run_cli("eval", str(data))
+    assert r.returncode == 2 and b"--base" in r.stderr
+
+
+def test_perplexity_and_generation_are_cut_to_the_context(tmp_path, tiny_lm):
+    """A GPT-2-style base (n_positions 32): long passages and prompts are cut from the left, no IndexError."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_positions=32, n_embd=32, n_layer=2, n_head=2)).save_pretrained(d)
+    for f in tiny_lm.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, d / f.name)
+    long = " ".join(["The capital of France is Paris."] * 20)
+    data = write(tmp_path / "d.jsonl", [{"id": "p", "text": long}, {"id": "g", "prompt": long, "target": "x"},
+                                        {"id": "m", "prompt": long, "choices": [" a b c", " d"], "answer": 0}])
+    r = run_cli("eval", "--base", str(d), "--max-new-tokens", "4", str(data))
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in r.stdout.splitlines()]
+    assert recs[0]["tokens"] <= 32 and recs[0]["perplexity"] > 1 and "prediction" in recs[1]
+
+
+def test_per_task_training_prints_no_warning(tiny_lm, tmp_path):
+    data = write(tmp_path / "d.jsonl", capitals(4))
+    r = run_cli("train-expert", "--base", str(tiny_lm), "--epochs", "1", str(data), "-o", str(tmp_path / "o.safetensors"))
+    assert r.returncode == 0 and b"Warning" not in r.stderr, r.stderr
+
+
+def test_a_model_saved_from_a_gguf_base_is_plain_safetensors(smol):
+    cfg = json.loads((smol[1] / "config.json").read_text())
+    assert "quantization_config" not in cfg

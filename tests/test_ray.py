@@ -1,0 +1,182 @@
+"""--ray: score, eval and per-example training on a local Ray instance and on a two-node cluster give the
+records of the single-process run; a worker killed mid-run changes nothing; without --ray, Ray is never
+imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import lora_blob, random_lora, run_cli
+
+pytest.importorskip("ray")
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(600)
+
+
+def capitals(n):
+    rows = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["task"] == "country-capital"][:n]
+
+
+@pytest.fixture
+def pool(tmp_path):
+    rows = capitals(12)
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = tmp_path / "pool"
+    d.mkdir()
+    for i, r in enumerate(rows):
+        u = random_lora(i, rank=8, targets={"up_proj": (128, 64)}, layers=[1], name=r["id"])
+        u.meta["training"] = {"example": r["id"]}
+        for m in u.modules.values():
+            m.B *= 30
+        (d / f"{r['id']}.safetensors").write_bytes(lora_blob(u))
+    return data, d
+
+
+def same_records(a: list[dict], b: list[dict], key):
+    assert [key(x) for x in a] == [key(x) for x in b]  # the same records, in the same order
+    for x, y in zip(a, b):
+        for k, v in x.items():
+            if isinstance(v, float):
+                assert y[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+            elif k not in ("params",):
+                assert y[k] == v, k
+
+
+def records(b: bytes) -> list[dict]:
+    return [json.loads(x) for x in b.decode().splitlines()]
+
+
+def test_score_eval_and_training_on_local_ray_equal_one_process(tiny_lm, pool, tmp_path):
+    data, d = pool
+    args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "3", "-N", "2", "--merge-chunk", "2", str(d)]
+    one = records(run_cli(*args, check=True).stdout)
+    two = records(run_cli(*args, "--ray", "--workers", "2", check=True).stdout)
+    same_records(one, two, lambda r: r["adapter"])
+    e1 = records(run_cli("eval", "--base", str(tiny_lm), "--adapter", str(d), str(data), check=True).stdout)
+    e2 = records(run_cli("eval", "--base", str(tiny_lm), "--adapter", str(d), str(data), "--ray", "local",
+                         "--workers", "2", check=True).stdout)
+    same_records(e1, e2, lambda r: (r["adapter"], r["id"]))
+    t = ["train-expert", "--base", str(tiny_lm), "--per-example", "--rank", "4", "--epochs", "3", "--batch-size", "4",
+         "--keep-if-correct", str(data)]
+    local = run_cli(*t, "--out-dir", str(tmp_path / "one"), check=True)
+    remote = run_cli(*t, "--out-dir", str(tmp_path / "two"), "--ray", "--workers", "2", check=True)
+    a = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert a == sorted(p.name for p in (tmp_path / "two").iterdir()) and a, (local.stderr, remote.stderr)
+    from mergetool.io import read_blobs
+    from mergetool.updates import from_blob
+
+    for name in a:
+        x = from_blob(read_blobs(str(tmp_path / "one" / name))[0], "x")
+        y = from_blob(read_blobs(str(tmp_path / "two" / name))[0], "y")
+        for k in x.modules:
+            assert (x.modules[k].delta() - y.modules[k].delta()).abs().max() < 1e-5
+
+
+def test_a_killed_worker_changes_nothing(tiny_lm, pool, tmp_path):
+    """Two workers, one killed (SIGKILL) mid-run: its job goes to the other (or to its restart), and the
+    records are those of the single-process run."""
+    data, d = pool
+    args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "3", "-N", "6", "--merge-chunk", "1", str(d)]
+    one = records(run_cli(*args, check=True).stdout)
+    out = tmp_path / "s.jsonl"
+    p = subprocess.Popen([sys.executable, "-m", "mergetool", *args, "--ray", "--workers", "2", "-o", str(out)],
+                         stderr=subprocess.PIPE)
+    side = tmp_path / "s.jsonl.trials"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if side.exists() and sum('"group"' in x for x in side.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    workers = [int(x) for x in subprocess.run(["pgrep", "-f", "ray::Worker"], capture_output=True,
+                                              text=True).stdout.split()]
+    assert workers, "no Ray worker process found"
+    os.kill(workers[0], signal.SIGKILL)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err.decode()
+    same_records(one, [json.loads(x) for x in out.read_text().splitlines()], lambda r: r["adapter"])
+
+
+def ip() -> str:
+    """This machine's address as Ray sees it (the address a head announces)."""
+    import ray._private.services as services
+
+    return services.get_node_ip_address()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_cluster_on_one_machine(tiny_lm, pool, tmp_path):
+    """A head and a worker node started with `ray start` on separate ports run a score to the same records."""
+    data, d = pool
+    ray = Path(sys.executable).parent / "ray"
+    port = free_port()
+    # a throwaway cluster inside the test: without token authentication (a real cluster keeps Ray's default)
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    head = subprocess.run([str(ray), "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                           "--disable-usage-stats"], capture_output=True, env=env)
+    assert head.returncode == 0, head.stderr.decode()
+    try:
+        node = subprocess.run([str(ray), "start", f"--address={ip()}:{port}", "--num-cpus=1",
+                               f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                               "--disable-usage-stats"], capture_output=True, env=env)
+        assert node.returncode == 0, node.stderr.decode()
+        args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "3", "-N", "2", str(d)]
+        one = records(run_cli(*args, check=True).stdout)
+        two = subprocess.run([sys.executable, "-m", "mergetool", *args, "--ray", f"{ip()}:{port}", "--workers", "2"],
+                             capture_output=True, env=env)
+        assert two.returncode == 0, two.stderr.decode()
+        same_records(one, records(two.stdout), lambda r: r["adapter"])
+    finally:
+        subprocess.run([str(ray), "stop", "--force"], capture_output=True, env=env)
+
+
+def test_a_node_with_another_model_refuses(tiny_lm, pool, tmp_path):
+    """--base is checked by fingerprint on every worker: a worker whose --base is another model refuses."""
+    import shutil
+
+    data, d = pool
+    other = tmp_path / "other"
+    shutil.copytree(tiny_lm, other)
+    cfg = json.loads((other / "config.json").read_text())
+    code = ("import sys, mergetool.distributed as dist\n"
+            "c = dist.connect('local', 1, sys.argv[1], None, sys.argv[2], 'cpu', None)\n")
+    cfg["num_hidden_layers"] = 1
+    (other / "config.json").write_text(json.dumps(cfg))
+    from mergetool.model import fingerprint, resolve_base
+
+    r = subprocess.run([sys.executable, "-c", code, str(other), fingerprint(resolve_base(str(tiny_lm)))],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "another model" in r.stderr
+
+
+def test_without_ray_nothing_imports_it(tiny_lm, pool, tmp_path):
+    data, d = pool
+    code = ("import sys\nfrom mergetool.cli.main import run\n"
+            f"run(['score', '--base', {str(tiny_lm)!r}, '--data', {str(data)!r}, '-M', '2', '-N', '1', {str(d)!r},"
+            f" '-o', {str(tmp_path / 's.jsonl')!r}, '-q'])\n"
+            "print('ray' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip().endswith("False"), r.stderr
+
+
+def test_bad_ray_address_is_one_line(tiny_lm, pool, capsys):
+    from mergetool.cli.main import run
+
+    data, d = pool
+    rc = run(["score", "--base", str(tiny_lm), "--data", str(data), "--ray", "not an address", str(d)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not a Ray address" in err and len(err.strip().splitlines()) == 1
