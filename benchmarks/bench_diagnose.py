@@ -26,27 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import machine, pick, sync  # noqa: E402
+from common import machine, pick, random_loras, sync  # noqa: E402
 
 from mergetool.diagnose.weightspace import pair_metrics  # noqa: E402
-from mergetool.updates import PREFIX, LowRank, Update  # noqa: E402
+from mergetool.updates import Update  # noqa: E402
 
 METRICS = ("magnitude_change_ratio", "sign_change_ratio", "sign_change_ratio_strict", "conflict_magnitude_ratio",
            "conflict_magnitude_ratio_strict", "cosine", "cosine_global")
-
-
-def adapters(n, layers, hidden, kv, rank, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden)}
-    out = []
-    for e in range(n):
-        mods = {}
-        for layer in range(layers):
-            for proj, (o, i) in shapes.items():
-                mods[f"{PREFIX}model.layers.{layer}.self_attn.{proj}"] = LowRank(
-                    torch.randn(rank, i, generator=g) / i ** 0.5, torch.randn(o, rank, generator=g) * 0.01, 2.0)
-        out.append(Update(f"a{e}", mods, {"name": f"a{e}"}))
-    return out
 
 
 @torch.no_grad()
@@ -93,7 +79,7 @@ def main():
     dev = pick(args.device)
     shapes = {"llama-3.2-1b": (16, 2048, 512), "mistral-7b": (32, 4096, 1024)}
     n, layers, hidden, kv = (8, 4, 256, 64) if args.small else (args.adapters, *shapes[args.shape])
-    us = adapters(n, layers, hidden, kv, args.rank)
+    us = random_loras(n, args.rank, layers, hidden, kv, "cpu", projs=("q_proj", "k_proj", "v_proj"))
     pairs = list(itertools.combinations(range(n), 2))
     info = {"machine": machine(dev, ()), "device": str(dev), "adapters": n, "pairs": len(pairs), "rank": args.rank,
             "shape": f"q/k/v of {layers} layers, hidden {hidden}, k/v {kv}"}

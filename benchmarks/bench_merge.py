@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,10 +25,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DTYPE = torch.bfloat16
+from common import machine, random_loras  # noqa: E402
+
 from mergetool.methods import Params, get, merge_stream  # noqa: E402
-from mergetool.updates import Dense, LowRank, Update  # noqa: E402
+from mergetool.updates import Dense, Update  # noqa: E402
 
 
 def sync(dev):
@@ -37,30 +39,7 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def machine(dev) -> dict:
-    m = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-         "platform": platform.platform()}
-    if dev.type == "cuda":
-        m["gpu"] = torch.cuda.get_device_name(dev)
-    return m
-
-
 # ----------------------------------------------------------------------------- (a) KnOTS
-
-
-def make_loras(n, rank, layers, hidden, kv, dev, seed=0):
-    g = torch.Generator(device=dev).manual_seed(seed)
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden)}
-    ups = []
-    for i in range(n):
-        mods = {}
-        for layer in range(layers):
-            for proj, (out, inp) in shapes.items():
-                A = torch.randn(rank, inp, generator=g, device=dev) / inp ** 0.5
-                B = torch.randn(out, rank, generator=g, device=dev) / rank ** 0.5
-                mods[f"base_model.model.model.layers.{layer}.self_attn.{proj}"] = LowRank(A, B, 2.0)
-        ups.append(Update(f"t{i}", mods))
-    return ups
 
 
 def as_dense(updates):
@@ -83,11 +62,11 @@ def run_knots(updates, dev, p):
 def bench_knots(args, dev) -> dict:
     hidden, kv, layers = (256, 64, 4) if args.small else (4096, 1024, 32)
     plain_layers = min(layers, args.plain_layers or layers)
-    ups = make_loras(args.adapters, args.rank, layers, hidden, kv, dev)
+    ups = random_loras(args.adapters, args.rank, layers, hidden, kv, dev)
     p = Params(inner="ties", density=0.2)
     sub = [Update(u.name, {k: m for k, m in u.modules.items() if int(k.split(".layers.")[1].split(".")[0]) < plain_layers})
            for u in ups]
-    run_knots(make_loras(2, 4, 1, hidden, kv, dev, seed=1), dev, p)  # warm-up (kernels, handles)
+    run_knots(random_loras(2, 4, 1, hidden, kv, dev, seed=1), dev, p)  # warm-up (kernels, handles)
     t_fact_all, _ = run_knots(ups, dev, p)
     t_fact, fact = run_knots(sub, dev, p)
     t_plain, plain = run_knots(as_dense(sub), dev, p)

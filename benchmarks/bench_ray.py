@@ -27,10 +27,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_updates import experts  # noqa: E402
-from common import machine, pick  # noqa: E402
+from common import country_questions, machine, pick, testbed_dir  # noqa: E402
 
 from mergetool import distributed as dist  # noqa: E402
-from mergetool.examples import check_examples  # noqa: E402
 from mergetool.methods import Params, get  # noqa: E402
 from mergetool.model import fingerprint, load_model, resolve_base  # noqa: E402
 from mergetool.score import Scorer, plan  # noqa: E402
@@ -44,24 +43,15 @@ def main():
     ap.add_argument("--partners", type=int, default=50)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--merge-chunk", type=int, default=4)
+    ap.add_argument("--device", default="auto", help="cuda: one worker per GPU")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local instance
-    dev = pick("cpu")
-    model_dir = args.model
-    if model_dir is None:
-        from mergetool.model import cache_gguf, testbed_gguf
-
-        model_dir = args.workdir / "smollm2-135m"
-        if not (model_dir / "config.json").exists():
-            args.workdir.mkdir(parents=True, exist_ok=True)
-            cache_gguf(resolve_base(str(testbed_gguf())), model_dir)
+    dev = pick(args.device)
+    model_dir = testbed_dir(args.model, args.workdir)
     b = resolve_base(str(model_dir))
     model, tok = load_model(b, dev)
-    rows = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()]
-    exs = check_examples(rows, "countries")[:args.pool]
-    for e in exs:
-        e.context = e.rec["prompt"]
+    exs = country_questions(args.pool)
     pool = experts(model, args.pool)
     for u, e in zip(pool, exs):
         u.name = u.meta["name"] = e.id
@@ -88,7 +78,7 @@ def main():
                               batch_tokens=8192, merge_chunk=args.merge_chunk)
     for n in (1, 2):
         t = time.perf_counter()
-        cluster = dist.connect("local", n, str(model_dir), None, fp, "cpu", None)
+        cluster = dist.connect("local", n, str(model_dir), None, fp, dev.type, None)
         ref = cluster.put_updates(pool)
         up = time.perf_counter() - t
         s, got = run(dist.RayScorer(cluster, spec, ref, args.merge_chunk))

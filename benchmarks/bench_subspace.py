@@ -25,8 +25,6 @@ import contextlib
 import importlib.util
 import io
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, random_loras  # noqa: E402
 
 from mergetool.methods import Params, get, merge_stream  # noqa: E402
 from mergetool.updates import Dense, LowRank, Update  # noqa: E402
@@ -44,29 +45,6 @@ METHODS = [("core-space", {"inner": "tsv"}), ("tsv", {}), ("iso-c", {}), ("iso-c
 def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize()
-
-
-def machine(dev) -> dict:
-    m = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-         "threads": torch.get_num_threads(), "platform": platform.platform()}
-    if dev.type == "cuda":
-        m["gpu"] = torch.cuda.get_device_name(dev)
-    return m
-
-
-def make_loras(n, rank, layers, hidden, kv, dev, seed=0):
-    g = torch.Generator(device=dev).manual_seed(seed)
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden)}
-    ups = []
-    for i in range(n):
-        mods = {}
-        for layer in range(layers):
-            for proj, (out, inp) in shapes.items():
-                A = torch.randn(rank, inp, generator=g, device=dev) / inp ** 0.5
-                B = torch.randn(out, rank, generator=g, device=dev) / rank ** 0.5
-                mods[f"base_model.model.model.layers.{layer}.self_attn.{proj}"] = LowRank(A, B, 2.0)
-        ups.append(Update(f"t{i}", mods))
-    return ups
 
 
 def layer_of(mod: str) -> int:
@@ -141,10 +119,10 @@ def bench(args, dev) -> dict:
     hidden, kv, layers = (256, 64, 2) if args.small else (2048, 512, 16)
     n, rank = (4, 4) if args.small else (args.adapters, args.rank)
     compared = min(layers, args.dense_layers or layers)
-    ups = make_loras(n, rank, layers, hidden, kv, dev)
+    ups = random_loras(n, rank, layers, hidden, kv, dev)
     sub = [Update(u.name, {k: m for k, m in u.modules.items() if layer_of(k) < compared}) for u in ups]
     peers = fusion_bench()
-    warm = make_loras(2, 2, 1, 32, 16, dev, seed=1)
+    warm = random_loras(2, 2, 1, 32, 16, dev, seed=1)
     res = {"shape": f"{n} x rank {rank} LoRAs on q/k/v/o, hidden {hidden}, kv {kv}, {layers} layers",
            "layers_compared": compared, "fusion_bench": peers is not None, "methods": {}}
     print(res["shape"] + f"; dense routes on {compared} layer(s)", flush=True)

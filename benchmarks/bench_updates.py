@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import machine, pick, sync  # noqa: E402
+from common import machine, pick, sync, testbed_dir  # noqa: E402
 
 from mergetool import evaluate as ev  # noqa: E402
 from mergetool.adapters import RowAdapters, decoder_layers  # noqa: E402
@@ -81,14 +81,7 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = pick(args.device)
-    model_dir = args.model
-    if model_dir is None:
-        from mergetool.model import cache_gguf, testbed_gguf
-
-        model_dir = args.workdir / "smollm2-135m"
-        if not (model_dir / "config.json").exists():
-            args.workdir.mkdir(parents=True, exist_ok=True)
-            cache_gguf(resolve_base(str(testbed_gguf())), model_dir)
+    model_dir = testbed_dir(args.model, args.workdir)
     model, tok = load_model(resolve_base(str(model_dir)), dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     rows = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()]
     exs = check_examples(rows, "countries")

@@ -294,6 +294,9 @@ def connect(address: str, workers: int | None, base: str, gguf_file: str | None,
     if device == "cpu":
         gpus = 0
     n = workers or gpus or max(1, len([x for x in ray.nodes() if x.get("Alive")]))
+    if gpus and n > gpus:
+        raise UsageError("--workers", f"{n} workers need a GPU each; the cluster has {gpus}",
+                         f"pass --workers {gpus} or fewer (or --device cpu)")
     cpus = max(1, int(res.get("CPU", 1)) // n)
     actor_cls = ray.remote(Worker)
 
