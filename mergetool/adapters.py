@@ -325,6 +325,38 @@ class RowAdapters:
         self.remove()
 
 
+def device_bytes(u: Update) -> int:
+    """What an update occupies on the device once applied: its LoRA factors, or the dense delta where the
+    factors would be larger (as ``RowAdapters`` stores it), in fp32."""
+    n = 0
+    for m in u.modules.values():
+        if isinstance(m, LowRank) and m.rank * sum(m.shape) < math.prod(m.shape):
+            n += m.rank * sum(m.shape)
+        else:
+            n += math.prod(m.shape)
+    return 4 * n
+
+
+def fitting_groups(updates: Sequence[Update], device, budget: int | None = None) -> list[list[int]]:
+    """The updates' indices in consecutive groups that each fit ``budget`` bytes on the device (default: a third
+    of the free GPU memory, or 4 GiB on a CPU), so that a set too large to apply at once is streamed through."""
+    if budget is None:
+        if torch.device(device).type == "cuda":
+            budget = int(torch.cuda.mem_get_info(torch.device(device))[0] / 3)
+        else:
+            budget = 4 * 2**30
+    groups: list[list[int]] = []
+    used = budget + 1
+    for i, u in enumerate(updates):
+        b = device_bytes(u)
+        if used + b > budget and (not groups or groups[-1]):
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += b
+    return groups
+
+
 def _segments(rows: list[int]) -> list[tuple[int, int, int]]:
     """Runs of equal update in ``rows``: (update, start, end)."""
     out = []

@@ -230,13 +230,35 @@ def logits_at(model, rows, pos, **inputs) -> torch.Tensor:
         return head(h)
 
 
+# scored positions per output-layer call in ``token_logprobs``: about 64 MiB of fp32 logits at a time, so a
+# batch of thousands of positions never holds a [positions, vocabulary] tensor (memory-bound on a CPU)
+HEAD_FLOATS = 1 << 24
+
+
 def token_logprobs(model, rows, pos, tgt, **inputs) -> torch.Tensor:
-    """log p(tgt | prefix) at the given (row, position)s: fp32 log-softmax of ``logits_at``, the output
-    layer run once per distinct position (a context's last position predicts every choice's first token)."""
+    """log p(tgt | prefix) at the given (row, position)s, in fp32: the output layer runs once per distinct
+    position (a context's last position predicts every choice's first token), on chunks of positions, and
+    each chunk's logits give ``logit[tgt] - logsumexp(logits)`` without a full log-softmax."""
     width = inputs["input_ids"].shape[1]
     key, inverse = torch.unique(rows * width + pos, return_inverse=True)
-    logits = logits_at(model, key // width, key % width, **inputs)
-    return torch.log_softmax(logits.float(), -1)[inverse, tgt]
+    decoder = getattr(model, "get_decoder", lambda: None)()
+    head = model.get_output_embeddings()
+    if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        logits = logits_at(model, key // width, key % width, **inputs)
+        return torch.log_softmax(logits.float(), -1)[inverse, tgt]
+    krows = key // width
+    h = decoder(**inputs).last_hidden_state[krows, key % width]
+    step = max(1, HEAD_FLOATS // max(1, getattr(head, "out_features", 0) or 65536))
+    out = torch.empty(len(tgt), dtype=torch.float32, device=h.device)
+    order = torch.argsort(inverse)
+    bounds = torch.searchsorted(inverse[order], torch.arange(0, len(key) + step, step, device=inverse.device))
+    for c, s in enumerate(range(0, len(key), step)):
+        with gathered(model, krows[s:s + step]):
+            logits = head(h[s:s + step]).float()
+        idx = order[bounds[c]:bounds[c + 1]]
+        local = inverse[idx] - s
+        out[idx] = logits[local, tgt[idx]] - torch.logsumexp(logits, -1)[local]
+    return out
 
 
 def _sums(model, packed: Packed, dev) -> list[list[list[float]]]:

@@ -191,3 +191,27 @@ def test_an_update_on_norm_weights_runs_alone_but_not_beside_others(setup):
         ad.use(1)
         assert torch.equal(model.get_submodule(norm).weight, w)
     assert torch.equal(model.get_submodule(norm).weight, w)
+
+
+def test_adapters_too_large_for_the_device_stream_through_in_groups(tiny_lm, tmp_path, monkeypatch, capsys):
+    """A set of adapters larger than the device's budget is applied group by group: the records are those of
+    one group holding them all."""
+    import mergetool.adapters as adapters_mod
+    from mergetool.cli.main import run
+
+    ups = [u for u in twelve() if u is not None][:5]
+    files = [str(save(u, tmp_path / f"{u.name}.safetensors")) for u in ups]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in capitals(4)))
+    flags = [x for f in files for x in ("--adapter", f)]
+    assert run(["eval", "--base", str(tiny_lm), *flags, str(data)]) == 0
+    whole = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    sizes = [adapters_mod.device_bytes(u) for u in ups]
+    real = adapters_mod.fitting_groups
+    monkeypatch.setattr(adapters_mod, "fitting_groups", lambda us, dev, budget=None: real(us, dev, max(sizes)))
+    assert len(real(ups, "cpu", max(sizes))) > 1
+    assert run(["eval", "--base", str(tiny_lm), *flags, str(data)]) == 0
+    parts = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(r["adapter"], r["id"]) for r in parts] == [(r["adapter"], r["id"]) for r in whole]
+    for a, b in zip(parts, whole):
+        assert a["prediction"] == b["prediction"] and a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-5)

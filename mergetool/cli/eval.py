@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -196,7 +197,7 @@ def eval_cmd(
         refuse_overwriting_inputs(out_path, [data, shots_from, *adapters])
 
     from .. import evaluate as ev
-    from ..adapters import RowAdapters
+    from ..adapters import RowAdapters, fitting_groups
     from ..examples import add_contexts, check_examples
     from ..inputs import check_compatible, load_inputs
     from ..io import read_jsonl
@@ -271,14 +272,21 @@ def eval_cmd(
                 _eval_on_ray(dist, ray, workers, unordered, b, gguf_file, fp, device, dtype, todo, updates, run,
                              norm, max_new_tokens, batch_tokens, write, bar)
             else:
-                which = list(range(len(updates))) or [-1]
-                with RowAdapters(model, updates) as ad:
+                # the adapters in groups that fit the device (usually one group, applied once for the whole run)
+                groups = fitting_groups(updates, dev) if updates else [[]]
+                with contextlib.ExitStack() as held:
+                    resident = held.enter_context(RowAdapters(model, updates)) if len(groups) == 1 else None
                     s, size = 0, FIRST_CHUNK
                     while s < len(todo):
                         chunk = todo[s:s + size]
                         t0 = time.monotonic()
-                        write(chunk, ev.evaluate(model, tok, chunk, norm, max_new_tokens, batch_tokens, bar, ad,
-                                                 [(u, range(len(chunk))) for u in which]))
+                        results = []
+                        for group in groups:
+                            with (contextlib.nullcontext(resident) if resident is not None else
+                                  RowAdapters(model, [updates[i] for i in group])) as ad:
+                                results += ev.evaluate(model, tok, chunk, norm, max_new_tokens, batch_tokens, bar, ad,
+                                                       [(k, range(len(chunk))) for k in (range(len(group)) or [-1])])
+                        write(chunk, results)
                         s += len(chunk)
                         # records reach the disk every few seconds: a crash loses seconds of work, not the run
                         size = max(8, min(MAX_CHUNK, int(len(chunk) * FLUSH_SECONDS / max(time.monotonic() - t0, 1e-3))))
