@@ -75,7 +75,7 @@ def main():
     del model
     fp = fingerprint(b)
     spec = dist.examples_spec(exs, "bench", data_of=data_of, method="knots", params=p, norm="tokens",
-                              batch_tokens=8192, merge_chunk=args.merge_chunk)
+                              batch_tokens=None, merge_chunk=args.merge_chunk)
     for n in (1, 2):
         t = time.perf_counter()
         cluster = dist.connect("local", n, str(model_dir), None, fp, dev.type, None)

@@ -51,7 +51,7 @@ def main():
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--plain-pairs", type=int, default=40)
     ap.add_argument("--merge-chunk", type=int, default=8)
-    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--batch-tokens", type=int, default=None, help="default: mergetool's for the device")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--paper-scale", action="store_true",
                     help="the paper's run itself (GPU): 639 experts, a random Llama-3.2-3B-shaped model (bf16), "

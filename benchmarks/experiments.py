@@ -8,7 +8,8 @@ mergetool commands; EXPERIMENTS.md has the commands and what they found.
 
 Every mergetool call is printed (``$ mergetool ...``) with its stderr, so the log is the exact sequence of
 commands. The GLUE data is read from ../shared/testbed (``--glue DIR``); the country facts are rebuilt from
-the installed packages (examples/make_countries.py).
+the installed packages (examples/make_countries.py; mergeability uses the committed capitals and currencies,
+examples/data/countries.jsonl, built the same way).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def countries(out: Path) -> Path:
 
 
 def mergeability(out: Path, args) -> None:
-    base, data = base_model(out), countries(out)
+    base, data = base_model(out), args.facts
     pool = out / "pool"
     if not pool.exists() or not any(pool.iterdir()):
         mt("train-expert", "--base", str(base), "--per-example", "--skip-known", "--keep-if-correct", str(data),
@@ -168,7 +169,7 @@ def task_experts(out: Path, args) -> tuple[Path, Path, Path]:
         train = write(out / "tasks-train.jsonl", [r for r in jsonl(data.read_bytes()) if r["split"] == "train"])
         mt("train-expert", "--base", str(base), str(train), "--rank", "16", "--alpha", "32", "--target-modules",
            "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,self_attn.o_proj", "--layers",
-           ",".join(str(i) for i in range(15, 30)), "--epochs", "2", "--lr", "5e-4", "--out-dir", str(experts),
+           ",".join(str(i) for i in range(15, 30)), "--epochs", "2", "--lr", "1e-3", "--out-dir", str(experts),
            "--resume")
     dev = write(out / "tasks-dev.jsonl", [r for r in jsonl(data.read_bytes()) if r["split"] == "dev"])
     return base, dev, experts
@@ -214,29 +215,28 @@ def collapse(out: Path, args) -> None:
     groups += [(f"four-{i}", sorted(rng.sample(TASKS8, 4))) for i in range(4)]
     groups += [("eight", list(TASKS8))]
     losses = out / "losses.jsonl"
-    done = {(r["group"], r["method"]) for r in jsonl(losses.read_bytes())} if losses.exists() else set()
-    for method, opts in METHODS.items():
-        todo = [(g, members) for g, members in groups if (g, method) not in done]
-        if not todo:
+    done = {r["group"] for r in jsonl(losses.read_bytes())} if losses.exists() else set()
+    rows = jsonl(dev.read_bytes())
+    (out / "merges").mkdir(exist_ok=True)
+    for g, members in groups:
+        if g in done:
             continue
         merged = []
-        for g, members in todo:
+        for method, opts in METHODS.items():
             f = out / "merges" / f"{method}-{g}.safetensors"
-            f.parent.mkdir(exist_ok=True)
             if not f.exists():
                 mt("merge", "-m", method, *opts, *[files[t] for t in members], "-o", str(f), "--name", f"{method}-{g}",
                    log=False)
             merged.append(str(f))
-        # every merge of this method on every task's dev examples: one batched eval, then each member's loss
-        acc = accuracies(base, dev, merged)
+        # the group's merges, every method, on its members' dev examples: one batched eval, then each member's loss
+        mine = write(out / "merges" / f"dev-{g}.jsonl", [r for r in rows if r["task"] in members])
+        acc = accuracies(base, mine, merged)
         with losses.open("a") as fh:
-            for (g, members), f in zip(todo, merged):
-                name = f"{method}-{g}"
+            for method in METHODS:
                 for t in members:
-                    a0 = alone[(t, t)]
+                    a0, am = alone[(t, t)], acc[(f"{method}-{g}", t)]
                     fh.write(json.dumps({"group": g, "adapters": members, "method": method, "adapter": t, "task": t,
-                                         "merged": acc[(name, t)], "alone": a0,
-                                         "loss": (acc[(name, t)] / a0 - 1) * 100 if a0 else None}) + "\n")
+                                         "merged": am, "alone": a0, "loss": (am / a0 - 1) * 100 if a0 else None}) + "\n")
     mt("diagnose", "--base", str(base), "--data", str(dev), "--losses", str(losses), "--gradients",
        *[files[t] for t in TASKS8], "-o", str(out / "diagnose-tasks.jsonl"), "--plot", str(out / "figures"))
     # task selection: replace the most incompatible of six tasks by a candidate, and measure both groups with TIES
@@ -260,6 +260,8 @@ def main() -> None:
     ap.add_argument("what", choices=["mergeability", "tasks", "weighted", "collapse"])
     ap.add_argument("--out", type=Path, default=Path("exp"))
     ap.add_argument("--glue", type=Path, default=GLUE)
+    ap.add_argument("--facts", type=Path, default=ROOT / "examples" / "data" / "countries.jsonl",
+                    help="mergeability: the questions whose per-example experts form the pool")
     ap.add_argument("--per-split", type=int, default=200, help="training examples per task")
     ap.add_argument("--dev", type=int, default=40, help="evaluated examples per task")
     ap.add_argument("--weighted-tasks", default="sst2,rte,country-capital,country-region,cola,mrpc")

@@ -70,7 +70,7 @@ def rouge_l(pred: str, ref: str) -> float:
 
 
 def evaluate(model, tok, examples: list[Example], norm: str = "tokens", max_new_tokens: int = 32,
-             batch_tokens: int = 8192, progress=None, adapters: RowAdapters | None = None,
+             batch_tokens: int | None = None, progress=None, adapters: RowAdapters | None = None,
              jobs: Sequence[tuple[int, Sequence[int]]] | None = None, cache: dict | None = None) -> list[list[dict]]:
     """Results (dicts without id/task/adapter) of examples under updates: each job is (update index into
     ``adapters``, -1 for the base model; indices of the examples it evaluates), default the base on every

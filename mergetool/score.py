@@ -120,7 +120,7 @@ class Scorer:
     params: Params
     device: torch.device
     norm: str = "tokens"
-    batch_tokens: int = 8192
+    batch_tokens: int | None = None
     merge_chunk: int = 8
     cache: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=lambda: {"merge": 0.0, "evaluate": 0.0})  # where the time goes

@@ -216,6 +216,18 @@ def mask4d(item: torch.Tensor, seg: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 # ----------------------------------------------------------------------------- the forward pass
 
+# Tokens per scoring batch when none is given: on a GPU as many as keep it busy; on a CPU fewer, so that a
+# layer's activations ([tokens, intermediate] fp32, 12 MiB for SmolLM2 at 2048) stay in the cache: measured
+# on 2 cores, 2048 runs SmolLM2-135M 14-19% faster than 8192 (BENCHMARKS.md, issue 7).
+BATCH_TOKENS = {"cuda": 8192, "cpu": 2048}
+
+
+def batch_tokens_for(device, batch_tokens: int | None = None) -> int:
+    """``batch_tokens`` if given, else the default for the device's kind (``BATCH_TOKENS``)."""
+    if batch_tokens:
+        return batch_tokens
+    return BATCH_TOKENS.get(torch.device(device).type, BATCH_TOKENS["cuda"])
+
 
 def logits_at(model, rows, pos, **inputs) -> torch.Tensor:
     """The logits at the given (row, position)s only: the decoder's hidden states are gathered first and the
@@ -287,11 +299,11 @@ class _Runner:
     computed once per item and fed in."""
 
     def __init__(self, model, items: list[Item], jobs: list[Job], adapters: RowAdapters | None,
-                 batch_tokens: int, share_prefix: bool = True, cache: dict | None = None):
+                 batch_tokens: int | None, share_prefix: bool = True, cache: dict | None = None):
         self.model, self.items, self.jobs, self.adapters = model, items, jobs, adapters
         self.dev = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.batch_tokens = batch_tokens
+        self.batch_tokens = batch_tokens_for(self.dev, batch_tokens)
         self.lens = [_packed_len(x) for x in items]
         self.width = max([ROW] + self.lens)
         self.prefix, self.states = None, None
@@ -357,7 +369,7 @@ class _Runner:
 
 @torch.no_grad()
 def choice_loglikelihoods(model, items: list[Item], jobs: list[Job] | None = None,
-                          adapters: RowAdapters | None = None, batch_tokens: int = 8192, progress=None,
+                          adapters: RowAdapters | None = None, batch_tokens: int | None = None, progress=None,
                           share_prefix: bool = True, cache: dict | None = None) -> list[list[list[tuple[float, int]]]]:
     """Summed log p(choice | context) and token count of every choice of every item of every job (default:
     one job, every item under the current model). Returns, per job, per item of the job, per choice.
@@ -386,7 +398,7 @@ def choice_loglikelihoods(model, items: list[Item], jobs: list[Job] | None = Non
 
 @torch.no_grad()
 def final_hidden(model, seqs: list[list[int]], jobs: list[Job] | None = None, adapters: RowAdapters | None = None,
-                 batch_tokens: int = 8192, progress=None) -> list[list[torch.Tensor]]:
+                 batch_tokens: int | None = None, progress=None) -> list[list[torch.Tensor]]:
     """The decoder's last hidden states (after its final norm, as ``output_hidden_states[-1]``) of every
     token of every sequence of every job: per job, per sequence, a [len, hidden] fp32 tensor on the CPU.
     Sequences are packed (each attends only to itself at positions from 0) and the lower layers shared
@@ -440,7 +452,7 @@ def packing_works(model, items: list[Item], adapters: RowAdapters | None = None)
         log.info("packed scoring unavailable (%s): scoring one sequence per choice", str(e)[:200])
         model._mergetool_packing = False
         return False
-    plain = loglikelihoods(model, [(ctx, real)], 8192)[0][0]
+    plain = loglikelihoods(model, [(ctx, real)])[0][0]
     dtype = next(model.parameters()).dtype
     tol = (1e-4 if dtype in (torch.float32, torch.float64) else 5e-2) * len(real)  # fp32: packed is exact
     ok = abs(packed - plain) <= tol
@@ -473,7 +485,7 @@ def _plain_choice_loglikelihoods(model, items, jobs, adapters, batch_tokens, pro
 
 
 @torch.no_grad()
-def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_tokens: int = 8192,
+def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_tokens: int | None = None,
                    progress=None) -> list[tuple[float, int]]:
     """Sum of log p(continuation | context) and its token count, for every pair, one sequence per pair
     (cut to the model's length from the left, as lm-eval); batched by length."""
@@ -481,6 +493,7 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_tokens
     if max_len:
         pairs = [_fit(c, x, max_len) for c, x in pairs]
     dev = next(model.parameters()).device
+    batch_tokens = batch_tokens_for(dev, batch_tokens)
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
     i = 0

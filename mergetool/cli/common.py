@@ -25,7 +25,8 @@ Shots = Annotated[int, typer.Option("--shots", help="k-shot demonstrations per e
 ShotsFrom = Annotated[Optional[str], typer.Option("--shots-from", help="Pool of demonstrations (default: the records "
                                                   "with split=train in DATA).", metavar="FILE")]
 Chat = Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the tokenizer's chat template.")]
-BatchTokens = Annotated[int, typer.Option("--batch-tokens", help="Tokens per scoring batch.")]
+BatchTokens = Annotated[Optional[int], typer.Option("--batch-tokens", help="Tokens per scoring batch (default: "
+                                                    "8192 on CUDA, 2048 on a CPU).", show_default=False)]
 Ray = Annotated[Optional[str], typer.Option("--ray", help="Run the jobs on Ray: local (a Ray instance here; also "
                                             "--ray alone), auto (this machine's cluster), ray://HOST:PORT or HOST:PORT.",
                                             metavar="[ADDRESS]")]

@@ -88,7 +88,7 @@ def diagnose_cmd(
     plot: Annotated[Optional[str], Opt("--plot", help="Write PNG figures into this directory.", metavar="DIR")] = None,
     seed: Annotated[int, Opt("--seed", help="Seed of the validation and calibration draws.")] = 0,
     chat: Chat = False,
-    batch_tokens: BatchTokens = 8192,
+    batch_tokens: BatchTokens = None,
     output: Annotated[Optional[str], Opt("-o", "--output", help="Write the records here (atomically).",
                                          metavar="FILE")] = None,
     dtype: ModelDtype = "auto",
@@ -110,7 +110,7 @@ def diagnose_cmd(
         raise UsageError("--pool", f"unknown pooling {pool!r}", "use last or mean")
     if level not in ("task", "example"):
         raise UsageError("--level", f"unknown level {level!r}", "use task or example")
-    if k < 1 or grad_samples < 1 or batch_tokens < 16:
+    if k < 1 or grad_samples < 1 or (batch_tokens is not None and batch_tokens < 16):
         raise UsageError("options", "--k, --grad-samples ≥ 1 and --batch-tokens ≥ 16", "fix the values")
     if budget is not None and not (math.isfinite(budget) and budget >= 0):
         raise UsageError("--budget", f"{budget} is not a finite budget ≥ 0", "pass --budget 50, say")

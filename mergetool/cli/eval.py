@@ -161,7 +161,7 @@ def eval_cmd(
                                         "split=train).")] = None,
     chat: Chat = False,
     max_new_tokens: Annotated[int, Opt("--max-new-tokens", help="Generation length for exact match.")] = 32,
-    batch_tokens: BatchTokens = 8192,
+    batch_tokens: BatchTokens = None,
     seed: Annotated[int, Opt("--seed", help="Seed of the demonstration draw.")] = 0,
     output: Annotated[Optional[str], Opt("-o", "--output", help="Write records here as they are made.",
                                          metavar="FILE")] = None,
@@ -185,7 +185,7 @@ def eval_cmd(
         raise UsageError("--norm", f"unknown norm {norm!r}", "use tokens, chars or none")
     if resume and not output:
         raise UsageError("--resume", "needs -o FILE", "write the records to a file to resume them")
-    if shots < 0 or max_new_tokens < 1 or batch_tokens < 16:
+    if shots < 0 or max_new_tokens < 1 or (batch_tokens is not None and batch_tokens < 16):
         raise UsageError("options", "--shots ≥ 0, --max-new-tokens ≥ 1 and --batch-tokens ≥ 16", "fix the values")
     torch_dtype = model_dtype(dtype)
     if ray:

@@ -85,7 +85,7 @@ def score_cmd(
     shots: Shots = 0,
     shots_from: ShotsFrom = None,
     chat: Chat = False,
-    batch_tokens: BatchTokens = 8192,
+    batch_tokens: BatchTokens = None,
     merge_chunk: Annotated[int, Opt("--merge-chunk", help="Groups merged (and kept on the device) at once.")] = 8,
     output: Annotated[Optional[str], Opt("-o", "--output", help="Write records here as they complete.",
                                          metavar="FILE")] = None,
@@ -121,7 +121,7 @@ def score_cmd(
     N = N if trials is None else trials
     if M < 1 or N < 1:
         raise UsageError("--partners", "--partners and --trials must be at least 1", "pass positive counts")
-    if shots < 0 or batch_tokens < 16 or merge_chunk < 1:
+    if shots < 0 or (batch_tokens is not None and batch_tokens < 16) or merge_chunk < 1:
         raise UsageError("options", "--shots ≥ 0, --batch-tokens ≥ 16, --merge-chunk ≥ 1", "fix the values")
     if "-" in pool and data == "-":
         raise UsageError("-", "stdin is named twice", "read the adapters or the examples from stdin, not both")

@@ -40,7 +40,7 @@ class Setup:
     k: int = 5
     pool: str = "last"
     seed: int = 0
-    batch_tokens: int = 8192
+    batch_tokens: int | None = None
     gradients: bool = False
     grad_samples: int = 10
     explain: bool = False
