@@ -162,16 +162,23 @@ def task_data(out: Path, args) -> Path:
     return write(p, kept)
 
 
+def trained_tasks(args) -> list[str]:
+    """The 8 tasks, and --extra of the candidate tasks for the selection."""
+    return TASKS8 + EXTRA[:args.extra]
+
+
 def task_experts(out: Path, args) -> tuple[Path, Path, Path]:
     base, data = base_model(out), task_data(out, args)
     experts = out / "experts"
-    if not experts.exists() or len(list(experts.glob("*.safetensors"))) < len(TASKS8 + EXTRA):
-        train = write(out / "tasks-train.jsonl", [r for r in jsonl(data.read_bytes()) if r["split"] == "train"])
+    tasks = set(trained_tasks(args))
+    if not experts.exists() or not all((experts / f"{t}.safetensors").exists() for t in tasks):
+        train = write(out / "tasks-train.jsonl", [r for r in jsonl(data.read_bytes())
+                                                  if r["split"] == "train" and r["task"] in tasks])
         mt("train-expert", "--base", str(base), str(train), "--rank", "16", "--alpha", "32", "--target-modules",
            "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,self_attn.o_proj", "--layers",
            ",".join(str(i) for i in range(15, 30)), "--epochs", "2", "--lr", "1e-3", "--out-dir", str(experts),
            "--resume")
-    dev = write(out / "tasks-dev.jsonl", [r for r in jsonl(data.read_bytes()) if r["split"] == "dev"])
+    dev = write(out / "tasks-dev.jsonl", [r for r in jsonl(data.read_bytes()) if r["split"] == "dev" and r["task"] in tasks])
     return base, dev, experts
 
 
@@ -208,12 +215,15 @@ def weighted(out: Path, args) -> None:
 
 def collapse(out: Path, args) -> None:
     base, dev, experts = task_experts(out, args)
-    files = {t: str(experts / f"{t}.safetensors") for t in TASKS8 + EXTRA}
+    files = {t: str(experts / f"{t}.safetensors") for t in trained_tasks(args)}
     alone = accuracies(base, dev, list(files.values()))
-    groups = [("pair-" + "+".join(g), list(g)) for g in itertools.combinations(TASKS8, 2)]
+    # the largest groups first, then pairs (--pairs of the 28, drawn with a fixed seed): a run cut short
+    # still has every group size
     rng = random.Random(0)
+    groups = [("eight", list(TASKS8))]
     groups += [(f"four-{i}", sorted(rng.sample(TASKS8, 4))) for i in range(4)]
-    groups += [("eight", list(TASKS8))]
+    pairs = list(itertools.combinations(TASKS8, 2))
+    groups += [("pair-" + "+".join(g), list(g)) for g in sorted(random.Random(1).sample(pairs, min(args.pairs, len(pairs))))]
     losses = out / "losses.jsonl"
     done = {r["group"] for r in jsonl(losses.read_bytes())} if losses.exists() else set()
     rows = jsonl(dev.read_bytes())
@@ -242,7 +252,7 @@ def collapse(out: Path, args) -> None:
     # task selection: replace the most incompatible of six tasks by a candidate, and measure both groups with TIES
     six = TASKS8[:6]
     sel = jsonl(mt("diagnose", "--base", str(base), "--data", str(dev), "--select", "6", "--candidates",
-                   *[files[t] for t in TASKS8[6:] + EXTRA], *[files[t] for t in six]))
+                   *[files[t] for t in trained_tasks(args)[6:]], *[files[t] for t in six]))
     pick = next(r for r in sel if r["kind"] == "selection")
     for label, members in (("before", six), ("after", pick["group"])):
         f = out / "merges" / f"ties-select-{label}.safetensors"
@@ -264,6 +274,8 @@ def main() -> None:
                     help="mergeability: the questions whose per-example experts form the pool")
     ap.add_argument("--per-split", type=int, default=200, help="training examples per task")
     ap.add_argument("--dev", type=int, default=40, help="evaluated examples per task")
+    ap.add_argument("--extra", type=int, default=0, help="collapse: candidate tasks trained beyond the 8 (0-2)")
+    ap.add_argument("--pairs", type=int, default=28, help="collapse: how many of the 28 pairs of tasks")
     ap.add_argument("--weighted-tasks", default="sst2,rte,country-capital,country-region,cola,mrpc")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
