@@ -5,6 +5,7 @@ mergetool commands; EXPERIMENTS.md has the commands and what they found.
     python benchmarks/experiments.py tasks --out exp/              # task experts (8+ tasks), for the next two
     python benchmarks/experiments.py weighted --out exp/           # section 6: weighted vs plain mean
     python benchmarks/experiments.py collapse --out exp/           # "Task-level model-merging collapse"
+    python benchmarks/experiments.py methods --out exp/            # every method on the eight task experts
 
 Every mergetool call is printed (``$ mergetool ...``) with its stderr, so the log is the exact sequence of
 commands. The GLUE data is read from ../shared/testbed (``--glue DIR``); the country facts are rebuilt from
@@ -265,9 +266,40 @@ def collapse(out: Path, args) -> None:
                                                               "selection": pick}, indent=2))
 
 
+# ----------------------------------------------------------------------------- every method on the eight
+
+
+SUBSPACE = {"core-space": [], "tsv": [], "iso-c": [], "iso-cts": [], "star": [], "cart": []}
+
+
+def methods(out: Path, args) -> None:
+    """The merge of all eight task experts with each method (the five of the collapse experiment and the
+    subspace merges), each task's accuracy and loss: one row per method."""
+    base, dev, experts = task_experts(out, args)
+    files = [str(experts / f"{t}.safetensors") for t in TASKS8]
+    losses = out / "losses.jsonl"  # the experts' accuracies alone, measured by the collapse experiment
+    alone = ({(r["task"], r["task"]): r["alone"] for r in jsonl(losses.read_bytes())} if losses.exists()
+             else accuracies(base, dev, files))
+    merged = []
+    for method, opts in {**METHODS, **SUBSPACE}.items():
+        f = out / "merges" / f"{method}-eight.safetensors"
+        f.parent.mkdir(exist_ok=True)
+        if not f.exists():
+            mt("merge", "-m", method, *opts, *files, "-o", str(f), "--name", f"{method}-eight", log=False)
+        merged.append((method, str(f)))
+    acc = accuracies(base, dev, [f for _, f in merged])
+    rows = []
+    for method, _ in merged:
+        for t in TASKS8:
+            a0, am = alone[(t, t)], acc[(f"{method}-eight", t)]
+            rows.append({"method": method, "task": t, "merged": am, "alone": a0,
+                         "loss": (am / a0 - 1) * 100 if a0 else None})
+    write(out / "methods-eight.jsonl", rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["mergeability", "tasks", "weighted", "collapse"])
+    ap.add_argument("what", choices=["mergeability", "tasks", "weighted", "collapse", "methods"])
     ap.add_argument("--out", type=Path, default=Path("exp"))
     ap.add_argument("--glue", type=Path, default=GLUE)
     ap.add_argument("--facts", type=Path, default=ROOT / "examples" / "data" / "countries.jsonl",
@@ -285,6 +317,8 @@ def main() -> None:
         task_experts(args.out, args)
     elif args.what == "weighted":
         weighted(args.out, args)
+    elif args.what == "methods":
+        methods(args.out, args)
     else:
         collapse(args.out, args)
 

@@ -126,8 +126,8 @@ def leave_one_task_out(rows: list[dict], features: Sequence[str], target: str, t
 
     rows = [r for r in rows if all(_ok(r.get(f)) for f in features) and _ok(r.get(target))]
     tasks = sorted({t for r in rows for t in r[tasks_of]})
-    if len(tasks) < 3:
-        raise MergetoolError("--fit", f"leave-one-task-out needs at least 3 tasks, the records have {len(tasks)}",
+    if len(tasks) < 2:
+        raise MergetoolError("--fit", f"leave-one-task-out needs at least 2 tasks, the records have {len(tasks)}",
                              "give records of more tasks")
     folds, pred, truth, weights = [], [], [], []
     for t in tasks:
