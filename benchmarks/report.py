@@ -189,14 +189,19 @@ def weighted(out: Path) -> None:
     w = json.loads((out / "weighted.json").read_text())
     acc = {tuple(k.split("|")): v for k, v in w["accuracy"].items()}
     tasks = w["tasks"]
-    name = lambda a: Path(a).stem if a else "base"
-    rows = sorted({a for a, _ in acc}, key=lambda a: (a != "None", a))
-    print("| model | " + " | ".join(tasks) + " |\n|---|" + "---|" * len(tasks))
-    for a in rows:
-        print(f"| {name(a) if a != 'None' else 'base'} | " + " | ".join(f(acc.get((a, t)), 3) for t in tasks) + " |")
+    base = out / "base-summary.jsonl"
+    if base.exists():
+        acc.update({("base", r["task"]): r["accuracy"] for r in jsonl(base)})
+    order = ["base", *tasks, "mean", *sorted(a for a, _ in acc if a.startswith("weighted"))]
+    print("| model | " + " | ".join(tasks) + " | mean |\n|---|" + "---|" * (len(tasks) + 1))
+    for a in dict.fromkeys(order):
+        v = [acc.get((a, t)) for t in tasks]
+        if all(x is None for x in v):
+            continue
+        print(f"| {a} | " + " | ".join(f(x, 3) for x in v) + f" | {sum(x for x in v if x is not None) / len(tasks):.3f} |")
     print()
     for tau, ws in w["weights"].items():
-        print(f"weights τ={tau}: " + ", ".join(f"{name(k)} {v:.3f}" for k, v in ws.items()))
+        print(f"weights τ={tau}: " + ", ".join(f"{Path(k).stem} {v:.3f}" for k, v in ws.items()))
     print()
 
 
