@@ -60,6 +60,15 @@ def test_a_signal_during_start_up_is_one_line(sig, code, word, adapters, tmp_pat
     assert not (tmp_path / "o.safetensors").exists()
 
 
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_while_the_commands_are_imported_names_itself(sig, code, word):
+    """The handler installed while the package is imported (before ``run`` installs its own) says which signal
+    came: a SIGTERM there once reported "interrupted" with exit 143."""
+    p = subprocess.run([sys.executable, "-c", f"import os, time, mergetool.cli; os.kill(os.getpid(), {int(sig)}); "
+                        "time.sleep(30)"], capture_output=True, timeout=60)
+    assert p.returncode == code and p.stderr.decode().strip() == f"mergetool: error: {word}", p.stderr
+
+
 def test_signals_at_random_moments_then_resume(tiny_lm, tmp_path):
     """SIGINT or SIGTERM at random moments of eval (with -o): exit 130/143 and one line, the records on disk are
     whole lines, and --resume completes to the records of an uninterrupted run."""

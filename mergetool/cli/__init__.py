@@ -1,7 +1,7 @@
 """The command-line edge: one module per subcommand; only this package prints or exits.
 
-A Ctrl-C while the commands are still being imported (torch and transformers take seconds) ends at once with
-exit 130 and one line, instead of a traceback from the middle of an import; ``main.run`` restores Python's
+A Ctrl-C (or SIGTERM) while the commands are still being imported ends at once with
+exit 130 (143) and one line naming the signal, instead of a traceback from the middle of an import; ``main.run`` restores Python's
 own handling as soon as it starts.
 """
 
@@ -11,7 +11,7 @@ import sys as _sys
 
 
 def _interrupted_while_starting(signum, frame):  # pragma: no cover - timing-dependent, tested by subprocess
-    _sys.stderr.write("mergetool: error: interrupted\n")
+    _sys.stderr.write("mergetool: error: %s\n" % ("interrupted" if signum == _signal.SIGINT else "terminated"))
     _sys.stderr.flush()
     _os._exit(130 if signum == _signal.SIGINT else 143)
 
