@@ -96,7 +96,7 @@ class Worker:
     def ready(self) -> dict:
         if self.refused:
             raise MergetoolError("--base", self.refused, "install the same base model on every node")
-        return {"pid": os.getpid(), "node": os.uname().nodename}
+        return {"pid": os.getpid(), "node": os.uname().nodename, "niceness": os.nice(0)}
 
     def _cached(self, key: str, build: Callable[[], Any]):
         if key not in self.cache:
@@ -286,6 +286,11 @@ def connect(address: str, workers: int | None, base: str, gguf_file: str | None,
     check_address(address)
     _messages_to_stderr()
     if not ray.is_initialized():
+        # Ray starts its workers at niceness 15 (behind every other process of the node); here the workers do
+        # the command's work, so a local instance runs them at the driver's priority. On a cluster, the nodes'
+        # own setting holds (start them with RAY_worker_niceness=0, README).
+        if address == "local":
+            os.environ.setdefault("RAY_worker_niceness", "0")
         kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
                   runtime_env={"env_vars": {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}})
         ray.init(address=None if address == "local" else address, **kw)
@@ -308,14 +313,17 @@ def connect(address: str, workers: int | None, base: str, gguf_file: str | None,
     actors = [make() for _ in range(n)]
     cluster = Cluster(ray, actors, make)
     try:
-        for a in actors:
-            ray.get(a.ready.remote())
+        lowered = sorted({f"{r['node']} ({r['niceness']})" for r in ray.get([a.ready.remote() for a in actors])
+                          if r["niceness"] > os.nice(0)})
     except ray.exceptions.RayTaskError as e:
         cause = e.as_instanceof_cause()
         if isinstance(cause, MergetoolError):
             raise MergetoolError(cause.what, cause.why, cause.fix) from None
         raise MergetoolError("--ray", f"a worker failed to start ({e.cause.__class__.__name__}: {str(e.cause)[:200]})",
                              "check that every node has mergetool and the base model") from None
+    if lowered:
+        log.warning("ray: workers run at a lowered priority on %s: other processes of those nodes come first; "
+                    "start the nodes with RAY_worker_niceness=0", ", ".join(lowered))
     log.info("ray: %d worker%s (%s)", n, "s" if n > 1 else "", "one GPU each" if gpus else f"{cpus} CPUs each")
     return cluster
 
