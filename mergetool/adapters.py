@@ -400,13 +400,49 @@ class Prefix:
     """The decoder layers below ``first`` of ``model``, frozen under every update that touches only layers
     ≥ ``first``: ``states(**inputs)`` runs them once and returns the hidden states entering layer ``first``;
     inside ``feeding(hidden)`` those layers are skipped and ``hidden`` enters layer ``first`` instead (the
-    inputs must be laid out as when the states were computed). ``first == 0``: nothing is frozen."""
+    inputs must be laid out as when the states were computed). ``first == 0``: nothing is frozen.
 
-    def __init__(self, model, first: int):
+    Inside layer ``first`` itself, what runs before the first adapted module (the attention and the gate
+    projection when the updates touch ``mlp.up_proj``) and the frozen weight's own product ``W x`` of an
+    adapted module still see the same input under every update. ``sharing(inverse)`` runs those parts once
+    per distinct row of a batch whose rows repeat (row b holds the same packed items as distinct row
+    ``inverse[b]``, under another update): see :func:`_row_shared`."""
+
+    def __init__(self, model, first: int, adapted: Sequence[str] = ()):
         found = decoder_layers(model)
         self.model, self.first = model, (first if found else 0)
         self.layers = found[1] if found else None
         self.as_tuple = False
+        self.parts: list[torch.nn.Module] = []
+        if self.first and self.first < len(self.layers):
+            base = f"{found[0]}.{self.first}"
+            self.parts = _frozen_parts(self.layers[self.first], base, {p for p in adapted if p.startswith(base + ".")})
+
+    @contextlib.contextmanager
+    def sharing(self, inverse: Sequence[int]) -> Iterator[None]:
+        """While a batch whose row b repeats distinct row ``inverse[b]`` runs (distinct rows numbered in order
+        of first appearance), the frozen parts of layer ``first`` compute on the distinct rows only."""
+        n = max(inverse) + 1 if len(inverse) else 0
+        if not self.parts or n == len(inverse):
+            yield
+            return
+        inv = torch.tensor(list(inverse), dtype=torch.long)
+        firsts = [list(inverse).index(k) for k in range(n)]
+        rep = torch.tensor([firsts[k] for k in inverse], dtype=torch.long)
+        dups = torch.tensor([b for b in range(len(inverse)) if rep[b] != b], dtype=torch.long)
+        plan = _RowPlan(len(inverse), torch.tensor(firsts, dtype=torch.long), inv, rep, dups)
+        saved = []
+        try:
+            for m in self.parts:
+                saved.append((m, m.__dict__.get("forward")))
+                m.forward = _row_shared(m.forward, plan)
+            yield
+        finally:
+            for m, f in reversed(saved):
+                if f is None:
+                    del m.__dict__["forward"]
+                else:
+                    m.forward = f
 
     @torch.no_grad()
     def states(self, **inputs) -> torch.Tensor:
@@ -451,3 +487,67 @@ class Prefix:
             for i, m in enumerate(saved):
                 self.layers[i] = m
             h.remove()
+
+
+def _frozen_parts(module: torch.nn.Module, path: str, adapted: set[str]) -> list[torch.nn.Module]:
+    """The largest submodules of ``module`` that hold no adapted module, and the adapted modules themselves
+    (their frozen product runs shared; the updates' hooks add each row's Δ after it)."""
+    out = []
+    for name, child in module.named_children():
+        p = f"{path}.{name}"
+        if p in adapted:
+            out.append(child)
+        elif any(a.startswith(p + ".") for a in adapted):
+            out += _frozen_parts(child, p, adapted)
+        else:
+            out.append(child)
+    return out
+
+
+@dataclass
+class _RowPlan:
+    rows: int  # rows of the batch
+    firsts: torch.Tensor  # the distinct rows' first appearances
+    inverse: torch.Tensor  # row b -> its distinct row
+    rep: torch.Tensor  # row b -> the first row equal to it
+    dups: torch.Tensor  # the rows that repeat an earlier one
+
+
+def _tree(x, f):
+    if isinstance(x, torch.Tensor):
+        return f(x)
+    if isinstance(x, tuple):
+        items = [_tree(v, f) for v in x]
+        return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+    if isinstance(x, list):
+        return [_tree(v, f) for v in x]
+    if isinstance(x, dict):
+        return {k: _tree(v, f) for k, v in x.items()}
+    return x
+
+
+def _row_shared(forward, plan: _RowPlan):
+    """``forward`` run on the distinct rows of its batch and expanded back, when every batch-shaped input
+    (tensors whose first dimension is the batch's rows) repeats exactly where the rows repeat; otherwise run
+    as it is. Exact for any module whose output row depends only on its input row (every part of a decoder
+    layer in evaluation): the repeated rows' inputs are checked equal, not assumed (after an adapted module
+    they differ, and that part runs on every row)."""
+
+    def run(*args, **kwargs):
+        batched: list[torch.Tensor] = []
+        _tree((args, kwargs), lambda t: batched.append(t) if t.dim() and t.shape[0] == plan.rows else None)
+        if not batched:
+            return forward(*args, **kwargs)
+        for t in batched:
+            dups, rep = plan.dups.to(t.device), plan.rep.to(t.device)
+            a, b = t[dups].flatten(1), t[rep[dups]].flatten(1)
+            if not (torch.equal(a[:, :64], b[:, :64]) and torch.equal(a, b)):
+                return forward(*args, **kwargs)
+        firsts = plan.firsts.to(batched[0].device)
+        take = lambda t: t.index_select(0, firsts) if t.dim() and t.shape[0] == plan.rows else t  # noqa: E731
+        uargs, ukwargs = _tree((list(args), kwargs), take)
+        out = forward(*uargs, **ukwargs)
+        n, inverse = len(plan.firsts), plan.inverse
+        return _tree(out, lambda t: t.index_select(0, inverse.to(t.device)) if t.dim() and t.shape[0] == n else t)
+
+    return run

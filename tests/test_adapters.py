@@ -173,6 +173,52 @@ def test_frozen_prefix_runs_once_per_example_and_changes_nothing(setup):
     assert type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"  # the model is whole again
 
 
+def test_the_boundary_layer_runs_its_frozen_parts_once_per_distinct_row(setup):
+    """Updates on up_proj of layer 1 (and one also on down_proj): in layer 1 the attention, the gate and
+    up_proj's frozen product see the same rows under every update, so they run once per distinct row of a
+    batch; down_proj, after the updates, runs on every row. The scores equal those computed without any
+    sharing, and the model's forwards are its own again afterwards."""
+    model, tok, rows, _ = setup
+    ups = [lora(40 + i, 4, 8, ["up_proj"], layers=(1,)) for i in range(5)] + \
+        [lora(50, 4, 8, ["up_proj", "down_proj"], layers=(1,))]
+    items = sc.encode_choices(tok, [(r["prompt"], r["choices"]) for r in rows])
+    layer = model.model.layers[1]
+    parts = {"attn": layer.self_attn, "gate": layer.mlp.gate_proj, "up": layer.mlp.up_proj,
+             "down": layer.mlp.down_proj, "q": layer.self_attn.q_proj}
+    seen = {k: 0 for k in parts}
+    assert sc.packing_works(model, items)  # its probe runs before the counting
+
+    def count(k):
+        def hook(m, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            seen[k] += x.shape[0]
+        return hook
+
+    hs = [m.register_forward_pre_hook(count(k), with_kwargs=True) for k, m in parts.items()]
+    for k in ("gate", "up"):  # what the module's own forward computes (hooks see what it was called with)
+        m = parts[k]
+        m.forward = lambda x, m=m, k=k: (seen.__setitem__(k + "-product", seen.get(k + "-product", 0) + x.shape[0]),
+                                         type(m).forward(m, x))[1]
+    try:
+        with RowAdapters(model, ups) as ad:
+            jobs = [(i, range(len(items))) for i in range(len(ups))] + [(-1, range(len(items)))]
+            shared = sc.choice_loglikelihoods(model, items, jobs, ad, batch_tokens=4096)
+            got = dict(seen)
+            plain = sc.choice_loglikelihoods(model, items, jobs, ad, batch_tokens=4096, share_prefix=False)
+    finally:
+        for h in hs:
+            h.remove()
+        for k in ("gate", "up"):
+            del parts[k].forward
+    # one packed row holds the ten examples; all 7 jobs' copies of it share one batch
+    assert got["up"] == got["down"] == got["attn"] == got["gate"] == len(jobs)  # called with every row
+    assert got["q"] == got["gate-product"] == got["up-product"] == 1  # the frozen work runs once
+    for a, b in zip(shared, plain):
+        for x, y in zip(a, b):
+            assert max(abs(p - q) for (p, _), (q, _) in zip(x, y)) < 1e-5
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
 def test_an_update_on_norm_weights_runs_alone_but_not_beside_others(setup):
     """A full model's task vector also changes norm weights, which hooks cannot reach: it is patched in when
     every row uses it (and restored after), and refused as one row among others."""

@@ -106,6 +106,18 @@ def test_rows_hold_every_item_once_within_their_width():
     assert sum(lens) / (256 * len(rows)) > 0.9  # little padding
 
 
+def test_in_place_logsumexp_equals_torch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 49152, generator=g) * 8
+    x[1] = float("-inf")
+    x[2, 5] = float("inf")
+    x[3, :100] = float("-inf")
+    want = torch.logsumexp(x, -1)
+    got = sc._logsumexp_(x.clone())
+    assert torch.equal(got.isinf(), want.isinf()) and torch.allclose(got[~want.isinf()], want[~want.isinf()],
+                                                                     rtol=0, atol=1e-5)
+
+
 def test_a_model_that_ignores_the_mask_takes_the_plain_route(tiny_lm):
     """If the attention ignored the custom mask (or the positions), packing would be wrong: the check notices
     and the scores are still those of one sequence per choice."""
