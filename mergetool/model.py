@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .device import keep_freed_memory
 from .errors import MergetoolError
 from .io import FLOAT_DTYPES, LazySafetensors, dtype_size, write_blob
 from .io import atomic_dir as _atomic_dir
@@ -312,6 +313,7 @@ def load_model(base: Base, device: torch.device, dtype: torch.dtype | None = Non
     """A base model and its tokenizer on ``device``, to run (bf16 on CUDA, fp32 on CPU unless ``dtype``)."""
     from transformers import AutoModelForCausalLM
 
+    keep_freed_memory()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tok = load_tokenizer(base)
     try:
