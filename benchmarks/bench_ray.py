@@ -78,10 +78,13 @@ def main():
     # one process and one Ray worker alternate, --repeat times each (the Ray instance idle while the process
     # runs): this shared machine moves by 10-20% from one run to the next, and the fastest of each is the
     # least disturbed
-    t = time.perf_counter()
-    cluster = dist.connect("local", 1, str(model_dir), None, fp, dev.type, None)
-    ref = cluster.put_updates(pool)
-    up = time.perf_counter() - t
+    def start(n: int):
+        """A local Ray instance with n workers holding the model and the pool; the seconds that took."""
+        t = time.perf_counter()
+        cluster = dist.connect("local", n, str(model_dir), None, fp, dev.type, None)
+        return cluster, cluster.put_updates(pool), time.perf_counter() - t
+
+    cluster, ref, up = start(1)
     ones, rays, want = [], [], None
     for r in range(args.repeat):
         s, got = run(scorer)
@@ -99,10 +102,7 @@ def main():
     info["ray_1"] = {"start_s": up, "trials_s": min(rays), "runs_s": rays, "end_to_end_s": up + min(rays),
                      "same_outcomes": same, "outcomes": len(want)}
     del model, scorer
-    t = time.perf_counter()
-    cluster = dist.connect("local", 2, str(model_dir), None, fp, dev.type, None)
-    ref = cluster.put_updates(pool)
-    up = time.perf_counter() - t
+    cluster, ref, up = start(2)
     s, got = run(dist.RayScorer(cluster, spec, ref, args.merge_chunk))
     same = sum(got[k] == v for k, v in want.items())
     info["ray_2"] = {"start_s": up, "trials_s": s, "end_to_end_s": up + s, "same_outcomes": same, "outcomes": len(want)}

@@ -426,11 +426,11 @@ class Prefix:
         if not self.parts or n == len(inverse):
             yield
             return
-        inv = torch.tensor(list(inverse), dtype=torch.long)
         firsts = [list(inverse).index(k) for k in range(n)]
-        rep = torch.tensor([firsts[k] for k in inverse], dtype=torch.long)
-        dups = torch.tensor([b for b in range(len(inverse)) if rep[b] != b], dtype=torch.long)
-        plan = _RowPlan(len(inverse), torch.tensor(firsts, dtype=torch.long), inv, rep, dups)
+        dups = [b for b, k in enumerate(inverse) if firsts[k] != b]
+        dev = next(self.model.parameters()).device  # made once per batch, on the device its inputs are on
+        plan = _RowPlan(len(inverse), *(torch.tensor(x, dtype=torch.long, device=dev) for x in
+                                        (firsts, list(inverse), dups, [firsts[inverse[b]] for b in dups])))
         saved = []
         try:
             for m in self.parts:
@@ -509,8 +509,8 @@ class _RowPlan:
     rows: int  # rows of the batch
     firsts: torch.Tensor  # the distinct rows' first appearances
     inverse: torch.Tensor  # row b -> its distinct row
-    rep: torch.Tensor  # row b -> the first row equal to it
     dups: torch.Tensor  # the rows that repeat an earlier one
+    dup_of: torch.Tensor  # ... and the first row each repeats
 
 
 def _tree(x, f):
@@ -539,15 +539,13 @@ def _row_shared(forward, plan: _RowPlan):
         if not batched:
             return forward(*args, **kwargs)
         for t in batched:
-            dups, rep = plan.dups.to(t.device), plan.rep.to(t.device)
-            a, b = t[dups].flatten(1), t[rep[dups]].flatten(1)
+            a, b = t[plan.dups].flatten(1), t[plan.dup_of].flatten(1)
             if not (torch.equal(a[:, :64], b[:, :64]) and torch.equal(a, b)):
                 return forward(*args, **kwargs)
-        firsts = plan.firsts.to(batched[0].device)
-        take = lambda t: t.index_select(0, firsts) if t.dim() and t.shape[0] == plan.rows else t  # noqa: E731
+        take = lambda t: t.index_select(0, plan.firsts) if t.dim() and t.shape[0] == plan.rows else t  # noqa: E731
         uargs, ukwargs = _tree((list(args), kwargs), take)
         out = forward(*uargs, **ukwargs)
-        n, inverse = len(plan.firsts), plan.inverse
-        return _tree(out, lambda t: t.index_select(0, inverse.to(t.device)) if t.dim() and t.shape[0] == n else t)
+        n = len(plan.firsts)
+        return _tree(out, lambda t: t.index_select(0, plan.inverse) if t.dim() and t.shape[0] == n else t)
 
     return run
