@@ -307,8 +307,9 @@ class _State:
                 r = json.loads(x)
                 self.written[r["adapter"]] = r
             if self.written and not self.side.exists():
-                raise MergetoolError(str(out), "holds records but no .trials file beside it to resume from",
-                                     "start afresh without --resume")
+                raise MergetoolError(str(out), "holds records but no .trials file beside it to resume from (a "
+                                     "finished run removes it: these records are complete, or another run's)",
+                                     "keep them, or start afresh without --resume")
 
     def open(self, stdout):
         if self.out is None:
