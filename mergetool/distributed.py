@@ -3,7 +3,8 @@
 The work of these commands is many independent jobs against one base model: a chunk of trial groups merged
 and evaluated, a chunk of adapters evaluated on a chunk of examples, a batch of experts trained. One actor
 per GPU (or ``--workers`` actors on CPUs) loads the base model from ``--base`` on its own node, checks its
-fingerprint against the driver's (a node with another model refuses), and keeps it resident with the
+shapes' fingerprint and its weights' content digest against the driver's (a node with another model, or
+other weights of the same shapes, refuses), and keeps it resident with the
 caches of the single-process run (the pool, the lower layers' states). Jobs carry the adapters through
 Ray's object store (put once, cached by the workers), so nodes need no shared filesystem. The driver draws
 the plan exactly as the single-process run does, hands out jobs, and receives results; in order by default
@@ -74,11 +75,11 @@ class Worker:
     """Runs on a Ray node: the base model resident, and the single-process code on the jobs it is given."""
 
     def __init__(self, base: str, gguf_file: str | None, expected: str, device: str, dtype: str | None,
-                 threads: int | None):
+                 threads: int | None, expected_weights: str | None = None):
         import torch
 
         from .device import pick_device
-        from .model import fingerprint, load_model, resolve_base
+        from .model import content_digest, fingerprint, load_model, resolve_base
 
         if threads:
             torch.set_num_threads(threads)
@@ -88,6 +89,11 @@ class Worker:
         if self.fp != expected:
             self.refused = f"node {os.uname().nodename} has another model at {base} (fingerprint {self.fp}, " \
                            f"the driver's is {expected})"
+            return
+        digest = content_digest(b)
+        if expected_weights and digest != expected_weights:
+            self.refused = f"node {os.uname().nodename} has other weights at {base} (the same shapes, content " \
+                           f"digest {digest}, the driver's is {expected_weights})"
             return
         self.dev = pick_device(device)
         self.model, self.tok = load_model(b, self.dev, getattr(torch, dtype) if dtype else None)
@@ -281,9 +287,12 @@ class Cluster:
 def connect(address: str, workers: int | None, base: str, gguf_file: str | None, fp: str, device: str,
             dtype: str | None) -> Cluster:
     """Start or join Ray and one resident model per worker (one per GPU when the cluster has GPUs, else
-    ``workers`` on CPUs, default one per node), each checked against the driver's base fingerprint."""
+    ``workers`` on CPUs, default one per node), each checked against the driver's base fingerprint and weights digest."""
+    from .model import content_digest, resolve_base
+
     ray = _ray()
     check_address(address)
+    weights = content_digest(resolve_base(base, gguf_file))
     _messages_to_stderr()
     if not ray.is_initialized():
         # Ray starts its workers at niceness 15 (behind every other process of the node); here the workers do
@@ -293,7 +302,15 @@ def connect(address: str, workers: int | None, base: str, gguf_file: str | None,
             os.environ.setdefault("RAY_worker_niceness", "0")
         kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
                   runtime_env={"env_vars": {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}})
+        import signal
+
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         ray.init(address=None if address == "local" else address, **kw)
+        # Ray's core worker installs its own SIGTERM handler in the driver (a stack dump, exit 15): the command's
+        # handlers come back, so Ctrl-C and SIGTERM end a --ray run as any other (exit 130/143, one line).
+        for sig, h in handlers.items():
+            if h is not None:
+                signal.signal(sig, h)
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
     if device == "cpu":
@@ -308,7 +325,7 @@ def connect(address: str, workers: int | None, base: str, gguf_file: str | None,
     def make():
         opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": cpus}
         return actor_cls.options(max_restarts=RETRIES, max_task_retries=0, **opts).remote(
-            base, gguf_file, fp, "cuda" if gpus else "cpu", dtype, None if gpus else cpus)
+            base, gguf_file, fp, "cuda" if gpus else "cpu", dtype, None if gpus else cpus, weights)
 
     actors = [make() for _ in range(n)]
     cluster = Cluster(ray, actors, make)

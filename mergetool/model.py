@@ -99,6 +99,49 @@ def fingerprint(base: Base) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
+SAMPLE_BYTES = 4096
+
+
+def _file_samples(h, path: Path, samples: int = 64) -> None:
+    """A file's size and ``samples`` evenly spaced blocks of it (GGUF and pickle weights)."""
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        for i in range(samples):
+            f.seek(max(0, (size - SAMPLE_BYTES) * i // max(1, samples - 1)))
+            h.update(f.read(SAMPLE_BYTES))
+
+
+def content_digest(base: Base) -> str:
+    """Hash of the base's weights themselves, read cheaply: for safetensors, every tensor's name, dtype, shape
+    and its first, middle and last 4 KiB (so the same weights agree however they are sharded, and a model
+    with the same shapes but other values, such as a fine-tune or the instruct variant, does not); for a GGUF
+    or pickle file, its size and 64 blocks spread through it. About a megabyte read, whatever the model's
+    size. Two copies of one model in different formats (GGUF and safetensors) differ, as their numbers do."""
+    h = hashlib.sha256()
+    if base.gguf_file:
+        _file_samples(h, base.dir / base.gguf_file)
+        return h.hexdigest()[:16]
+    files = weight_files(base.dir)
+    if not files:
+        pickles = sorted(base.dir.glob("*.bin")) + sorted(base.dir.glob("*.pt"))
+        for f in pickles:
+            _file_samples(h, f)
+        return h.hexdigest()[:16]
+    where = []
+    for f in files:
+        lz = LazySafetensors(f)
+        where += [(k, lz.spec(k), lz.header.data_start, f) for k in lz.keys()]
+    for k, s, data_start, f in sorted(where, key=lambda w: w[0]):
+        n = s.end - s.start
+        h.update(f"{k}|{s.dtype}|{tuple(s.shape)}|".encode())
+        with open(f, "rb") as fh:
+            for at in sorted({0, max(0, n // 2 - SAMPLE_BYTES // 2), max(0, n - SAMPLE_BYTES)}):
+                fh.seek(data_start + s.start + at)
+                h.update(fh.read(min(SAMPLE_BYTES, n - at)))
+    return h.hexdigest()[:16]
+
+
 class ModelTensors:
     """The tensors of a model, read one at a time: safetensors shards (plain reads), pickles only with
     ``allow_pickle`` (weights_only), or a GGUF file (dequantised once by transformers)."""
@@ -238,7 +281,8 @@ def task_vector(ft_dir: Path, base: Base | None, allow_pickle: bool = False) -> 
 
         modules[module_of(name)] = Dense(loader=load, shape_=shape)
     dtypes = {ft.spec(n)[0] for n in ft.keys() if ft.spec(n)[0] in FLOAT_DTYPES}
-    return Update(Path(ft_dir).name, modules, {"base_model": base.name, "kind": "dense"},
+    meta = {"base_model": base.name, "kind": "dense", "content": content_digest(Base(str(ft_dir), Path(ft_dir)))}
+    return Update(Path(ft_dir).name, modules, meta,
                   max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32)
 
 

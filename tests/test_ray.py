@@ -83,9 +83,9 @@ def test_score_eval_and_training_on_local_ray_equal_one_process(tiny_lm, pool, t
             assert (x.modules[k].delta() - y.modules[k].delta()).abs().max() < 1e-5
 
 
-def test_a_killed_worker_changes_nothing(tiny_lm, pool, tmp_path):
-    """Two workers, one killed (SIGKILL) mid-run: its job goes to the other (or to its restart), and the
-    records are those of the single-process run."""
+def score_under_way(tiny_lm, pool, tmp_path, groups: int):
+    """The single-process score's records, and the same score on two Ray workers, let run until ``groups`` trial
+    groups are on disk: (args, records, -o path, its .trials file, the running driver)."""
     data, d = pool
     args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "3", "-N", "6", "--merge-chunk", "1", str(d)]
     one = records(run_cli(*args, check=True).stdout)
@@ -95,16 +95,63 @@ def test_a_killed_worker_changes_nothing(tiny_lm, pool, tmp_path):
     side = tmp_path / "s.jsonl.trials"
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
-        if side.exists() and sum('"group"' in x for x in side.read_text().splitlines()) >= 3:
+        if side.exists() and sum('"group"' in x for x in side.read_text().splitlines()) >= groups:
             break
         time.sleep(0.1)
-    workers = [int(x) for x in subprocess.run(["pgrep", "-f", "ray::Worker"], capture_output=True,
-                                              text=True).stdout.split()]
+    return args, one, out, side, p
+
+
+def test_a_killed_worker_changes_nothing(tiny_lm, pool, tmp_path):
+    """Two workers, one killed (SIGKILL) mid-run: its job goes to the other (or to its restart), and the
+    records are those of the single-process run."""
+    args, one, out, side, p = score_under_way(tiny_lm, pool, tmp_path, 3)
+    workers = ray_workers_of(p.pid)  # this run's workers only, not another Ray instance's on the machine
     assert workers, "no Ray worker process found"
     os.kill(workers[0], signal.SIGKILL)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err.decode()
+    assert b"a worker died; its job goes to another" in err, err.decode()  # the kill hit work in flight
     same_records(one, [json.loads(x) for x in out.read_text().splitlines()], lambda r: r["adapter"])
+
+
+def ray_workers_of(pid: int) -> list[int]:
+    """The Ray worker processes below ``pid`` (a driver that started its own local instance)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            todo.append(c)
+            try:
+                if (Path("/proc") / str(c) / "cmdline").read_bytes().startswith(b"ray::Worker"):
+                    found.append(c)
+            except OSError:
+                pass
+    return found
+
+
+def test_a_stopped_driver_resumes_unordered_to_the_same_records(tiny_lm, pool, tmp_path):
+    """The driver stopped mid-run (SIGTERM: exit 143), then --resume on the cluster with --unordered: the records of
+    the single-process run, none twice (in another order, as they arrived)."""
+    args, one, out, side, p = score_under_way(tiny_lm, pool, tmp_path, 4)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err.decode()
+    assert err.decode().strip().splitlines()[-1].endswith("error: terminated") and b"SIGTERM received" not in err
+    assert side.exists()  # stopped before the end: there is something to resume
+    r = run_cli(*args, "--ray", "--workers", "2", "--unordered", "-o", str(out), "--resume", check=True)
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(got) == len({x["adapter"] for x in got})  # nothing written twice
+    same_records(sorted(one, key=lambda x: x["adapter"]), sorted(got, key=lambda x: x["adapter"]),
+                 lambda x: x["adapter"])
+    assert not side.exists(), r.stderr.decode()
 
 
 def ip() -> str:
@@ -164,6 +211,43 @@ def test_a_node_with_another_model_refuses(tiny_lm, pool, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(other), fingerprint(resolve_base(str(tiny_lm)))],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "another model" in r.stderr
+
+
+def test_a_node_with_other_weights_of_the_same_shapes_refuses(tiny_lm, tmp_path):
+    """The fingerprint fixes shapes only; the content digest tells a fine-tune (or the instruct variant) of the
+    same shapes from the driver's model, and agrees for the same weights sharded otherwise."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mergetool.distributed import Worker
+    from mergetool.errors import MergetoolError
+    from mergetool.model import content_digest, fingerprint, resolve_base
+
+    base = resolve_base(str(tiny_lm))
+    want, fp = content_digest(base), fingerprint(base)
+    sd = load_file(str(tiny_lm / "model.safetensors"))
+    resharded = tmp_path / "resharded"  # the same weights in two shards with an index
+    shutil.copytree(tiny_lm, resharded)
+    (resharded / "model.safetensors").unlink()
+    keys = sorted(sd)
+    half = {k: sd[k] for k in keys[::2]}, {k: sd[k] for k in keys[1::2]}
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    for part, n in zip(half, names):
+        save_file(part, str(resharded / n), metadata={"format": "pt"})
+    (resharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: names[i % 2] for i, k in enumerate(keys)}}))
+    assert content_digest(resolve_base(str(resharded))) == want
+    tuned = tmp_path / "tuned"  # one layer's weights moved: the same shapes, another model
+    shutil.copytree(tiny_lm, tuned)
+    k = "model.layers.1.mlp.down_proj.weight"
+    sd[k] = sd[k] + 1e-3
+    save_file(sd, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    assert fingerprint(resolve_base(str(tuned))) == fp and content_digest(resolve_base(str(tuned))) != want
+    w = Worker(str(tuned), None, fp, "cpu", None, 1, want)
+    with pytest.raises(MergetoolError, match="other weights"):
+        w.ready()
+    assert Worker(str(resharded), None, fp, "cpu", None, 1, want).ready()["pid"] == os.getpid()
 
 
 def test_without_ray_nothing_imports_it(tiny_lm, pool, tmp_path):
