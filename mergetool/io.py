@@ -508,9 +508,12 @@ def background(items: Iterable, depth: int = 2) -> Iterator:
 
 
 def write_blob(fh: IO[bytes], tensors: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-               metadata: dict[str, str], specs: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None) -> None:
+               metadata: dict[str, str], specs: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None,
+               finite: bool = True) -> None:
     """Write one safetensors blob. With ``specs`` given up front, ``tensors`` may be a generator of
-    (name, tensor) in that order, so huge outputs stream one tensor at a time."""
+    (name, tensor) in that order, so huge outputs stream one tensor at a time. With ``finite`` (every output
+    of the commands), a floating tensor holding NaN or Inf, an overflow of a narrow output dtype included,
+    is an error before its bytes are written."""
     if specs is None:
         tensors = dict(tensors)
         specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
@@ -525,6 +528,10 @@ def write_blob(fh: IO[bytes], tensors: dict[str, torch.Tensor] | Iterable[tuple[
         t = t.detach().contiguous()
         if not t.numel():
             continue
+        if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise MergetoolError(name, f"holds NaN or Inf as {str(t.dtype).removeprefix('torch.')}",
+                                 "a value beyond the output dtype's range: write a wider --dtype, or check the "
+                                 "inputs and options (weights, λ)")
         if t.is_cuda:  # device -> pinned staging -> file
             raw = t.view(-1).view(torch.uint8)
             stage = staging(raw.numel())
@@ -534,11 +541,11 @@ def write_blob(fh: IO[bytes], tensors: dict[str, torch.Tensor] | Iterable[tuple[
             fh.write(t.view(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
 
 
-def blob_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+def blob_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str], finite: bool = True) -> bytes:
     import io as _io
 
     b = _io.BytesIO()
-    write_blob(b, tensors, metadata)
+    write_blob(b, tensors, metadata, finite=finite)
     return b.getvalue()
 
 
@@ -691,6 +698,16 @@ def _output_target(dst: str) -> tuple[str, bool]:
     if not os.path.isdir(d):
         raise MergetoolError(dst, "its directory does not exist", "create it first")
     return target, False
+
+
+def refuse_overwriting_inputs(out: str | Path | None, inputs) -> None:
+    """A records file written as the run goes (eval, score) that is one of the inputs would destroy it before it
+    is read: refused. (Outputs written whole and atomically at the end, such as merge's, may replace an input.)"""
+    if out is None or str(out) == "-" or not Path(out).exists():
+        return
+    for src in inputs:
+        if src and src != "-" and Path(src).exists() and os.path.samefile(out, src):
+            raise UsageError("-o", f"{out} is the input {src}", "write the records to another file")
 
 
 def check_output(dst: str | None) -> None:

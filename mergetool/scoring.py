@@ -442,14 +442,23 @@ def final_hidden(model, seqs: list[list[int]], jobs: list[Job] | None = None, ad
     return out
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: CUDA's ``OutOfMemoryError``, or the plain ``RuntimeError`` of the CPU
+    allocator (and of MPS), which are not a model's answer about packing."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg.lower())
+
+
 def packing_works(model, items: list[Item], adapters: RowAdapters | None = None) -> bool:
     """Whether this model scores packed choices as it scores them one by one (its attention honours a custom
     4D mask and position ids). Checked once per model on a probe built from the first item with a
     multi-token choice: packed in a row after another item, with a long junk choice before a real one,
     which would change the real one's score a lot if the mask or the positions were ignored (in fp32 the
     two routes agree to rounding, 1e-4 per token; in bf16 to 5e-2). An architecture that rejects the mask
-    or the positions (a TypeError or ValueError from its forward) takes the plain route; any other failure,
-    running out of memory included, is raised. The answer is cached on the model."""
+    or the positions (a TypeError, ValueError, IndexError, NotImplementedError or RuntimeError from its
+    forward) takes the plain route; running out of memory (``out_of_memory``, on any device) is raised. The answer is cached on the model."""
     cached = getattr(model, "_mergetool_packing", None)
     if cached is not None:
         return cached
@@ -465,7 +474,7 @@ def packing_works(model, items: list[Item], adapters: RowAdapters | None = None)
     try:  # a row: another item, then this context with a junk choice before the real one
         packed = _sums(model, pack([[(junk, [real]), (ctx, [junk, real])]]), dev)[0][1][1]
     except (TypeError, ValueError, NotImplementedError, IndexError, RuntimeError) as e:
-        if isinstance(e, torch.OutOfMemoryError):
+        if out_of_memory(e):
             raise
         log.info("packed scoring unavailable (%s): scoring one sequence per choice", str(e)[:200])
         model._mergetool_packing = False

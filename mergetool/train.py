@@ -124,7 +124,7 @@ class Targets:
 
 def model_row_losses(model, ids: torch.Tensor, mask: torch.Tensor, t: Targets) -> torch.Tensor:
     """``row_losses`` without the full logits: the output layer runs only at the labelled positions
-    (``evaluate.logits_at``; padding and prompts cost nothing there), cross-entropy in fp32."""
+    (``scoring.logits_at``; padding and prompts cost nothing there), cross-entropy in fp32."""
     logits = logits_at(model, t.rows, t.pos, input_ids=ids, attention_mask=mask)
     ce = torch.nn.functional.cross_entropy(logits.float(), t.tgt, reduction="none")
     return torch.zeros(ids.shape[0], dtype=ce.dtype, device=ce.device).index_add_(0, t.rows, ce) / t.n

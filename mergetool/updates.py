@@ -12,6 +12,7 @@ and back (PEFT key names, self-describing metadata); ``inputs`` reads every form
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -107,6 +108,30 @@ class Update:
 
     def to(self, device) -> "Update":
         return Update(self.name, {k: m.to(device) for k, m in self.modules.items()}, self.meta, self.dtype)
+
+    def digest(self) -> str:
+        """Hash of what the update does (its modules' names, kinds, scales, shapes and values; not its name):
+        tensors up to 16 MiB whole, larger ones by a strided sample of a million values; a full model's delta,
+        read only on demand, by its weights' content digest (``meta['content']``)."""
+        h = hashlib.sha256()
+        for k in sorted(self.modules):
+            m = self.modules[k]
+            if isinstance(m, LowRank):
+                h.update(f"{k}|lora|{m.scale!r}|".encode())
+                tensors = [m.A, m.B]
+            elif m.tensor is not None:
+                h.update(f"{k}|dense|".encode())
+                tensors = [m.tensor]
+            else:
+                h.update(f"{k}|dense|{tuple(m.shape)}|{self.meta.get('content')}".encode())
+                tensors = []
+            for t in tensors:
+                t = t.detach().contiguous().reshape(-1)
+                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                if t.numel() * t.element_size() > 16 * 2**20:
+                    t = t[:: t.numel() // 2**20 + 1].contiguous()
+                h.update(t.cpu().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- PEFT scale

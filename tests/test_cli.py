@@ -172,7 +172,7 @@ def _bad(tmp_path, name: str, data: bytes):
 
 
 def _blob_with(tensors, meta=None):
-    return blob_bytes(tensors, meta or {"format": "pt"})
+    return blob_bytes(tensors, meta or {"format": "pt"}, finite=False)
 
 
 def _header_blob(header: dict, data: bytes = b"") -> bytes:

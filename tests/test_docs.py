@@ -33,6 +33,27 @@ def test_every_command_has_summary_paragraph_and_pipeline_example():
         assert f"mergetool {name}" in (ROOT / "README.md").read_text(), f"{name} missing from README"
 
 
+def test_help_and_man_pages_name_only_commands_that_exist():
+    """Every ``mergetool WORD`` in the help texts, the man pages and the README is a command of the app (or one of
+    the few English phrases listed); a page that advertises a command before it exists fails here."""
+    import typer
+
+    from mergetool.cli import commands  # noqa: F401
+    from mergetool.cli.main import app
+
+    group = typer.main.get_command(app)
+    prose = {"manual", "and", "fixes", "does", "is", "runs", "on", "reads", "writes", "has", "the", "command"}
+    texts = {f"{n} --help": (c.help or "") for n, c in group.commands.items()}
+    texts["--help"] = group.help or ""
+    texts.update({p.name: p.read_text() for p in (ROOT / "man").iterdir()})
+    texts["README.md"] = (ROOT / "README.md").read_text()
+    for where, text in texts.items():
+        text = text.replace("\\-", "-").replace("\\fB", "").replace("\\fR", "").replace("\\fI", "")  # roff
+        for word in re.findall(r"\bmergetool(?:\\)? +([a-z][a-z-]*)", text):
+            assert word in group.commands or word in prose, f"{where} names a command that does not exist: {word}"
+    assert {"merge", "eval", "train-expert", "score", "diagnose", "weight"} <= set(group.commands)
+
+
 def test_completion_method_names_match_the_registry():
     from mergetool.cli.merge import METHOD_NAMES
     from mergetool.methods import all_methods

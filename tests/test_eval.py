@@ -397,3 +397,28 @@ def test_many_adapters_in_one_run_and_resume_per_adapter(tiny_lm, tmp_path):
     run_cli("eval", "--base", str(tiny_lm), "--adapter", str(pool), str(data), "-o", str(out), "--resume", check=True)
     again = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted((r["adapter"], r["id"]) for r in again) == sorted((r["adapter"], r["id"]) for r in recs)
+
+
+def test_packing_probe_raises_out_of_memory_on_any_device(monkeypatch):
+    """A model that rejects the packed mask takes the plain route; an allocation failure (CUDA's OutOfMemoryError,
+    the CPU allocator's RuntimeError) is raised, not mistaken for "no packing"."""
+    import torch
+
+    from mergetool import scoring as sc
+
+    items = [([1, 2, 3], [[4, 5], [6]])]
+    for err, raised in [(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"), True),
+                        (torch.OutOfMemoryError("CUDA out of memory"), True),
+                        (RuntimeError("The size of tensor a (7) must match the size of tensor b (5)"), False),
+                        (TypeError("forward() got an unexpected keyword argument 'position_ids'"), False)]:
+        model = torch.nn.Linear(2, 2)
+
+        def boom(*a, err=err, **k):
+            raise err
+
+        monkeypatch.setattr(sc, "_sums", boom)
+        if raised:
+            with pytest.raises(type(err)):
+                sc.packing_works(model, items)
+        else:
+            assert sc.packing_works(model, items) is False and model._mergetool_packing is False

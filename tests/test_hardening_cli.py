@@ -83,8 +83,7 @@ def test_signals_at_random_moments_then_resume(tiny_lm, tmp_path):
         rc, _, err = interrupt(args, sig, rng.uniform(0.5, 6.0))
         assert rc in (0, 130, 143), err
         if rc:
-            assert len(err.strip().splitlines()[-1:]) == 1 and "Traceback" not in err
-            assert err.strip().splitlines()[-1].endswith("interrupted" if rc == 130 else "terminated")
+            one_error_line(err, rc)
         if out.exists():
             assert all(json.loads(x)["id"] for x in out.read_text().splitlines())  # whole lines only
     run_cli("eval", "--base", str(tiny_lm), str(data), "-o", str(out), "--resume", check=True)
@@ -92,6 +91,80 @@ def test_signals_at_random_moments_then_resume(tiny_lm, tmp_path):
     assert set(got) == set(whole)
     for i, r in got.items():
         assert r["prediction"] == whole[i]["prediction"] and r["logprobs"] == pytest.approx(whole[i]["logprobs"], abs=1e-5)
+
+
+def one_error_line(err: str, rc: int) -> None:
+    """A stopped command says so in one line (its last), and nothing else went wrong on the way."""
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and sum("error:" in x for x in lines) == 1, err
+    assert lines[-1].endswith("error: interrupted" if rc == 130 else "error: terminated"), err
+
+
+def test_merge_stopped_at_random_moments_leaves_nothing_and_reruns_to_the_same_bytes(tmp_path):
+    """SIGINT or SIGTERM at random moments of a merge (while importing, reading, merging or writing): exit
+    130/143 with one line and no output file or temporary beside it; run again, it writes the bytes of an
+    uninterrupted merge (a merge has no --resume: it is atomic, and a rerun is the resume)."""
+    from conftest import lora_blob, random_lora
+
+    ins = []
+    for i in range(12):
+        p = tmp_path / f"big{i}.safetensors"
+        p.write_bytes(lora_blob(random_lora(i, rank=64, name=f"big{i}")))
+        ins.append(str(p))
+    want = tmp_path / "want" / "m.safetensors"  # the same file name: the merge's name in its metadata comes from it
+    want.parent.mkdir()
+    run_cli("merge", "-m", "ties", "--density", "0.5", *ins, "-o", str(want), check=True)
+    out = tmp_path / "out" / "m.safetensors"
+    out.parent.mkdir()
+    rng = random.Random(1)
+    stopped = 0
+    for _ in range(4):
+        sig = rng.choice([signal.SIGINT, signal.SIGTERM])
+        rc, _, err = interrupt(["merge", "-m", "ties", "--density", "0.5", *ins, "-o", str(out)], sig,
+                               rng.uniform(0.2, 3.0))
+        assert rc in (0, 130, 143), err
+        if rc:
+            stopped += 1
+            one_error_line(err, rc)
+            assert list(out.parent.iterdir()) == []  # nothing half-written, nothing left beside it
+        else:
+            out.unlink()
+    assert stopped, "every merge finished before its signal: nothing was tested"
+    run_cli("merge", "-m", "ties", "--density", "0.5", *ins, "-o", str(out), check=True)
+    assert out.read_bytes() == want.read_bytes()
+
+
+def test_training_stopped_at_random_moments_resumes_to_the_same_experts(tiny_lm, tmp_path):
+    """SIGINT or SIGTERM at random moments of per-example training into --out-dir: exit 130/143 with one line,
+    only whole expert files on disk, and --resume trains what is missing to the experts of an uninterrupted run."""
+    from mergetool.io import read_blobs
+    from mergetool.updates import from_blob
+
+    data = write(tmp_path / "d.jsonl", capitals(8))
+    base = ["train-expert", "--base", str(tiny_lm), "--per-example", "--epochs", "12", "--rank", "4",
+            "--batch-size", "2", str(data)]
+    run_cli(*base, "--out-dir", str(tmp_path / "whole"), check=True)
+    out = tmp_path / "part"
+    rng = random.Random(2)
+    stopped = 0
+    for k in range(3):
+        sig = rng.choice([signal.SIGINT, signal.SIGTERM])
+        rc, _, err = interrupt([*base, "--out-dir", str(out)] + (["--resume"] if k else []), sig, rng.uniform(2.0, 9.0))
+        assert rc in (0, 130, 143), err
+        if rc:
+            stopped += 1
+            one_error_line(err, rc)
+        for f in out.iterdir() if out.exists() else []:  # whole files only (each one readable), no temporaries
+            assert f.suffix == ".safetensors" and from_blob(read_blobs(str(f))[0], f.stem).modules
+    assert stopped, "every run finished before its signal: nothing was tested"
+    run_cli(*base, "--out-dir", str(out), "--resume", check=True)
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert names == sorted(p.name for p in out.iterdir()) and names
+    for n in names:
+        x = from_blob(read_blobs(str(tmp_path / "whole" / n))[0], "x")
+        y = from_blob(read_blobs(str(out / n))[0], "y")
+        for m in x.modules:
+            assert (x.modules[m].delta() - y.modules[m].delta()).abs().max() < 1e-5, (n, m)
 
 
 def test_interrupted_merge_and_training_leave_nothing(tiny_lm, tmp_path, adapters):
@@ -146,10 +219,14 @@ def test_train_expert_refuses_out_of_range_options(opt, value, tiny_lm, tmp_path
 # ----------------------------------------------------------------------------- files and outputs
 
 
-def test_eval_refuses_to_overwrite_its_input(tiny_lm, tmp_path, capsys):
+def test_eval_refuses_to_overwrite_its_input(tiny_lm, tmp_path, capsys, adapters):
     data = write(tmp_path / "same.jsonl", capitals(3))
     before = data.read_text()
     rc, _, err = inproc(capsys, "eval", "--base", str(tiny_lm), str(data), "-o", str(data))
+    assert rc == 2 and "is the input" in err and data.read_text() == before
+    # score writes its records as they complete too: -o onto its --data is refused the same way
+    rc, _, err = inproc(capsys, "score", "--base", str(tiny_lm), "--data", str(data), "-o", str(data),
+                        *map(str, adapters))
     assert rc == 2 and "is the input" in err and data.read_text() == before
 
 
@@ -172,7 +249,28 @@ def test_eval_resume_refuses_another_run(tiny_lm, tmp_path, capsys):
     run_cli("eval", "--base", str(tiny_lm), str(data), "-o", str(out), check=True)
     before = out.read_text()
     rc, _, err = inproc(capsys, "eval", "--base", str(tiny_lm), "--norm", "chars", str(data), "-o", str(out), "--resume")
-    assert rc == 1 and "another base model or other options" in err and out.read_text() == before
+    assert rc == 1 and "another base model, other adapters" in err and out.read_text() == before
+
+
+def test_eval_resume_refuses_another_adapter_or_its_retrained_content(tiny_lm, tmp_path, adapters, capsys):
+    """A file written for adapter A is not continued with adapter B, nor with A retrained (same name, other
+    weights); resuming with A itself adds nothing."""
+    from conftest import lora_blob, random_lora
+
+    data = write(tmp_path / "d.jsonl", capitals(3))
+    out = tmp_path / "r.jsonl"
+    a, b = adapters[0], adapters[1]
+    run_cli("eval", "--base", str(tiny_lm), "--adapter", str(a), str(data), "-o", str(out), check=True)
+    before = out.read_text()
+    retrained = tmp_path / "again" / a.name
+    retrained.parent.mkdir()
+    retrained.write_bytes(lora_blob(random_lora(7, rank=2, name="a0")))  # the name a0, other weights
+    for other in (b, retrained):
+        rc, _, err = inproc(capsys, "eval", "--base", str(tiny_lm), "--adapter", str(other), str(data), "-o", str(out),
+                            "--resume")
+        assert rc == 1 and "other adapters" in err and out.read_text() == before, err
+    rc, _, err = inproc(capsys, "eval", "--base", str(tiny_lm), "--adapter", str(a), str(data), "-o", str(out), "--resume")
+    assert rc == 0 and out.read_text() == before, err
 
 
 def test_a_failed_run_leaves_nothing_new(tiny_lm, tmp_path, adapters):
@@ -258,6 +356,51 @@ def test_per_task_training_prints_no_warning(tiny_lm, tmp_path):
     assert r.returncode == 0 and b"Warning" not in r.stderr, r.stderr
 
 
-def test_a_model_saved_from_a_gguf_base_is_plain_safetensors(smol):
+def test_a_model_saved_from_a_gguf_base_is_plain_safetensors(smol, tmp_path):
+    """The cached base and a merge --save-model from the GGUF base both write plain safetensors whose config says
+    nothing of GGUF (its weights are no longer quantised)."""
+    from conftest import lora_blob, random_lora
+
     cfg = json.loads((smol[1] / "config.json").read_text())
     assert "quantization_config" not in cfg
+    ad = tmp_path / "a.safetensors"
+    ad.write_bytes(lora_blob(random_lora(0, rank=4, targets={"q_proj": (576, 576)}, layers=[0], name="a")))
+    out = tmp_path / "merged"
+    run_cli("merge", "-m", "mean", "--base", str(smol[0]), str(ad), "--save-model", str(out), check=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["model_type"] == "llama"
+    assert not list(out.glob("*.gguf")) and list(out.glob("*.safetensors"))
+
+
+def test_long_expert_names_sharing_a_prefix_get_distinct_short_files():
+    """Names whose encodings pass 200 characters keep a prefix and a hash of the whole name: two ids sharing
+    their first 250 characters get two files, each within the file systems' 255 bytes."""
+    from mergetool.cli.train_expert import file_names
+
+    a, b = "q" * 250 + "/1", "q" * 250 + "/2"
+    names = file_names([a, b, "x/1"])
+    assert len(set(names.values())) == 3 and names["x/1"] == "x%2F1"
+    assert all(len((f + ".safetensors").encode()) <= 255 for f in names.values())
+    assert file_names([a])[a] == names[a]  # the same name always gets the same file (--resume finds it)
+
+
+def test_an_output_that_overflows_its_dtype_is_an_error_not_a_file(tiny_lm, tmp_path):
+    """Every output is checked finite as written: a merge whose values pass float16's range (65504) is refused
+    for the adapter file and for --save-model, and leaves neither behind."""
+    from conftest import lora_blob, random_lora
+
+    big = []
+    for i in range(2):
+        u = random_lora(i, rank=4, name=f"big{i}")
+        for m in u.modules.values():
+            m.B *= 1e8
+        p = tmp_path / f"big{i}.safetensors"
+        p.write_bytes(lora_blob(u))
+        big.append(str(p))
+    out, model = tmp_path / "o.safetensors", tmp_path / "model"
+    for args in (["-o", str(out)], ["--rank", "8", "-o", str(out)], ["--base", str(tiny_lm), "--save-model", str(model)]):
+        r = run_cli("merge", "-m", "task-arithmetic", "--dtype", "float16", *big, *args)
+        assert r.returncode == 1 and b"NaN or Inf as float16" in r.stderr, r.stderr
+        assert len(r.stderr.decode().strip().splitlines()) == 1, r.stderr
+        assert not out.exists() and not model.exists() and not list(tmp_path.glob(".*"))
+    assert run_cli("merge", "-m", "task-arithmetic", "--dtype", "float32", *big, "-o", str(out)).returncode == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -25,11 +24,12 @@ Multiple-choice examples (prompt, choices, answer) are scored by the log-probabi
 (--norm tokens: mean token log-prob, eq. 4 of "Will it Merge?"; chars: lm-eval's acc_norm; none:
 lm-eval's acc), giving logprobs, p_correct, p_max, rank and gap; generation examples (prompt, target or
 targets) by exact match of the normalised greedy answer (stopped at a newline) and rouge-L; text-only
-examples by perplexity. --summary gives one record per task instead. An adapter is applied beside the
+examples by perplexity. Inputs longer than the model are cut from the left, as lm-eval cuts them.
+--summary gives one record per task instead. An adapter is applied beside the
 frozen weights (never written into them); several adapters (--adapter repeated, a pool directory, or a
 stream of blobs) are evaluated together, several per batch, the layers below the ones they change
 computed once per example. With -o FILE, records are written as they are made and --resume skips the
-(adapter, id) pairs already there.
+(adapter, id) pairs already there (a file written with other adapters or options is refused).
 
 \b
 Examples:
@@ -84,18 +84,23 @@ def _done_ids(path: Path, run: str) -> set[tuple]:
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise MergetoolError(f"{path}:{i}", "is not an eval record", "resume into a file eval wrote") from None
             if r.get("run") != run:
-                raise MergetoolError(str(path), "was written by eval with another base model or other options "
-                                     "(--norm, --shots, --seed, --chat, --split, --max-new-tokens)",
-                                     "resume with the same options, or write to a new file")
+                raise MergetoolError(str(path), "was written by eval with another base model, other adapters "
+                                     "(or other contents under their names) or other options (--norm, --shots, "
+                                     "--seed, --chat, --split, --max-new-tokens)",
+                                     "resume with the same adapters and options, or write to a new file")
             ids.add(key)
     return ids
 
 
-def _run_key(fp, norm, shots, shots_from, seed, chat, max_new_tokens, split) -> str:
-    """What an eval record depends on besides its adapter and example: records with different keys never mix."""
+def _run_key(fp, norm, shots, shots_from, seed, chat, max_new_tokens, split, updates=()) -> str:
+    """What an eval record depends on besides its example: the base, the options, and the adapters (their names
+    and contents, so a file written for adapter A is not continued with B, nor with A retrained). Records with
+    different keys never mix."""
     import hashlib
 
     doc = [fp, norm, shots, shots_from, seed, chat, max_new_tokens, split]
+    if updates:
+        doc.append(sorted([u.name, u.digest()] for u in updates))
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:12]
 
 
@@ -106,15 +111,6 @@ def _base_of(updates) -> str:
         return bases.pop()
     why = "the adapters name different base models" if bases else "no adapter names its base model"
     raise UsageError("--base", f"eval needs the base model; {why}", "pass --base MODEL")
-
-
-def refuse_overwriting_inputs(out: Path, inputs) -> None:
-    """An output file that is one of the inputs would destroy it: refused."""
-    if not out.exists():
-        return
-    for src in inputs:
-        if src and src != "-" and Path(src).exists() and os.path.samefile(out, src):
-            raise UsageError("-o", f"{out} is the input {src}", "write the records to another file")
 
 
 class _Sink:
@@ -194,6 +190,8 @@ def eval_cmd(
         check_address(ray)
     out_path = Path(output) if output and output != "-" else None
     if out_path is not None:
+        from ..io import refuse_overwriting_inputs
+
         refuse_overwriting_inputs(out_path, [data, shots_from, *adapters])
 
     from .. import evaluate as ev
@@ -229,7 +227,7 @@ def eval_cmd(
             raise MergetoolError(dup, "two adapters share this name, so their records could not be told apart",
                                  "rename one (metadata 'name') or evaluate them separately")
     names = [u.name for u in updates] or [None]
-    run = _run_key(fp, norm, shots, shots_from, seed, chat, max_new_tokens, split)
+    run = _run_key(fp, norm, shots, shots_from, seed, chat, max_new_tokens, split, updates)
 
     rec_path = out_path.with_name(out_path.name + ".records") if (out_path and summary) else out_path
     done = _done_ids(rec_path, run) if (resume and rec_path) else set()

@@ -138,9 +138,10 @@ def score_cmd(
                epsilon=epsilon, inner=inner)
     check_options(m, p)
     torch_dtype = model_dtype(dtype)
-    from ..io import check_output
+    from ..io import check_output, refuse_overwriting_inputs
 
     check_output(output)
+    refuse_overwriting_inputs(output, [data, shots_from, *pool, *(partners_from or [])])
     if m.max_inputs is not None and m.max_inputs < M + 1:
         raise UsageError("--method", f"{m.name} merges at most {m.max_inputs} adapters, a trial merges {M + 1}",
                          "choose a method for many inputs (knots, ties, mean, ...)")
