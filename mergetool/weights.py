@@ -139,9 +139,10 @@ def softmax(s: list[float], tau: float) -> list[float]:
     return [x / z for x in e]
 
 
-def score_values(src: str) -> dict[str, float]:
-    """Each adapter's mergeability score S from ``score`` records (``adapter``, ``score``)."""
-    out: dict[str, float] = {}
+def score_records(src: str) -> dict[str, dict]:
+    """``score`` records by adapter, each checked: an ``adapter`` name, a finite ``score`` in [0, 1], one record
+    per adapter."""
+    out: dict[str, dict] = {}
     name = "<stdin>" if src == "-" else src
     for i, r in enumerate(read_jsonl(src), 1):
         where = f"{name}:{i}"
@@ -152,8 +153,13 @@ def score_values(src: str) -> dict[str, float]:
             raise MergetoolError(where, f"'score' {s} is outside [0, 1]", "pass mergetool score records")
         if r["adapter"] in out:
             raise MergetoolError(where, f"adapter {r['adapter']!r} has a second score", "keep one record per adapter")
-        out[r["adapter"]] = s
+        out[r["adapter"]] = {**r, "score": s}
     return out
+
+
+def score_values(src: str) -> dict[str, float]:
+    """Each adapter's mergeability score S from ``score`` records (``adapter``, ``score``)."""
+    return {a: r["score"] for a, r in score_records(src).items()}
 
 
 def make_weights(src: str, by: str, tau: float, normalize: str,

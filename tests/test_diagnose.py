@@ -116,6 +116,29 @@ def test_hidden_sim_and_mds_by_hand():
     sim2, degenerate = rep.hidden_sim(torch.tensor([[0, 2.0], [2.0, 0]], dtype=torch.float64))
     assert degenerate and sim2.tolist() == [[1, 1], [1, 1]]
     assert rep.mds(torch.tensor([[1, 0, 0], [0, 1, 1], [0, 1, 1]], dtype=torch.float64))[0] is None
+    same, _ = rep.hidden_sim(torch.tensor([[0, 0, 3], [0, 0, 3], [3, 3, 0]], dtype=torch.float64))
+    assert same[0, 1] == 1 and same[1, 0] == 1  # identical hidden states: HiddenSim 1
+
+
+def test_a_copy_of_an_adapter_is_identical_in_every_metric(tiny_lm, tmp_path):
+    """End to end: an adapter and its copy under another name have sign change 0, cosine 1, HiddenSim 1 and
+    the distance 0 between their hidden states."""
+    import shutil
+
+    pool, data = pool_of(tmp_path, 3)
+    from mergetool.io import read_blobs
+    from mergetool.updates import from_blob
+
+    u = from_blob(read_blobs(str(pool / "e0.safetensors"))[0], "e0")
+    u.name = "copy"
+    u.meta["name"] = "copy"
+    (pool / "copy.safetensors").write_bytes(lora_blob(u))
+    out = records(run_cli("diagnose", "--base", str(tiny_lm), "--data", str(data), str(pool), check=True).stdout.decode())
+    (p,) = [r for r in out if r["kind"] == "pair" and {r["a"], r["b"]} == {"copy", "e0"}]
+    assert p["sign_change_ratio"] == 0 and p["cosine"] == pytest.approx(1, abs=1e-6)
+    assert p["hidden_sim"] == 1 and p["hidden_distance"] == pytest.approx(0, abs=1e-6), p
+    others = [r["hidden_sim"] for r in out if r["kind"] == "pair" and {r["a"], r["b"]} != {"copy", "e0"}]
+    assert max(others) < 1 or len(others) == 0
 
 
 # ----------------------------------------------------------------------------- predictor and statistics
@@ -224,7 +247,8 @@ def test_gradients_explain_scores_fit_and_predict(tiny_lm, tmp_path):
     pred = records(run_cli("diagnose", "--base", str(tiny_lm), "--data", str(data), "--explain", "--gradients",
                            "--predict", str(model), str(pool), check=True).stdout.decode())
     assert sum(x["kind"] == "prediction" for x in pred) == 6
-    assert (tmp_path / "figs" / "hidden_sim.png").exists()
+    figs = tmp_path / "figs"
+    assert (figs / "hidden_sim.png").exists() and list(figs.glob("bins_*.png")), sorted(figs.iterdir())
 
 
 def test_losses_join_pairs_and_groups(tiny_lm, tmp_path):
@@ -243,8 +267,22 @@ def test_losses_join_pairs_and_groups(tiny_lm, tmp_path):
             loss.append({"adapters": names, "method": method, "adapter": names[x], "task": tasks[x], "loss": shift - 7 * x})
     lf = tmp_path / "l.jsonl"
     lf.write_text("".join(json.dumps(x) + "\n" for x in loss))
+    model = tmp_path / "pair.json"
     out = records(run_cli("diagnose", "--base", str(tiny_lm), "--data", str(data), "--losses", str(lf), str(pool),
+                          "--plot", str(tmp_path / "figs"), "--fit", str(model), "--fit-method", "mean",
                           check=True).stdout.decode())
+    assert (tmp_path / "figs" / "metrics_vs_loss.png").exists()
+    # the pair model forecasts every pair, and the group of all four from its pairs (mean, and the worst pair)
+    pred = records(run_cli("diagnose", "--base", str(tiny_lm), "--data", str(data), "--predict", str(model),
+                           str(pool), check=True).stdout.decode())
+    per_pair = [x for x in pred if x["kind"] == "prediction" and "a" in x]
+    (grp,) = [x for x in pred if x["kind"] == "prediction" and "group" in x]
+    assert len(per_pair) == 6 and grp["group"] == "e0,e1,e2,e3"
+    assert grp["predicted"] == pytest.approx(sum(x["predicted"] for x in per_pair) / 6)
+    assert grp["worst_pair"]["predicted"] == min(x["predicted"] for x in per_pair)
+    # a model whose features these records lack says which (no hidden states without --base and --data)
+    r = run_cli("diagnose", "--predict", str(model), str(pool))
+    assert r.returncode == 1 and b"missing: " in r.stderr and not r.stdout, r.stderr
     stats = [x for x in out if x["kind"] == "stat"]
     assert {s["factor"] for s in stats if s["test"] == "anova1"} == {"method", "task"}
     assert sum(s["test"] == "correlation" and s["y"] == "pair_loss" for s in stats) >= 2 * 8
@@ -274,6 +312,12 @@ def test_select_replaces_the_most_incompatible_member(tiny_lm, tmp_path):
     (["@pool", "--scores", "@badscores"], 1, "no adapter of the score records"),
     (["@one"], 2, "at least two"),
     (["@pool", "--predict", "@junk"], 1, "not a diagnose model"),
+    (["@pool", "--scores", "@nanscore"], 1, "finite"),
+    (["@pool", "--scores", "@bigscore"], 1, "outside [0, 1]"),
+    (["@pool", "--scores", "@twoscores"], 1, "has a second score"),
+    (["@pool", "--losses", "@otherpairs"], 1, "no merged pair is a pair of the adapters diagnosed"),
+    (["@pool", "--base", "@base", "--data", "@data", "--losses", "@othergroup"], 1,
+     "no merged group of three or more is a group of the adapters diagnosed"),
 ])
 def test_bad_inputs(args, code, needle, tiny_lm, tmp_path, capsys):
     from mergetool.cli.main import run
@@ -281,8 +325,15 @@ def test_bad_inputs(args, code, needle, tiny_lm, tmp_path, capsys):
     pool, data = pool_of(tmp_path, 3)
     (tmp_path / "bs.jsonl").write_text('{"adapter": "nobody", "score": 0.5}\n')
     (tmp_path / "junk.json").write_text('{"kind": "other"}')
+    files = {"nanscore": '{"adapter": "e0", "score": NaN}\n', "bigscore": '{"adapter": "e0", "score": 1.5}\n',
+             "twoscores": '{"adapter": "e0", "score": 0.5}\n{"adapter": "e0", "score": 0.25}\n',
+             "otherpairs": '{"adapters": ["x", "y"], "adapter": "x", "method": "mean", "loss": -3}\n',
+             "othergroup": '{"adapters": ["x", "y", "z"], "adapter": "x", "method": "mean", "loss": -3}\n'}
+    for k, text in files.items():
+        (tmp_path / f"{k}.jsonl").write_text(text)
     subst = {"@pool": str(pool), "@base": str(tiny_lm), "@data": str(data), "@badscores": str(tmp_path / "bs.jsonl"),
-             "@one": str(pool / "e0.safetensors"), "@junk": str(tmp_path / "junk.json")}
+             "@one": str(pool / "e0.safetensors"), "@junk": str(tmp_path / "junk.json"),
+             **{f"@{k}": str(tmp_path / f"{k}.jsonl") for k in files}}
     rc = run(["diagnose", *[subst.get(a, a) for a in args]])
     got = capsys.readouterr()
     assert rc == code and needle in got.err and "Traceback" not in got.err, got.err

@@ -131,10 +131,11 @@ def diagnose_cmd(
         check_output(fit)
 
     from ..diagnose import core
-    from ..diagnose.analysis import read_losses
+    from ..diagnose.analysis import check_joins, read_losses
     from ..diagnose.predict import Model
     from ..inputs import check_compatible, load_inputs
     from ..io import atomic_output, read_jsonl
+    from ..weights import score_records
     from ..model import fingerprint, resolve_base
 
     model_doc = None
@@ -143,14 +144,7 @@ def diagnose_cmd(
             model_doc = Model.from_json(json.loads(Path(predict).read_text()), predict)
         except (OSError, json.JSONDecodeError) as e:
             raise MergetoolError(predict, f"cannot read the model ({e.__class__.__name__})", "pass --fit's file") from None
-    score_recs = None
-    if scores:
-        score_recs = {}
-        for i, r in enumerate(read_jsonl(scores), 1):
-            if not isinstance(r.get("adapter"), str) or not isinstance(r.get("score"), (int, float)):
-                raise MergetoolError(f"{scores}:{i}", "a score record needs 'adapter' and 'score'",
-                                     "pass mergetool score records")
-            score_recs[r["adapter"]] = r
+    score_recs = score_records(scores) if scores else None
     loss_recs = read_losses(losses) if losses else None
     b = resolve_base(base, gguf_file) if base else None
     fp = fingerprint(b) if b else None
@@ -171,6 +165,7 @@ def diagnose_cmd(
         raise UsageError("adapters", "diagnose compares adapters: give at least two", "pass more adapters")
     if select is not None and select > len(updates) + len(cands):
         raise UsageError("--select", f"a group of {select} from {len(updates) + len(cands)} adapters", "lower --select")
+    check_joins(score_recs, loss_recs, names, names + [c.name for c in cands], b is not None)
 
     dev = pick_device(device)
     setup = core.Setup(level=level, k=k, pool=pool, seed=seed, batch_tokens=batch_tokens, gradients=gradients,

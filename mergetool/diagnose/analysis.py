@@ -41,6 +41,25 @@ def read_losses(src: str) -> list[dict]:
     return out
 
 
+def check_joins(scores: dict | None, losses: list[dict] | None, names: list[str], everyone: list[str],
+                representations: bool) -> None:
+    """The joins of score and loss records with the adapters diagnosed, checked before any model loads: records
+    that match no adapter (no pair, no group) are an error that says so, never an empty table."""
+    if scores is not None and not any(n in scores for n in names):
+        raise MergetoolError("--scores", "no adapter of the score records is among the adapters diagnosed",
+                             "score the same adapters (their names must match)")
+    if losses is None:
+        return
+    known, pairs = set(names), {tuple(sorted(r["adapters"])) for r in losses if len(r["adapters"]) == 2}
+    if pairs and not any(set(p) <= known for p in pairs):
+        raise MergetoolError("--losses", "no merged pair is a pair of the adapters diagnosed",
+                             "diagnose the adapters the pairs were merged from")
+    groups = [set(r["adapters"]) for r in losses if len(r["adapters"]) >= 3]
+    if representations and groups and not any(g <= set(everyone) for g in groups):
+        raise MergetoolError("--losses", "no merged group of three or more is a group of the adapters diagnosed",
+                             "diagnose (with --base and --data) the adapters the groups were merged from")
+
+
 def score_stats(records: list[dict], scores: dict[str, dict], metrics: Sequence[str]) -> list[dict]:
     """Each metric of the per-adapter ``records`` against S from ``scores`` (joined by adapter name)."""
     joined = [{**r, "score": scores[r["adapter"]]["score"]} for r in records if r["adapter"] in scores]
@@ -133,7 +152,11 @@ def pair_stats(losses: list[dict], pairs: dict[tuple[str, str], dict], metrics: 
 def mds_stats(losses: list[dict], mds_of: dict[str, dict[str, float | None]]) -> list[dict]:
     """Per group (of three or more): MDS of each member against its best loss over the methods."""
     out = []
-    for g, rs in _groupby([r for r in losses if len(r["adapters"]) >= 3], lambda r: r["group"]).items():
+    big = _groupby([r for r in losses if len(r["adapters"]) >= 3], lambda r: r["group"])
+    if big and not any(g in mds_of for g in big):
+        raise MergetoolError("--losses", "no merged group of three or more is a group of the adapters diagnosed",
+                             "diagnose (with --base and --data) the adapters the groups were merged from")
+    for g, rs in big.items():
         if g not in mds_of:
             continue
         best: dict[str, float] = {}

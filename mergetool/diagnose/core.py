@@ -10,6 +10,7 @@ their group) are those of that group.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -19,6 +20,8 @@ import torch
 from ..errors import MergetoolError
 from ..updates import Update
 from . import analysis, predict, representation as rep, weightspace as ws
+
+log = logging.getLogger("mergetool")
 
 PAIR_METRICS = ("magnitude_change_ratio", "sign_change_ratio", "sign_change_ratio_strict", "conflict_magnitude_ratio",
                 "conflict_magnitude_ratio_strict", "cosine", "cosine_global", "l2_distance")
@@ -96,16 +99,42 @@ def diagnose(updates: list[Update], s: Setup, candidates: Sequence[Update] = (),
     if fit is not None:
         out += _fit(fit, adapters, pairs, scores, losses)
     if model is not None:
-        rows = adapters if model.target == "score" else pairs  # S per adapter, or a pair's normalized accuracy
-        for r, v in zip(rows, model.predict(rows)):
-            key = {"adapter": r["adapter"]} if "adapter" in r else {"a": r["a"], "b": r["b"]}
-            out.append({"kind": "prediction", **key, "target": model.target, "predicted": v})
+        out += _predictions(model, adapters, pairs, names)
     if select is not None:
         if geo is None:
             raise MergetoolError("--select", "needs hidden states", "pass --base and --data")
         res = rep.select(geo, list(range(n)), list(range(n, len(everyone))), [task_of(u) for u in everyone],
                          select, [u.name for u in everyone])
         out.append({"kind": "selection", **res})
+    return out
+
+
+def _predictions(model: predict.Model, adapters: list[dict], pairs: list[dict], names: list[str]) -> list[dict]:
+    """The fitted model on new records: S per adapter, or a pair's normalized accuracy per pair; and, for a pair
+    model on three or more adapters, the group of all of them, forecast from its pairs (the mean, and the worst
+    pair, which the collapse paper finds drives a group's collapse). Records that lack a feature the model needs
+    get ``null`` and a note; when none has them all, the run stops and says which are missing."""
+    rows = adapters if model.target == "score" else pairs  # S per adapter, or a pair's normalized accuracy
+    if not rows:
+        raise MergetoolError("--predict", f"a model of {model.target} needs "
+                             f"{'adapters' if model.target == 'score' else 'two adapters or more'}", "pass more adapters")
+    got = model.predict(rows)
+    if all(v is None for v in got):
+        missing = sorted({f for f in model.features for r in rows if r.get(f) is None})
+        raise MergetoolError("--predict", "no record has every feature the model needs "
+                             f"(missing: {', '.join(missing)})", "compute them as when fitting (--base and --data for the hidden states, --gradients)")
+    if any(v is None for v in got):
+        log.warning("diagnose: %d of %d records lack a feature of the model: their predictions are null",
+                    sum(v is None for v in got), len(got))
+    out = []
+    for r, v in zip(rows, got):
+        key = {"adapter": r["adapter"]} if "adapter" in r else {"a": r["a"], "b": r["b"]}
+        out.append({"kind": "prediction", **key, "target": model.target, "predicted": v})
+    if model.target != "score" and len(names) >= 3 and all(v is not None for v in got):
+        worst = min(range(len(rows)), key=lambda i: got[i])
+        out.append({"kind": "prediction", "group": ",".join(sorted(names)), "target": model.target,
+                    "predicted": sum(got) / len(got), "from": "mean of its pairs",
+                    "worst_pair": {"a": rows[worst]["a"], "b": rows[worst]["b"], "predicted": got[worst]}})
     return out
 
 
