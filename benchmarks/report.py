@@ -35,6 +35,13 @@ def f(x, d=3) -> str:
     return str(x)
 
 
+def fp(x) -> str:
+    """A p-value: two significant digits below 0.1 (0.0021, 1.2e-21), two decimals above."""
+    if x is None:
+        return "–"
+    return f"{x:.2g}" if x < 0.1 else f"{x:.2f}"
+
+
 def mergeability(out: Path) -> None:
     runs = sorted((p for p in out.glob("scores-*-M*.jsonl") if p.stat().st_size),
                   key=lambda p: (p.stem.split("-")[1], int(p.stem.split("M")[-1])))
@@ -143,11 +150,11 @@ def collapse(out: Path) -> None:
     print("| test | factor | F | p |\n|---|---|---|---|")
     for r in stats:
         if r["test"] == "anova1":
-            print(f"| one-way | {r['factor']} | {f(r.get('F'), 3)} | {f(r.get('p_value'), 2)} |")
+            print(f"| one-way | {r['factor']} | {f(r.get('F'), 3)} | {fp(r.get('p_value'))} |")
         if r["test"] == "anova2":
             for fac in r.get("factors", []):
                 x = r.get(fac) or {}
-                print(f"| two-way | {fac} | {f(x.get('F'), 3)} | {f(x.get('p_value'), 2)} |")
+                print(f"| two-way | {fac} | {f(x.get('F'), 3)} | {fp(x.get('p_value'))} |")
     print()
     corr = [r for r in stats if r["test"] == "correlation" and r.get("y") == "pair_loss"]
     if corr:

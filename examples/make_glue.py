@@ -1,6 +1,8 @@
 """Build multiple-choice JSONL from the testbed's GLUE tasks (SST-2, RTE, WNLI, MRPC, CoLA).
 
-    python examples/make_glue.py ../shared/testbed/glue --per-split 200 > glue.jsonl
+    python examples/make_glue.py GLUE_DIR --per-split 200 > glue.jsonl
+
+GLUE_DIR holds the tasks' GLUE files, one folder per task (the testbed's ``glue`` folder).
 
 Each record: ``id``, ``task`` (sst2, rte, wnli, mrpc, cola), ``split`` (train or dev; GLUE's test splits
 are unlabeled and skipped), ``prompt`` (the task's question, ending in "Answer:"), ``choices`` (the label
