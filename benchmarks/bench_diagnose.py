@@ -2,7 +2,7 @@
 
 64 random rank-16 LoRAs on q/k/v of every layer of a Llama-3.2-1B-shaped model (hidden 2048, k/v 512,
 16 layers): 2016 pairs, each with the four conflict metrics of "Task-level model-merging collapse" (eq. 4-7,
-the sign and conflict ratios in both readings) and the cosines. The plain loop forms both dense ΔW of a pair
+the sign and conflict ratios in both readings), the cosines and the L2 distance. The plain loop forms both dense ΔW of a pair
 module by module and computes each metric from them; it is timed on --plain-pairs pairs (each pair costs the
 same) and carried to all pairs, and its values are compared with diagnose's on those pairs.
 
@@ -32,7 +32,7 @@ from mergetool.diagnose.weightspace import pair_metrics  # noqa: E402
 from mergetool.updates import Update  # noqa: E402
 
 METRICS = ("magnitude_change_ratio", "sign_change_ratio", "sign_change_ratio_strict", "conflict_magnitude_ratio",
-           "conflict_magnitude_ratio_strict", "cosine", "cosine_global")
+           "conflict_magnitude_ratio_strict", "cosine", "cosine_global", "l2_distance")
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def plain_pair(a: Update, b: Update, dev) -> dict:
     """Eq. 4-7 of one pair, computed from the two dense task vectors, module by module."""
     l1a = l1b = l1d = 0.0
     sign_ne = strict = conf = conf_strict = 0.0
-    dot = na = nb = 0.0
+    dot = na = nb = diff_sq = 0.0
     entries = 0
     cos = []
     for mod in a.modules:
@@ -56,6 +56,7 @@ def plain_pair(a: Update, b: Update, dev) -> dict:
         strict += float(opp.sum())
         conf += float(diff[ne].sum())
         conf_strict += float(diff[opp].sum())
+        diff_sq += float((diff * diff).sum())
         d, sa, sb = float((x * y).sum()), float((x * x).sum()), float((y * y).sum())
         dot, na, nb = dot + d, na + sa, nb + sb
         cos.append(d / (sa * sb) ** 0.5)
@@ -63,7 +64,7 @@ def plain_pair(a: Update, b: Update, dev) -> dict:
     return {"magnitude_change_ratio": l1d / tot, "sign_change_ratio": sign_ne / entries,
             "sign_change_ratio_strict": strict / entries, "conflict_magnitude_ratio": conf / tot,
             "conflict_magnitude_ratio_strict": conf_strict / tot, "cosine": sum(cos) / len(cos),
-            "cosine_global": dot / (na * nb) ** 0.5}
+            "cosine_global": dot / (na * nb) ** 0.5, "l2_distance": float((diff_sq) ** 0.5)}
 
 
 def main():

@@ -182,17 +182,20 @@ def test_resume_refuses_another_plan(tiny_lm, tmp_path):
     assert r.returncode == 1 and b"another" in r.stderr and b"Traceback" not in r.stderr
 
 
-def test_resume_of_a_finished_run_says_it_is_finished(tiny_lm, tmp_path):
-    """A finished run removes its .trials file; resuming it is refused in one line that says why, and the
-    records stay as they were."""
+def test_resume_of_a_finished_run_has_nothing_to_do(tiny_lm, tmp_path):
+    """A finished run removes its .trials file and its records carry the plan's key: resuming it is done at once
+    (exit 0, the records untouched, no model loaded), and resuming it with other options is refused."""
     data, pool, _ = make_pool(tmp_path, 6)
     out = tmp_path / "s.jsonl"
     args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "2", "-N", "2", str(pool), "-o", str(out)]
     run_cli(*args, check=True)
     before = out.read_text()
+    assert all(json.loads(x)["run"] for x in before.splitlines())
     r = run_cli(*args, "--resume")
-    err = r.stderr.decode().strip().splitlines()
-    assert r.returncode == 1 and len(err) == 1 and "finished run" in err[0] and out.read_text() == before
+    assert r.returncode == 0 and b"nothing to do" in r.stderr and out.read_text() == before, r.stderr
+    r = run_cli(*args[:-2], "--seed", "5", "-o", str(out), "--resume")
+    assert r.returncode == 1 and b"other adapters, data or options" in r.stderr
+    assert out.read_text() == before
 
 
 @pytest.mark.parametrize("args,code,needle", [

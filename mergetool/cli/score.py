@@ -181,6 +181,10 @@ def score_cmd(
     written = state.written
     todo_groups = [g for g in range(len(groups)) if g not in state.groups]
     need_explain = [a for a in scored if names[a] not in written and a not in state.explained]
+    if state.finished and all(names[a] in written for a in scored):  # resumed after its end: nothing to do
+        log.info("%s holds the records of this run, finished: nothing to do", output)
+        _report([written[names[a]] for a in scored], N, level, quiet, plot)
+        return
     log.info("%d adapters, %d trials each with %d partners: %d merges (%d done before)%s", len(updates), N, M,
              len(groups), len(groups) - len(todo_groups),
              "" if independent or partners_from else f", shared (independent: {len(updates) * N})")
@@ -227,6 +231,7 @@ def score_cmd(
                 e = examples[data_of[a][0]]
                 rec = sc.record(names[a], e.task, level, e.id if level == "example" else None, per[a], M, m, p,
                                 seed, state.explained[a], watched[a] if partners_from else None)
+                rec["run"] = key  # the plan's key: --resume tells this run's records from another's
                 sink.write(json.dumps(rec) + "\n")
                 sink.flush()
                 written[names[a]] = rec
@@ -247,6 +252,11 @@ def score_cmd(
     finally:
         state.close(sink)
     state.finish()
+    _report(records, N, level, quiet, plot)
+
+
+def _report(records: list[dict], N: int, level: str, quiet: bool, plot: str | None) -> None:
+    """The summary table on stderr, and the figure with --plot."""
     _summary(records, N, level, quiet)
     if plot:
         from ..plots import score_figure
@@ -275,8 +285,9 @@ def _plan_key(everyone, examples, level, m, p, M, N, seed, independent, norm, sh
 
 class _State:
     """A run's progress beside its output: ``FILE.trials`` holds the plan's key, then one line per finished
-    merge group and per explained adapter, flushed as they finish; ``FILE`` holds the finished records.
-    --resume reads both, refuses another plan's files, and drops a last line cut by a crash."""
+    merge group and per explained adapter, flushed as they finish; ``FILE`` holds the finished records, each
+    with the plan's key (``run``). --resume reads both, refuses another plan's files, drops a last line cut by
+    a crash, and finds a finished run (its records, no ``.trials`` file) with nothing left to do."""
 
     def __init__(self, out: Path | None, key: str, resume: bool):
         self.out, self.key = out, key
@@ -284,6 +295,7 @@ class _State:
         self.groups: dict[int, dict[int, float]] = {}
         self.explained: dict[int, dict] = {}
         self.written: dict[str, dict] = {}
+        self.finished = False
         self.fh = None
         if out is None:
             return
@@ -307,10 +319,11 @@ class _State:
             for x in _lines(out):
                 r = json.loads(x)
                 self.written[r["adapter"]] = r
-            if self.written and not self.side.exists():
-                raise MergetoolError(str(out), "holds records but no .trials file beside it to resume from (a "
-                                     "finished run removes it: these records are complete, or another run's)",
-                                     "keep them, or start afresh without --resume")
+            if any(r.get("run") != key for r in self.written.values()):
+                raise MergetoolError(str(out), "holds records of a run with other adapters, data or options",
+                                     "resume with the same command, or start afresh without --resume")
+            # a finished run removes its .trials file: its records, all of this plan, are complete
+            self.finished = bool(self.written) and not self.side.exists()
 
     def open(self, stdout):
         if self.out is None:
