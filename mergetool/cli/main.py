@@ -52,6 +52,23 @@ def _stop(signum, frame):
     raise Stopped(143, "terminated")
 
 
+def _exit_interrupted() -> None:
+    """Exit 130 after a Ctrl-C, whatever CPython remembers of it. A KeyboardInterrupt that once passed through code
+    run by ``PyRun_String`` (pybind11's ``exec`` while an extension is imported) marks the interpreter, and at
+    exit CPython then kills itself with SIGINT even though the exception was caught (the caller sees a death by
+    signal, not the exit code). The exit handlers run (Ray's shutdown, among others), the streams are flushed,
+    and the process ends with 130 itself."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(130)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the app and map every failure to one line on stderr and an exit code."""
     from ..errors import MergetoolError
@@ -114,5 +131,7 @@ def run(argv: list[str] | None = None) -> int:
     if argv is None:  # the command's work is over, written or refused: a late signal changes nothing now
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if code == 130:
+            _exit_interrupted()
         sys.exit(code)
     return code
