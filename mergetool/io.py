@@ -25,7 +25,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, Callable, Iterable, Iterator
 
 import torch
 
@@ -698,6 +698,38 @@ def _output_target(dst: str) -> tuple[str, bool]:
     if not os.path.isdir(d):
         raise MergetoolError(dst, "its directory does not exist", "create it first")
     return target, False
+
+
+def resume_records(path: str | Path, what: str) -> tuple[list[dict], Callable[[], None]]:
+    """The records of a file to resume (one JSON object per line), and a function that drops from the file a last
+    line cut by a crash. Call it only once the records are accepted: a refused resume leaves the file as it
+    was. A file that is not UTF-8 JSONL of objects is refused in one line."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MergetoolError(str(path), f"is not a file {what} wrote (not UTF-8 text)",
+                             f"resume into a file {what} wrote, or write to a new file") from None
+    keep = text if not text or text.endswith("\n") else text[: text.rfind("\n") + 1]
+    out = []
+    for i, line in enumerate(keep.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            r = None
+        if not isinstance(r, dict):
+            raise MergetoolError(f"{path}:{i}", f"is not a line {what} wrote", f"resume into a file {what} wrote, "
+                                 "or write to a new file")
+        out.append(r)
+
+    def cut() -> None:
+        if keep != text:
+            path.write_bytes(keep.encode("utf-8"))
+
+    return out, cut
 
 
 def refuse_overwriting_inputs(out: str | Path | None, inputs) -> None:

@@ -92,10 +92,10 @@ def finetuned_copy(base_dir: Path, out: Path, seed: int, scale: float = 0.01) ->
     return out
 
 
-def run_cli(*args: str, input: bytes | None = None, check: bool = False) -> subprocess.CompletedProcess:
-    """Run the installed CLI as a user would, in a subprocess."""
+def run_cli(*args: str, input: bytes | None = None, check: bool = False, cwd=None) -> subprocess.CompletedProcess:
+    """Run the installed CLI as a user would, in a subprocess (in ``cwd`` when given)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    r = subprocess.run([sys.executable, "-m", "mergetool", *args], input=input, capture_output=True, env=env)
+    r = subprocess.run([sys.executable, "-m", "mergetool", *args], input=input, capture_output=True, env=env, cwd=cwd)
     if check and r.returncode != 0:
         raise AssertionError(f"exit {r.returncode}: {r.stderr.decode()}")
     return r

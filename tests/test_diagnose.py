@@ -316,6 +316,12 @@ def test_select_replaces_the_most_incompatible_member(tiny_lm, tmp_path):
     (["@pool", "--scores", "@bigscore"], 1, "outside [0, 1]"),
     (["@pool", "--scores", "@twoscores"], 1, "has a second score"),
     (["@pool", "--losses", "@otherpairs"], 1, "no merged pair is a pair of the adapters diagnosed"),
+    (["@pool", "--losses", "@onemember"], 1, "a loss for each of its two members"),
+    (["@pool", "--losses", "@badmembers"], 1, "a list of names"),
+    (["@pool", "--losses", "@boolloss"], 1, "finite number"),
+    (["@pool", "--predict", "@listmodel"], 1, "not a diagnose model"),
+    (["@pool", "--predict", "@nanmodel"], 1, "not a diagnose model"),
+    (["@pool", "--predict", "@bogusmodel"], 1, "unknown target"),
     (["@pool", "--base", "@base", "--data", "@data", "--losses", "@othergroup"], 1,
      "no merged group of three or more is a group of the adapters diagnosed"),
 ])
@@ -328,7 +334,15 @@ def test_bad_inputs(args, code, needle, tiny_lm, tmp_path, capsys):
     files = {"nanscore": '{"adapter": "e0", "score": NaN}\n', "bigscore": '{"adapter": "e0", "score": 1.5}\n',
              "twoscores": '{"adapter": "e0", "score": 0.5}\n{"adapter": "e0", "score": 0.25}\n',
              "otherpairs": '{"adapters": ["x", "y"], "adapter": "x", "method": "mean", "loss": -3}\n',
-             "othergroup": '{"adapters": ["x", "y", "z"], "adapter": "x", "method": "mean", "loss": -3}\n'}
+             "othergroup": '{"adapters": ["x", "y", "z"], "adapter": "x", "method": "mean", "loss": -3}\n',
+             "onemember": '{"adapters": ["e0", "e1"], "adapter": "e0", "method": "mean", "loss": -3}\n',
+             "badmembers": '{"adapters": ["e0", 1], "adapter": "e0", "method": "mean", "loss": -3}\n',
+             "boolloss": '{"adapters": ["e0", "e1"], "adapter": "e0", "method": "mean", "loss": true}\n'}
+    good = {"kind": "model", "target": "score", "features": ["norm_f"], "lo": [0], "hi": [1], "weights": [1], "lam": 1}
+    for k, doc in {"listmodel": [good], "nanmodel": {**good, "weights": [float("nan")]},
+                   "bogusmodel": {**good, "target": "bogus"}}.items():
+        (tmp_path / f"{k}.jsonl").write_text(json.dumps(doc))
+        files[k] = json.dumps(doc)
     for k, text in files.items():
         (tmp_path / f"{k}.jsonl").write_text(text)
     subst = {"@pool": str(pool), "@base": str(tiny_lm), "@data": str(data), "@badscores": str(tmp_path / "bs.jsonl"),

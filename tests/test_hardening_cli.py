@@ -273,6 +273,35 @@ def test_eval_resume_refuses_another_adapter_or_its_retrained_content(tiny_lm, t
     assert rc == 0 and out.read_text() == before, err
 
 
+def test_a_refused_resume_leaves_the_file_as_it_was(tiny_lm, tmp_path, capsys):
+    """Another base of the same shapes (other weights), a file that is not eval's, a binary file: refused in one
+    line, and a last line without its newline is not cut from a file that is refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    data = write(tmp_path / "d.jsonl", capitals(2))
+    other = tmp_path / "other"  # the same shapes, one layer's weights moved: another model
+    shutil.copytree(tiny_lm, other)
+    sd = load_file(str(other / "model.safetensors"))
+    sd["model.layers.0.mlp.up_proj.weight"] += 1e-3
+    save_file(sd, str(other / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "r.jsonl"
+    run_cli("eval", "--base", str(tiny_lm), str(data), "-o", str(out), check=True)
+    out.write_text(out.read_text().rstrip("\n"))  # as a crash leaves it: the last line without its newline
+    before = out.read_text()
+    rc, _, err = inproc(capsys, "eval", "--base", str(other), str(data), "-o", str(out), "--resume")
+    assert rc == 1 and "another base model" in err and out.read_text() == before, err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nline two without newline")
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(bytes(range(256)) * 4)
+    for f, needle in ((notes, "is not a line eval wrote"), (binary, "not UTF-8")):
+        keep = f.read_bytes()
+        rc, _, err = inproc(capsys, "eval", "--base", str(tiny_lm), str(data), "-o", str(f), "--resume")
+        assert rc == 1 and needle in err and len(err.strip().splitlines()) == 1 and f.read_bytes() == keep, err
+
+
 def test_a_failed_run_leaves_nothing_new(tiny_lm, tmp_path, adapters):
     data = write(tmp_path / "d.jsonl", capitals(2))
     out = tmp_path / "r.jsonl"

@@ -182,6 +182,40 @@ def test_resume_refuses_another_plan(tiny_lm, tmp_path):
     assert r.returncode == 1 and b"another" in r.stderr and b"Traceback" not in r.stderr
 
 
+def test_resume_refuses_a_retrained_adapter_and_files_score_did_not_write(tiny_lm, tmp_path):
+    """An adapter retrained under the same name changes the plan (its content is in the key); progress and records
+    files that are not score's are refused in one line, and left as they were."""
+    data, pool, rows = make_pool(tmp_path, 6)
+    out = tmp_path / "s.jsonl"
+    args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "2", "-N", "2", "-o", str(out)]
+    run_cli(*args, str(pool), check=True)
+    u = random_lora(99, rank=8, targets={"up_proj": (128, 64)}, layers=[1], name=rows[0]["id"])
+    (pool / f"{rows[0]['id']}.safetensors").write_bytes(lora_blob(u))  # the same name, other weights
+    before = out.read_text()
+    r = run_cli(*args, str(pool), "--resume")
+    assert r.returncode == 1 and b"other adapters, data or options" in r.stderr and out.read_text() == before
+    for side_text, out_text in (("not json\n", ""), ('{"kind": "plan", "key": 1}\n[1]\n', ""),
+                                (None, '{"score": 1}\n'), (None, "garbage\n{\"adapter\": \"x\"")):
+        side = tmp_path / "s.jsonl.trials"
+        side.unlink(missing_ok=True)
+        if side_text is not None:
+            side.write_text(side_text)
+        out.write_text(out_text)
+        r = run_cli(*args, str(pool), "--resume")
+        err = r.stderr.decode().strip().splitlines()
+        assert r.returncode == 1 and len(err) == 1 and "internal" not in err[0], err
+        assert out.read_text() == out_text and (side_text is None or side.read_text() == side_text)
+
+
+def test_records_to_stdout_with_a_dash(tiny_lm, tmp_path):
+    data, pool, _ = make_pool(tmp_path, 4)
+    args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "2", "-N", "1", str(pool)]
+    r = run_cli(*args, "-o", "-", cwd=tmp_path, check=True)
+    assert len(r.stdout.splitlines()) == 4 and not (tmp_path / "-").exists()
+    r = run_cli(*args, "-o", "-", "--resume")
+    assert r.returncode == 2 and b"not stdout" in r.stderr
+
+
 def test_resume_of_a_finished_run_has_nothing_to_do(tiny_lm, tmp_path):
     """A finished run removes its .trials file and its records carry the plan's key: resuming it is done at once
     (exit 0, the records untouched, no model loaded), and resuming it with other options is refused."""

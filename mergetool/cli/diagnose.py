@@ -142,7 +142,7 @@ def diagnose_cmd(
     if predict:
         try:
             model_doc = Model.from_json(json.loads(Path(predict).read_text()), predict)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise MergetoolError(predict, f"cannot read the model ({e.__class__.__name__})", "pass --fit's file") from None
     score_recs = score_records(scores) if scores else None
     loss_recs = read_losses(losses) if losses else None

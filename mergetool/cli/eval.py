@@ -71,24 +71,22 @@ def _eval_on_ray(dist, address, workers, unordered, b, gguf_file, fp, device, dt
 def _done_ids(path: Path, run: str) -> set[tuple]:
     """(adapter, id) pairs already written by a run of the same base and options (``run``); a last line cut by a
     crash is dropped from the file (and redone); records of another run are refused, never mixed."""
+    from ..io import resume_records
+
     ids = set()
     if path.exists():
-        text = path.read_text()
-        if text and not text.endswith("\n"):
-            text = text[: text.rfind("\n") + 1]
-            path.write_text(text)
-        for i, line in enumerate(text.splitlines(), 1):
-            try:
-                r = json.loads(line)
-                key = (r.get("adapter"), r["id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise MergetoolError(f"{path}:{i}", "is not an eval record", "resume into a file eval wrote") from None
+        recs, cut = resume_records(path, "eval")
+        for i, r in enumerate(recs, 1):
+            if not isinstance(r.get("id"), str) or not isinstance(r.get("adapter"), (str, type(None))):
+                raise MergetoolError(f"{path}:{i}", "is not an eval record (no 'id')", "resume into a file eval wrote")
+            key = (r.get("adapter"), r["id"])
             if r.get("run") != run:
                 raise MergetoolError(str(path), "was written by eval with another base model, other adapters "
                                      "(or other contents under their names) or other options (--norm, --shots, "
                                      "--seed, --chat, --split, --max-new-tokens)",
                                      "resume with the same adapters and options, or write to a new file")
             ids.add(key)
+        cut()  # accepted: a last line cut by a crash is dropped (and redone)
     return ids
 
 
@@ -179,8 +177,8 @@ def eval_cmd(
         raise UsageError("-", "stdin is named twice", "read the adapter or the examples from stdin, not both")
     if norm not in ("tokens", "chars", "none"):
         raise UsageError("--norm", f"unknown norm {norm!r}", "use tokens, chars or none")
-    if resume and not output:
-        raise UsageError("--resume", "needs -o FILE", "write the records to a file to resume them")
+    if resume and (not output or output == "-"):
+        raise UsageError("--resume", "needs -o FILE (a file, not stdout)", "write the records to a file to resume them")
     if shots < 0 or max_new_tokens < 1 or (batch_tokens is not None and batch_tokens < 16):
         raise UsageError("options", "--shots ≥ 0, --max-new-tokens ≥ 1 and --batch-tokens ≥ 16", "fix the values")
     torch_dtype = model_dtype(dtype)
@@ -199,7 +197,7 @@ def eval_cmd(
     from ..examples import add_contexts, check_examples
     from ..inputs import check_compatible, load_inputs
     from ..io import read_jsonl
-    from ..model import fingerprint, load_model, resolve_base
+    from ..model import content_digest, fingerprint, load_model, resolve_base
 
     dev = pick_device(device)
     rows = read_jsonl(data)
@@ -227,7 +225,7 @@ def eval_cmd(
             raise MergetoolError(dup, "two adapters share this name, so their records could not be told apart",
                                  "rename one (metadata 'name') or evaluate them separately")
     names = [u.name for u in updates] or [None]
-    run = _run_key(fp, norm, shots, shots_from, seed, chat, max_new_tokens, split, updates)
+    run = _run_key(f"{fp}:{content_digest(b)}", norm, shots, shots_from, seed, chat, max_new_tokens, split, updates)
 
     rec_path = out_path.with_name(out_path.name + ".records") if (out_path and summary) else out_path
     done = _done_ids(rec_path, run) if (resume and rec_path) else set()

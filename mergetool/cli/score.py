@@ -114,8 +114,8 @@ def score_cmd(
     check_level(level)
     if norm not in ("tokens", "chars", "none"):
         raise UsageError("--norm", f"unknown norm {norm!r}", "use tokens, chars or none")
-    if resume and not output:
-        raise UsageError("--resume", "needs -o FILE", "write the records to a file to resume them")
+    if resume and (not output or output == "-"):
+        raise UsageError("--resume", "needs -o FILE (a file, not stdout)", "write the records to a file to resume them")
     M, N = DEFAULTS[level]
     M = M if partners is None else partners
     N = N if trials is None else trials
@@ -149,7 +149,7 @@ def score_cmd(
     from ..examples import add_contexts, check_examples
     from ..inputs import check_compatible, load_inputs
     from ..io import read_jsonl
-    from ..model import fingerprint, load_model, load_tokenizer, resolve_base
+    from ..model import content_digest, fingerprint, load_model, load_tokenizer, resolve_base
     from .. import score as sc
 
     src = "<stdin>" if data == "-" else data
@@ -174,9 +174,10 @@ def score_cmd(
     data_of = sc.match(everyone, examples, level)
     groups = sc.plan(len(everyone), M, N, seed, independent or bool(partners_from),
                      scored if partners_from else None, partner_pool)
-    key = _plan_key(everyone, examples, level, m, p, M, N, seed, independent, norm, shots, chat, fp, partner_pool)
+    key = _plan_key(everyone, examples, level, m, p, M, N, seed, independent, norm, shots, chat,
+                    f"{fp}:{content_digest(b)}", partner_pool)
 
-    out_path = Path(output) if output else None
+    out_path = Path(output) if output and output != "-" else None
     state = _State(out_path, key, resume)
     written = state.written
     todo_groups = [g for g in range(len(groups)) if g not in state.groups]
@@ -273,10 +274,11 @@ def _collect(group, res: dict[int, float], per: dict[int, list], watched: dict[i
 
 
 def _plan_key(everyone, examples, level, m, p, M, N, seed, independent, norm, shots, chat, fp, partner_pool) -> str:
-    """What a run's results depend on; --resume refuses a file written by a run with another."""
+    """What a run's results depend on (the adapters' contents and the base's weights included); --resume refuses
+    a file written by a run with another."""
     from ..methods import effective_params
 
-    doc = {"adapters": [[u.name, u.meta] for u in everyone], "examples": [e.id for e in examples], "level": level,
+    doc = {"adapters": [[u.name, u.meta, u.digest()] for u in everyone], "examples": [e.id for e in examples], "level": level,
            "method": m.name, "params": effective_params(m, p), "M": M, "N": N, "seed": seed,
            "independent": independent, "norm": norm, "shots": shots, "chat": chat, "base": fp,
            "partners_from": partner_pool}
@@ -303,27 +305,39 @@ class _State:
             raise MergetoolError(str(out), "its directory does not exist", "create it first")
         if not resume:
             return
+        from ..io import resume_records
+
+        cuts = []
         if self.side.exists():
-            lines = _lines(self.side)
-            head = json.loads(lines[0]) if lines else {}
-            if head.get("key") != key:
+            lines, cut = resume_records(self.side, "score")
+            cuts.append(cut)
+            if not lines or lines[0].get("key") != key:
                 raise MergetoolError(str(self.side), "was written by a run with other adapters, data or options",
                                      "resume with the same command, or start afresh without --resume")
-            for x in lines[1:]:
-                r = json.loads(x)
-                if r["kind"] == "group":
-                    self.groups[r["group"]] = {int(a): v for a, v in r["results"].items()}
-                else:
-                    self.explained[r["adapter"]] = r["fields"]
+            for i, r in enumerate(lines[1:], 2):
+                try:
+                    if r["kind"] == "group":
+                        self.groups[int(r["group"])] = {int(a): float(v) for a, v in r["results"].items()}
+                    else:
+                        self.explained[int(r["adapter"])] = dict(r["fields"])
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    raise MergetoolError(f"{self.side}:{i}", "is not a line score wrote", "start afresh without "
+                                         "--resume") from None
         if out.exists():
-            for x in _lines(out):
-                r = json.loads(x)
+            recs, cut = resume_records(out, "score")
+            cuts.append(cut)
+            for i, r in enumerate(recs, 1):
+                if not isinstance(r.get("adapter"), str):
+                    raise MergetoolError(f"{out}:{i}", "is not a score record (no 'adapter')",
+                                         "resume into a file score wrote")
                 self.written[r["adapter"]] = r
             if any(r.get("run") != key for r in self.written.values()):
                 raise MergetoolError(str(out), "holds records of a run with other adapters, data or options",
                                      "resume with the same command, or start afresh without --resume")
             # a finished run removes its .trials file: its records, all of this plan, are complete
             self.finished = bool(self.written) and not self.side.exists()
+        for cut in cuts:  # accepted: lines cut by a crash are dropped (and redone)
+            cut()
 
     def open(self, stdout):
         if self.out is None:
@@ -349,13 +363,6 @@ class _State:
             self.side.unlink()
 
 
-def _lines(path: Path) -> list[str]:
-    """The complete lines of a file; a last line cut by a crash is dropped from the file."""
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-        path.write_text(text)
-    return [x for x in text.splitlines() if x.strip()]
 
 
 def _summary(records: list[dict], trials: int, level: str, quiet: bool) -> None:

@@ -20,6 +20,10 @@ from ..io import read_jsonl
 from ..stats import anova, binned, correlate
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def read_losses(src: str) -> list[dict]:
     """Merging-loss records: ``group`` (a name), ``adapters`` (the group's members), ``method``, ``adapter`` (the
     member), ``task``, and ``loss`` (or ``merged`` and ``alone``, from which L = (merged/alone − 1)·100)."""
@@ -27,14 +31,17 @@ def read_losses(src: str) -> list[dict]:
     name = "<stdin>" if src == "-" else src
     for i, r in enumerate(read_jsonl(src), 1):
         where = f"{name}:{i}"
-        if not isinstance(r.get("adapters"), list) or not isinstance(r.get("adapter"), str) or \
-                not isinstance(r.get("method"), str):
-            raise MergetoolError(where, "a loss record needs 'adapters' (list), 'adapter' and 'method'",
+        members = r.get("adapters")
+        if not isinstance(members, list) or not members or not all(isinstance(a, str) for a in members) or \
+                not isinstance(r.get("adapter"), str) or not isinstance(r.get("method"), str):
+            raise MergetoolError(where, "a loss record needs 'adapters' (a list of names), 'adapter' and 'method'",
                                  "see docs/formats.md (merging-loss records)")
+        if r["adapter"] not in members:
+            raise MergetoolError(where, f"'adapter' {r['adapter']!r} is not one of its 'adapters'", "fix the record")
         loss = r.get("loss")
-        if loss is None and isinstance(r.get("merged"), (int, float)) and isinstance(r.get("alone"), (int, float)):
+        if loss is None and _number(r.get("merged")) and _number(r.get("alone")):
             loss = (r["merged"] / r["alone"] - 1) * 100 if r["alone"] else None
-        if loss is not None and (not isinstance(loss, (int, float)) or not math.isfinite(loss)):
+        if loss is not None and not (_number(loss) and math.isfinite(loss)):
             raise MergetoolError(where, f"'loss' must be a finite number, got {loss!r}", "fix the record")
         out.append({**r, "loss": loss, "group": r.get("group") or ",".join(sorted(r["adapters"])),
                     "task": r.get("task") or r["adapter"]})
@@ -140,8 +147,8 @@ def pair_stats(losses: list[dict], pairs: dict[tuple[str, str], dict], metrics: 
         if key in pairs and len(vals) == 2:
             per_method.setdefault(method, []).append((pairs[key], sum(vals) / 2))
     if not per_method and any(len(r["adapters"]) == 2 for r in losses):
-        raise MergetoolError("--losses", "no merged pair is a pair of the adapters diagnosed",
-                             "diagnose the adapters the pairs were merged from")
+        raise MergetoolError("--losses", "no merged pair of the adapters diagnosed has a loss for each of its two "
+                             "members (one record per member and method)", "give both members' records")
     for method, xs in per_method.items():
         for m in metrics:
             c = correlate([p.get(m) for p, _ in xs], [y for _, y in xs])

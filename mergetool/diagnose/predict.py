@@ -49,11 +49,20 @@ class Model:
 
     @classmethod
     def from_json(cls, doc: dict, source: str) -> "Model":
+        def num(x) -> float:
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise ValueError(f"{x!r} is not a finite number")
+            return float(x)
+
         try:
-            if doc.get("kind") != "model":
+            if not isinstance(doc, dict) or doc.get("kind") != "model":
                 raise KeyError("kind")
-            m = cls(doc["target"], list(doc["features"]), list(doc["lo"]), list(doc["hi"]), list(doc["weights"]),
-                    float(doc["lam"]), doc.get("validation"))
+            if doc["target"] not in ("score", "normalized_accuracy"):
+                raise ValueError(f"unknown target {doc['target']!r}")
+            if not isinstance(doc["features"], list) or not all(isinstance(f, str) for f in doc["features"]):
+                raise ValueError("features must be names")
+            m = cls(doc["target"], list(doc["features"]), [num(x) for x in doc["lo"]], [num(x) for x in doc["hi"]],
+                    [num(x) for x in doc["weights"]], num(doc["lam"]), doc.get("validation"))
         except (KeyError, TypeError, ValueError) as e:
             raise MergetoolError(source, f"is not a diagnose model ({e})", "pass a file written by diagnose --fit") from None
         if not (len(m.features) == len(m.lo) == len(m.hi) == len(m.weights)):
