@@ -3,6 +3,7 @@ tensor, take a full fine-tuned model's task vector, write a merged model, and lo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -124,18 +125,17 @@ def content_digest(base: Base) -> str:
         return h.hexdigest()[:16]
     files = weight_files(base.dir)
     if not files:
-        pickles = sorted(base.dir.glob("*.bin")) + sorted(base.dir.glob("*.pt"))
-        for f in pickles:
+        for f in pickle_files(base.dir):  # the files the model loads from, as ModelTensors reads them
             _file_samples(h, f)
         return h.hexdigest()[:16]
-    where = []
-    for f in files:
-        lz = LazySafetensors(f)
-        where += [(k, lz.spec(k), lz.header.data_start, f) for k in lz.keys()]
-    for k, s, data_start, f in sorted(where, key=lambda w: w[0]):
-        n = s.end - s.start
-        h.update(f"{k}|{s.dtype}|{tuple(s.shape)}|".encode())
-        with open(f, "rb") as fh:
+    with contextlib.ExitStack() as stack:
+        where = []
+        for f in files:  # each file opened once; its tensors hashed in name order across the shards
+            lz, fh = LazySafetensors(f), stack.enter_context(open(f, "rb"))
+            where += [(k, lz.spec(k), lz.header.data_start, fh) for k in lz.keys()]
+        for k, s, data_start, fh in sorted(where, key=lambda w: w[0]):
+            n = s.end - s.start
+            h.update(f"{k}|{s.dtype}|{tuple(s.shape)}|".encode())
             for at in sorted({0, max(0, n // 2 - SAMPLE_BYTES // 2), max(0, n - SAMPLE_BYTES)}):
                 fh.seek(data_start + s.start + at)
                 h.update(fh.read(min(SAMPLE_BYTES, n - at)))
@@ -168,10 +168,7 @@ class ModelTensors:
                     self._specs[k] = (s.dtype, s.shape)
                     self._where[k] = (lambda dev, lz=lz, k=k: lz.read(k, dev))
             return
-        # The weights, not a Trainer's pickled objects beside them (training_args.bin, optimizer.pt, ...).
-        not_weights = {"training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt"}
-        pickles = ([d / "pytorch_model.bin"] if (d / "pytorch_model.bin").exists() else
-                   [f for f in sorted(d.glob("*.bin")) + sorted(d.glob("*.pt")) if f.name not in not_weights])
+        pickles = pickle_files(d)
         if not pickles:
             raise MergetoolError(str(d), "holds no model weights (*.safetensors)", "pass a model directory")
         if not allow_pickle:
@@ -213,6 +210,15 @@ class ModelTensors:
             if self._last is None or self._last[0] != (name, str(device)):
                 self._last = ((name, str(device)), self.read(name, device))
             return self._last[1]
+
+
+def pickle_files(d: Path) -> list[Path]:
+    """The pickle files that hold a model's weights, not a Trainer's pickled objects beside them
+    (training_args.bin, optimizer.pt, ...)."""
+    not_weights = {"training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt"}
+    if (d / "pytorch_model.bin").exists():
+        return [d / "pytorch_model.bin"]
+    return [f for f in sorted(d.glob("*.bin")) + sorted(d.glob("*.pt")) if f.name not in not_weights]
 
 
 def weight_files(d: Path) -> list[Path]:
