@@ -50,8 +50,9 @@ def read_losses(src: str) -> list[dict]:
 
 def check_joins(scores: dict | None, losses: list[dict] | None, names: list[str], everyone: list[str],
                 representations: bool) -> None:
-    """The joins of score and loss records with the adapters diagnosed, checked before any model loads: records
-    that match no adapter (no pair, no group) are an error that says so, never an empty table."""
+    """The joins of score and loss records with the adapters diagnosed (``everyone``: with the candidates): records
+    that match no adapter (no pair, no group) are an error that says so, never an empty table. ``diagnose``
+    checks them first; the command calls it before it loads a model, so a bad join costs nothing."""
     if scores is not None and not any(n in scores for n in names):
         raise MergetoolError("--scores", "no adapter of the score records is among the adapters diagnosed",
                              "score the same adapters (their names must match)")
@@ -68,11 +69,9 @@ def check_joins(scores: dict | None, losses: list[dict] | None, names: list[str]
 
 
 def score_stats(records: list[dict], scores: dict[str, dict], metrics: Sequence[str]) -> list[dict]:
-    """Each metric of the per-adapter ``records`` against S from ``scores`` (joined by adapter name)."""
+    """Each metric of the per-adapter ``records`` against S from ``scores`` (joined by adapter name; ``check_joins``
+    has made sure that some match)."""
     joined = [{**r, "score": scores[r["adapter"]]["score"]} for r in records if r["adapter"] in scores]
-    if not joined:
-        raise MergetoolError("--scores", "no adapter of the score records is among the adapters diagnosed",
-                             "score the same adapters (their names must match)")
     trials = next(iter(scores.values())).get("trials")
     out = []
     for m in metrics:
@@ -159,11 +158,7 @@ def pair_stats(losses: list[dict], pairs: dict[tuple[str, str], dict], metrics: 
 def mds_stats(losses: list[dict], mds_of: dict[str, dict[str, float | None]]) -> list[dict]:
     """Per group (of three or more): MDS of each member against its best loss over the methods."""
     out = []
-    big = _groupby([r for r in losses if len(r["adapters"]) >= 3], lambda r: r["group"])
-    if big and not any(g in mds_of for g in big):
-        raise MergetoolError("--losses", "no merged group of three or more is a group of the adapters diagnosed",
-                             "diagnose (with --base and --data) the adapters the groups were merged from")
-    for g, rs in big.items():
+    for g, rs in _groupby([r for r in losses if len(r["adapters"]) >= 3], lambda r: r["group"]).items():
         if g not in mds_of:
             continue
         best: dict[str, float] = {}

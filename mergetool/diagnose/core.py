@@ -68,6 +68,8 @@ def diagnose(updates: list[Update], s: Setup, candidates: Sequence[Update] = (),
     "pair" (a merged pair's normalized accuracy 1 + L/100), "method": ..., "features": [...] or None, "lam": ...}."""
     names = [u.name for u in updates]
     n = len(updates)
+    analysis.check_joins(scores, losses, names, names + [c.name for c in candidates if c.name not in set(names)],
+                         s.model is not None)
     wsm = ws.pair_metrics(updates, s.device)
     adapters = [{"kind": "adapter", "adapter": u.name, "task": task_of(u), **ws.adapter_stats(u)} for u in updates]
     pairs = [{"kind": "pair", "a": names[i], "b": names[j], **{m: _f(wsm[m][i, j]) for m in PAIR_METRICS}}
