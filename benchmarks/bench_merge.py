@@ -135,7 +135,7 @@ def timed(cmd: list[str], env=None) -> dict:
 
 
 def bench_ties(args, dev) -> dict:
-    from mergetool.io import LazySafetensors
+    from mergetool.blobs import LazySafetensors
 
     root = Path(tempfile.mkdtemp(prefix="bench-ties-", dir=args.workdir))
     t = time.perf_counter()

@@ -171,7 +171,7 @@ class Worker:
     def train(self, spec: dict, example_ids: list[int]) -> list[tuple[str, bytes | None, float]]:
         """Train the experts of these examples together; each as (id, its blob or None when dropped, loss)."""
         from . import train as tr
-        from .io import blob_bytes
+        from .blobs import blob_bytes
         from .updates import metadata_for, to_tensors
 
         exs = [self._examples(spec)[i] for i in example_ids]

@@ -28,7 +28,7 @@ def check_examples(rows: list[dict], src: str) -> list[Example]:
     """Validate examples JSONL (the schema above); each error names its line. An empty multiple-choice or
     generation prompt is allowed (lm-eval conditions on BOS), and so is an empty target string; empty choices,
     an empty ``targets`` list and an empty ``text`` are refused. Lone surrogates and over-long lines are
-    refused by ``io.read_jsonl`` already."""
+    refused by ``jsonl.read_jsonl`` already."""
     seen: set[str] = set()
     out = []
     for i, r in enumerate(rows, 1):

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from .errors import MergetoolError, UsageError
-from .io import load_pickle_tensors, read_blobs
+from .blobs import load_pickle_tensors, read_blobs
 from .model import Base, task_vector
 from .updates import Update, check_peft_config, from_blob, from_tensors
 

@@ -17,8 +17,8 @@ import torch
 
 from .device import keep_freed_memory
 from .errors import MergetoolError
-from .io import FLOAT_DTYPES, LazySafetensors, dtype_size, write_blob
-from .io import atomic_dir as _atomic_dir
+from .blobs import FLOAT_DTYPES, LazySafetensors, dtype_size, write_blob
+from .outputs import atomic_dir as _atomic_dir
 from .updates import PREFIX, Dense, LowRank, Update
 
 log = logging.getLogger("mergetool")
@@ -174,7 +174,7 @@ class ModelTensors:
         if not allow_pickle:
             raise MergetoolError(str(d), "holds pickle weights (*.bin) only",
                                  "convert them to safetensors, or pass --allow-pickle if you trust the source")
-        from .io import load_pickle_tensors
+        from .blobs import load_pickle_tensors
 
         sd = {}
         for f in pickles:  # weights_only; every failure is one line (never torch's advice to load unsafely)

@@ -30,10 +30,9 @@ import torch
 from . import evaluate as ev
 from .adapters import RowAdapters
 from .errors import MergetoolError, UsageError
-from .diagnose.weightspace import adapter_stats
 from .examples import Example
 from .methods import Method, Params, effective_params, merge_many
-from .updates import Update
+from .updates import Update, adapter_stats
 
 LEVELS = ("example", "task")
 DEFAULTS = {"example": (50, 5), "task": (10, 5)}  # (M, N): the paper's, appendix A.6

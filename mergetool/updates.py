@@ -23,7 +23,7 @@ from typing import Callable, Union
 import torch
 
 from .errors import MergetoolError
-from .io import FLOAT_DTYPES, Blob
+from .blobs import FLOAT_DTYPES, Blob
 
 log = logging.getLogger("mergetool")
 
@@ -132,6 +132,24 @@ class Update:
                     t = t[:: t.numel() // 2**20 + 1].contiguous()
                 h.update(t.cpu().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def adapter_stats(u: Update) -> dict:
+    """An update's own statistics (score and diagnose report them): ‖ΔW‖_F (all modules), σ_max (the largest
+    module's), and the effective rank exp(H(σ/Σσ)) (Roy and Vetterli), averaged over the modules; from the
+    factors for LoRA modules."""
+    sq, top, ranks = 0.0, 0.0, []
+    for m in u.modules.values():
+        s = m.svdvals()
+        sq += float(s.pow(2).sum())
+        if s.numel():
+            top = max(top, float(s.max()))
+        t = float(s.sum())
+        if t > 0 and s.numel() > 1:
+            p = s[s > 0] / t
+            ranks.append(math.exp(float(-(p * p.log()).sum())))
+    return {"norm_f": math.sqrt(sq), "sigma_max": top,
+            "effective_rank": sum(ranks) / len(ranks) if ranks else None}
 
 
 # ----------------------------------------------------------------------------- PEFT scale
@@ -333,9 +351,9 @@ def metadata_for(update: Update) -> dict[str, str]:
 
 def save_peft(update: Update, d) -> None:
     """Write a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that
-    ``PeftModel.from_pretrained`` loads into the directory ``d`` (a ``Path``; ``io.atomic_dir`` gives one that
+    ``PeftModel.from_pretrained`` loads into the directory ``d`` (a ``Path``; ``outputs.atomic_dir`` gives one that
     moves into place when complete)."""
-    from .io import write_blob
+    from .blobs import write_blob
 
     cfg = folded_peft_config(update, update.meta.get("base_model"))
     (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))

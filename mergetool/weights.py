@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import IO, Iterable
 
 from .errors import MergetoolError, UsageError
-from .io import read_jsonl
+from .jsonl import read_jsonl
 
 
 def _finite(x, where: str, what: str) -> float:

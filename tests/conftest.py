@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergetool.io import blob_bytes
+from mergetool.blobs import blob_bytes
 from mergetool.updates import PREFIX, LowRank, Update
 
 HIDDEN, INTER, LAYERS = 64, 128, 2

@@ -15,7 +15,7 @@ from mergetool import evaluate as ev
 from mergetool import scoring as sc
 from mergetool.adapters import RowAdapters
 from mergetool.examples import check_examples
-from mergetool.io import blob_bytes
+from mergetool.blobs import blob_bytes
 from mergetool.methods import Params, merge
 from mergetool.model import load_model, resolve_base
 from mergetool.updates import PREFIX, Dense, Update, metadata_for, to_tensors

@@ -10,7 +10,7 @@ import torch
 from conftest import lora_blob, random_lora, run_cli
 from typer.testing import CliRunner
 
-from mergetool.io import blob_bytes, read_blobs
+from mergetool.blobs import blob_bytes, read_blobs
 from mergetool.updates import from_blob
 
 runner = CliRunner()
@@ -25,7 +25,7 @@ def cli(*args, input=None):
 
 def load(path_or_bytes):
     if isinstance(path_or_bytes, (bytes, bytearray)):
-        from mergetool.io import split_blobs
+        from mergetool.blobs import split_blobs
 
         return [from_blob(b, "x") for b in split_blobs(bytearray(path_or_bytes), "out")]
     return [from_blob(b, "x") for b in read_blobs(str(path_or_bytes))]
@@ -141,7 +141,7 @@ def test_closed_stdout_ends_quietly(adapters):
 
 
 def test_refuses_to_write_binary_to_a_terminal(adapters, monkeypatch, capsys):
-    import mergetool.io as io
+    import mergetool.streams as io
     from mergetool.cli.main import run
 
     monkeypatch.setattr(io, "stdout_is_tty", lambda: True)

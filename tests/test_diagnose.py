@@ -13,7 +13,8 @@ import torch
 from conftest import lora_blob, random_lora, run_cli
 
 from mergetool.diagnose import representation as rep
-from mergetool.diagnose.weightspace import adapter_stats, pair_metrics
+from mergetool.diagnose.weightspace import pair_metrics
+from mergetool.updates import adapter_stats
 from mergetool.updates import Dense, LowRank, Update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +127,7 @@ def test_a_copy_of_an_adapter_is_identical_in_every_metric(tiny_lm, tmp_path):
     import shutil
 
     pool, data = pool_of(tmp_path, 3)
-    from mergetool.io import read_blobs
+    from mergetool.blobs import read_blobs
     from mergetool.updates import from_blob
 
     u = from_blob(read_blobs(str(pool / "e0.safetensors"))[0], "e0")

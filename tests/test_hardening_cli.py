@@ -137,7 +137,7 @@ def test_merge_stopped_at_random_moments_leaves_nothing_and_reruns_to_the_same_b
 def test_training_stopped_at_random_moments_resumes_to_the_same_experts(tiny_lm, tmp_path):
     """SIGINT or SIGTERM at random moments of per-example training into --out-dir: exit 130/143 with one line,
     only whole expert files on disk, and --resume trains what is missing to the experts of an uninterrupted run."""
-    from mergetool.io import read_blobs
+    from mergetool.blobs import read_blobs
     from mergetool.updates import from_blob
 
     data = write(tmp_path / "d.jsonl", capitals(8))

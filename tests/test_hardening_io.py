@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from mergetool.errors import MergetoolError
-from mergetool.io import blob_bytes, read_blobs, read_jsonl, split_blobs
+from mergetool.blobs import blob_bytes, read_blobs, split_blobs
+from mergetool.jsonl import read_jsonl
 from mergetool.updates import from_blob
 
 A0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -215,9 +216,9 @@ def test_huge_jsonl_line_is_refused_before_it_is_read(adapters, tmp_path):
 
 
 def test_jsonl_line_limit_counts_lines(tmp_path, monkeypatch):
-    from mergetool import io
+    from mergetool import jsonl
 
-    monkeypatch.setattr(io, "MAX_JSONL_LINE", 64)
+    monkeypatch.setattr(jsonl, "MAX_JSONL_LINE", 64)
     p = tmp_path / "x.jsonl"
     p.write_text('{"a": 1}\n{"b": "' + "x" * 100 + '"}\n')
     with pytest.raises(MergetoolError, match=r"x\.jsonl:2: line is longer than"):
@@ -230,7 +231,7 @@ def test_stdin_is_read_blob_by_blob(adapters, monkeypatch):
     """Each blob of the stream is read into its own buffer (8 bytes, header, data), never all of stdin at once."""
     import io as pyio
 
-    from mergetool import io
+    from mergetool import blobs as io
 
     data = b"".join(Path(a).read_bytes() for a in adapters)
 
@@ -592,7 +593,7 @@ def test_stdout_closed_or_full(redirect, needle, adapters):
 
 @pytest.mark.parametrize("redirect,needle", [(">&-", "closed"), ("> /dev/full", "No space left")])
 def test_jsonl_to_stdout_closed_or_full(redirect, needle):
-    code = ("import sys\nfrom mergetool.errors import MergetoolError\nfrom mergetool.io import write_jsonl_line\n"
+    code = ("import sys\nfrom mergetool.errors import MergetoolError\nfrom mergetool.jsonl import write_jsonl_line\n"
             "try:\n    write_jsonl_line({'a': 1})\n"
             "except MergetoolError as e:\n    sys.stderr.write(e.line() + '\\n'); sys.exit(1)\n")
     r = sh(f"{sys.executable} -c {shlex.quote(code)} {redirect}")
@@ -731,7 +732,7 @@ class _Stdin:
 def test_property_safetensors_reader(data, tmp_path_factory):
     import io as pyio
 
-    from mergetool import io
+    from mergetool import blobs as io
 
     d = tmp_path_factory.mktemp("st")
     p = d / "x.safetensors"

@@ -13,7 +13,8 @@ PKG = Path(__file__).resolve().parents[1] / "mergetool"
 # an earlier one.
 STAGES = [
     ["mergetool", "mergetool.errors", "mergetool.device"],
-    ["mergetool.io"],
+    ["mergetool.streams"],
+    ["mergetool.blobs", "mergetool.jsonl", "mergetool.outputs"],
     ["mergetool.updates"],
     ["mergetool.model", "mergetool.weights"],
     ["mergetool.inputs", "mergetool.methods.base", "mergetool.methods.primitives"],

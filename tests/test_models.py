@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import finetuned_copy, lora_blob, random_lora, run_cli
 
-from mergetool.io import read_blobs
+from mergetool.blobs import read_blobs
 from mergetool.model import fingerprint, resolve_base
 from mergetool.updates import from_blob
 
@@ -153,7 +153,7 @@ def test_index_names_the_weight_files_and_total_size_follows_dtype(tiny_base, ad
     import shutil
 
     import mergetool.model as model
-    from mergetool.io import blob_bytes
+    from mergetool.blobs import blob_bytes
     from mergetool.methods import Params, get, merge_stream
     from mergetool.updates import from_blob as fb
 

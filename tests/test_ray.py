@@ -73,7 +73,7 @@ def test_score_eval_and_training_on_local_ray_equal_one_process(tiny_lm, pool, t
     remote = run_cli(*t, "--out-dir", str(tmp_path / "two"), "--ray", "--workers", "2", check=True)
     a = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert a == sorted(p.name for p in (tmp_path / "two").iterdir()) and a, (local.stderr, remote.stderr)
-    from mergetool.io import read_blobs
+    from mergetool.blobs import read_blobs
     from mergetool.updates import from_blob
 
     for name in a:

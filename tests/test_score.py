@@ -337,7 +337,7 @@ def test_weight_pipes_into_merge(tmp_path):
            f"{sys.executable} -m mergetool merge -m linear --weights - {pool} -o {tmp_path / 'm.safetensors'}")
     p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True)
     assert p.returncode == 0, p.stderr
-    from mergetool.io import read_blobs
+    from mergetool.blobs import read_blobs
     from mergetool.updates import from_blob
 
     m = from_blob(read_blobs(str(tmp_path / "m.safetensors"))[0], "m")

@@ -11,7 +11,7 @@ from conftest import run_cli
 
 from mergetool import train as tr
 from mergetool.adapters import RowAdapters
-from mergetool.io import read_blobs
+from mergetool.blobs import read_blobs
 from mergetool.updates import from_blob
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -124,7 +124,7 @@ def diagnose_cmd(
     if stdin_uses > 1:
         raise UsageError("-", "stdin is named twice", "read one input from stdin")
     torch_dtype = model_dtype(dtype)
-    from ..io import check_output
+    from ..outputs import check_output
 
     check_output(output)
     if fit:
@@ -134,7 +134,8 @@ def diagnose_cmd(
     from ..diagnose.analysis import check_joins, read_losses
     from ..diagnose.predict import Model
     from ..inputs import check_compatible, load_inputs
-    from ..io import atomic_output, read_jsonl
+    from ..outputs import atomic_output
+    from ..jsonl import read_jsonl
     from ..weights import score_records
     from ..model import fingerprint, resolve_base
 
@@ -202,7 +203,7 @@ def diagnose_cmd(
         with atomic_output(output) as fh:
             fh.write("".join(json.dumps(r) + "\n" for r in clean).encode())
     else:
-        from ..io import write_stdout
+        from ..streams import write_stdout
 
         write_stdout("".join(json.dumps(r) + "\n" for r in clean))
     if not quiet:

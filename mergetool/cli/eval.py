@@ -71,7 +71,7 @@ def _eval_on_ray(dist, address, workers, unordered, b, gguf_file, fp, device, dt
 def _done_ids(path: Path, run: str) -> set[tuple]:
     """(adapter, id) pairs already written by a run of the same base and options (``run``); a last line cut by a
     crash is dropped from the file (and redone); records of another run are refused, never mixed."""
-    from ..io import resume_records
+    from ..jsonl import resume_records
 
     ids = set()
     if path.exists():
@@ -188,7 +188,7 @@ def eval_cmd(
         check_address(ray)
     out_path = Path(output) if output and output != "-" else None
     if out_path is not None:
-        from ..io import refuse_overwriting_inputs
+        from ..outputs import refuse_overwriting_inputs
 
         refuse_overwriting_inputs(out_path, [data, shots_from, *adapters])
 
@@ -196,7 +196,7 @@ def eval_cmd(
     from ..adapters import RowAdapters, fitting_groups
     from ..examples import add_contexts, check_examples
     from ..inputs import check_compatible, load_inputs
-    from ..io import read_jsonl
+    from ..jsonl import read_jsonl
     from ..model import content_digest, fingerprint, load_model, resolve_base
 
     dev = pick_device(device)
@@ -247,7 +247,7 @@ def eval_cmd(
         elif not shots:
             for e in todo:
                 e.context = e.rec.get("prompt", "")
-        from ..io import StdoutText
+        from ..streams import StdoutText
 
         sink = _Sink(rec_path, resume, None if summary else StdoutText())
         bar = progress_bar(len(todo) * len(names), quiet, "eval", "examples")
@@ -294,12 +294,12 @@ def eval_cmd(
             collected = [json.loads(x) for x in rec_path.read_text().splitlines() if x.strip()]
         lines = "".join(json.dumps(s) + "\n" for s in ev.summarise(collected))
         if out_path is not None:
-            from ..io import atomic_output
+            from ..outputs import atomic_output
 
             with atomic_output(str(out_path)) as fh:
                 fh.write(lines.encode())
             rec_path.unlink()
         else:
-            from ..io import write_stdout
+            from ..streams import write_stdout
 
             write_stdout(lines)

@@ -112,7 +112,9 @@ def merge_cmd(
         raise UsageError("inputs", "no adapters given", "pass adapter files, directories, or -")
     import torch
 
-    from .. import io
+    from ..blobs import write_blob
+    from ..outputs import atomic_dir, atomic_output, check_output
+    from ..streams import refuse_binary_to_tty
     from ..inputs import check_compatible, load_inputs
     from ..methods import Params, check_inputs, get, merge as merge_updates, merge_stream
     from ..methods.engine import check_options, checked, describe, widest_dtype
@@ -125,8 +127,8 @@ def merge_cmd(
         raise UsageError("-", "stdin is named twice", "read adapters or weights from stdin, not both")
     to_blob = output is not None or not (save_peft or save_model)
     if to_blob:
-        io.refuse_binary_to_tty(output)
-        io.check_output(output)
+        refuse_binary_to_tty(output)
+        check_output(output)
     if save_model and not base:
         raise UsageError("--save-model", "needs the base model", "pass --base MODEL")
     out_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, 0)
@@ -157,7 +159,7 @@ def merge_cmd(
     full_models = (rank is None and m.coefficients is None and "inner" not in m.options and not save_peft
                    and all(u.kind == "dense" for u in updates) and bool(to_blob) != bool(save_model))
     if full_models and save_model:  # one tensor at a time from the inputs into the merged model's shards
-        with io.atomic_dir(save_model) as d:
+        with atomic_dir(save_model) as d:
             info = write_model(b, d, checked(merge_stream(updates, m, p, dev)), dev, allow_pickle, keep_dtype)
         log.info("merged %d inputs with %s into %s (%d tensors, %d patched, %d shards)", len(updates), m.name,
                  save_model, info["tensors"], info["patched"], info["shards"])
@@ -167,8 +169,8 @@ def merge_cmd(
         shapes = {mod: tuple(u.modules[mod].shape) for u in reversed(updates) for mod in u.modules}
         specs = [(f"{mod}.delta", out_dtype, shapes[mod]) for mod in order]
         header = {"format": "pt", "mergetool": json.dumps({**meta, "name": out_name, "kind": "dense"}, sort_keys=True)}
-        with io.atomic_output(output) as fh:
-            io.write_blob(fh, ((f"{mod}.delta", d.to(out_dtype)) for mod, d in checked(merge_stream(updates, m, p, dev))),
+        with atomic_output(output) as fh:
+            write_blob(fh, ((f"{mod}.delta", d.to(out_dtype)) for mod, d in checked(merge_stream(updates, m, p, dev))),
                           header, specs)
         log.info("merged %d inputs with %s into %d dense modules -> %s", len(updates), m.name, len(order),
                  output or "stdout")
@@ -180,15 +182,15 @@ def merge_cmd(
                              "pass --rank R to write a LoRA by truncated SVD")
     with contextlib.ExitStack() as outputs:  # every output is built aside and lands only if all of them succeed
         if save_model:
-            d = outputs.enter_context(io.atomic_dir(save_model))
+            d = outputs.enter_context(atomic_dir(save_model))
             info = write_model(b, d, iter(merged.modules.items()), dev, allow_pickle, keep_dtype)
             log.info("wrote merged model to %s (%d tensors, %d patched, %d shards)", save_model, info["tensors"],
                      info["patched"], info["shards"])
         if save_peft:
-            write_peft(merged, outputs.enter_context(io.atomic_dir(save_peft)))
+            write_peft(merged, outputs.enter_context(atomic_dir(save_peft)))
             log.info("wrote PEFT adapter to %s", save_peft)
         if to_blob:
-            io.write_blob(outputs.enter_context(io.atomic_output(output)), to_tensors(merged), metadata_for(merged))
+            write_blob(outputs.enter_context(atomic_output(output)), to_tensors(merged), metadata_for(merged))
     ranks = sorted({mm.rank for mm in merged.modules.values() if isinstance(mm, LowRank)})
     log.info("merged %d inputs with %s: %d modules, %s%s", len(updates), m.name, len(merged.modules),
              f"LoRA rank {ranks[0]}-{ranks[-1]}" if merged.kind == "lora" and ranks else "dense",

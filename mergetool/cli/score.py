@@ -138,7 +138,7 @@ def score_cmd(
                epsilon=epsilon, inner=inner)
     check_options(m, p)
     torch_dtype = model_dtype(dtype)
-    from ..io import check_output, refuse_overwriting_inputs
+    from ..outputs import check_output, refuse_overwriting_inputs
 
     check_output(output)
     refuse_overwriting_inputs(output, [data, shots_from, *pool, *(partners_from or [])])
@@ -148,7 +148,7 @@ def score_cmd(
 
     from ..examples import add_contexts, check_examples
     from ..inputs import check_compatible, load_inputs
-    from ..io import read_jsonl
+    from ..jsonl import read_jsonl
     from ..model import content_digest, fingerprint, load_model, load_tokenizer, resolve_base
     from .. import score as sc
 
@@ -210,7 +210,7 @@ def score_cmd(
         scorer = dist.RayScorer(cluster, spec, cluster.put_updates(everyone), merge_chunk, not unordered)
     else:
         scorer = sc.Scorer(model, tok, everyone, examples, data_of, m, p, dev, norm, batch_tokens, merge_chunk)
-    from ..io import StdoutText
+    from ..streams import StdoutText
 
     sink = state.open(StdoutText())
     try:
@@ -305,7 +305,7 @@ class _State:
             raise MergetoolError(str(out), "its directory does not exist", "create it first")
         if not resume:
             return
-        from ..io import resume_records
+        from ..jsonl import resume_records
 
         cuts = []
         if self.side.exists():

@@ -89,11 +89,13 @@ def train_cmd(
     if (skip_known or keep_if_correct) and not per_example:
         raise UsageError("--skip-known", "--skip-known and --keep-if-correct go with --per-example",
                          "add --per-example")
-    from .. import io
+    from ..blobs import blob_bytes
+    from ..outputs import atomic_output, check_output
+    from ..streams import refuse_binary_to_tty
 
     if not out_dir:
-        io.refuse_binary_to_tty(output)
-        io.check_output(output)
+        refuse_binary_to_tty(output)
+        check_output(output)
     d = PER_EXAMPLE if per_example else PER_TASK
     given = dict(rank=rank, alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size)
     spec_kw = {k: d[k] if v is None else v for k, v in given.items()}
@@ -120,7 +122,7 @@ def train_cmd(
     from .. import train as tr
     from ..adapters import decoder_layers, layer_of
     from ..examples import check_examples
-    from ..io import read_jsonl
+    from ..jsonl import read_jsonl
     from ..model import fingerprint, load_model, resolve_base
     from ..updates import metadata_for, to_tensors
 
@@ -169,14 +171,14 @@ def train_cmd(
 
     def emit_blob(name: str, blob: bytes):
         if outdir:
-            with io.atomic_output(str(outdir / f"{_safe(name)}.safetensors")) as fh:
+            with atomic_output(str(outdir / f"{_safe(name)}.safetensors")) as fh:
                 fh.write(blob)
         else:
             written.append((name, blob))
 
     def emit(u):
         tr.check_finite(u)
-        emit_blob(u.name, io.blob_bytes(to_tensors(u), metadata_for(u)))
+        emit_blob(u.name, blob_bytes(to_tensors(u), metadata_for(u)))
 
     if per_example:
         if resume:
@@ -234,7 +236,7 @@ def train_cmd(
                 u = st.expert(i, e.id, tr.expert_meta(template, e.id, e.task, example=e.id, final_loss=losses[i]))
                 if ok[i]:
                     tr.check_finite(u)
-                results.append((e.id, io.blob_bytes(to_tensors(u), metadata_for(u)) if ok[i] else None, losses[i]))
+                results.append((e.id, blob_bytes(to_tensors(u), metadata_for(u)) if ok[i] else None, losses[i]))
             st.remove()
             take(results)
         if keep_if_correct:
@@ -261,7 +263,7 @@ def train_cmd(
     if not outdir:
         if not written:
             raise MergetoolError(src, "no expert was kept", "relax --keep-if-correct or train longer")
-        with io.atomic_output(output) as fh:
+        with atomic_output(output) as fh:
             for _, blob in written:
                 fh.write(blob)
 

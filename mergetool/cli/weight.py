@@ -63,7 +63,7 @@ def weight_cmd(
     pairs = make_weights(records, by, tau, normalize, keys)
     import io as _io
 
-    from ..io import write_stdout
+    from ..streams import write_stdout
 
     buf = _io.StringIO()
     write_weights(pairs, buf)

@@ -16,7 +16,7 @@ import math
 from typing import Iterable, Sequence
 
 from ..errors import MergetoolError
-from ..io import read_jsonl
+from ..jsonl import read_jsonl
 from ..stats import anova, binned, correlate
 
 

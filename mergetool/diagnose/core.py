@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from ..errors import MergetoolError
-from ..updates import Update
+from ..updates import Update, adapter_stats
 from . import analysis, predict, representation as rep, weightspace as ws
 
 log = logging.getLogger("mergetool")
@@ -71,7 +71,7 @@ def diagnose(updates: list[Update], s: Setup, candidates: Sequence[Update] = (),
     analysis.check_joins(scores, losses, names, names + [c.name for c in candidates if c.name not in set(names)],
                          s.model is not None)
     wsm = ws.pair_metrics(updates, s.device)
-    adapters = [{"kind": "adapter", "adapter": u.name, "task": task_of(u), **ws.adapter_stats(u)} for u in updates]
+    adapters = [{"kind": "adapter", "adapter": u.name, "task": task_of(u), **adapter_stats(u)} for u in updates]
     pairs = [{"kind": "pair", "a": names[i], "b": names[j], **{m: _f(wsm[m][i, j]) for m in PAIR_METRICS}}
              for i in range(n) for j in range(i + 1, n)]
     for i, a in enumerate(adapters):

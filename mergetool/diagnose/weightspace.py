@@ -135,20 +135,3 @@ def pair_metrics(updates: list[Update], device: torch.device | str = "cpu", budg
               "conflict_magnitude_ratio_strict", "l2_distance"):
         out[k] = torch.where(eye & ~out[k].isnan(), 0.0, out[k])
     return out
-
-
-def adapter_stats(u: Update) -> dict:
-    """‖ΔW‖_F (all modules), σ_max (the largest module's), and the effective rank exp(H(σ/Σσ)) (Roy and
-    Vetterli), averaged over the modules; from the factors for LoRA modules."""
-    sq, top, ranks = 0.0, 0.0, []
-    for m in u.modules.values():
-        s = m.svdvals()
-        sq += float(s.pow(2).sum())
-        if s.numel():
-            top = max(top, float(s.max()))
-        t = float(s.sum())
-        if t > 0 and s.numel() > 1:
-            p = s[s > 0] / t
-            ranks.append(math.exp(float(-(p * p.log()).sum())))
-    return {"norm_f": math.sqrt(sq), "sigma_max": top,
-            "effective_rank": sum(ranks) / len(ranks) if ranks else None}

@@ -1,4 +1,5 @@
-"""Safetensors blobs and streams, JSONL, atomic outputs, TTY guards.
+"""Safetensors blobs: parsing and validating headers, reading blobs from files and streams, reading a file
+tensor by tensor, and writing blobs.
 
 Stream framing (docs/formats.md): several adapters on one stream are concatenated safetensors
 blobs. A blob is self-delimiting: 8-byte little-endian header length N, N bytes of JSON header, then
@@ -11,25 +12,21 @@ Untrusted lengths are checked against the bytes there are before anything is all
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import io
 import json
 import math
 import os
-import shutil
 import stat
 import struct
-import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator
+from typing import IO, Iterable, Iterator
 
 import torch
 
-from .errors import MergetoolError, UsageError
+from .errors import MergetoolError
+from .streams import open_input, stdin_binary
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -48,7 +45,6 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
 MAX_HEADER = 100_000_000
-MAX_JSONL_LINE = 64 << 20  # bytes; a longer line is refused (with its number) before it is read
 
 
 def dtype_size(dtype: torch.dtype) -> int:
@@ -324,31 +320,11 @@ def _read_stream(f: IO[bytes], source: str) -> list[Blob]:
     return blobs
 
 
-def stdin_binary() -> IO[bytes]:
-    """stdin as a binary stream; refused when it is a terminal (or closed)."""
-    if sys.stdin is None:
-        raise UsageError("-", "stdin is closed", "pipe data in or pass a file")
-    if sys.stdin.isatty():
-        raise UsageError("-", "refusing to read data from a terminal", "pipe data in or pass a file")
-    return sys.stdin.buffer
-
-
-def _open_input(src: str) -> IO[bytes]:
-    try:
-        return open(src, "rb")
-    except FileNotFoundError:
-        raise MergetoolError(src, "no such file", "check the path") from None
-    except IsADirectoryError:
-        raise MergetoolError(src, "is a directory", "pass a file") from None
-    except OSError as e:
-        raise MergetoolError(src, f"cannot read ({e.strerror})") from None
-
-
 def read_blobs(src: str) -> list[Blob]:
     """Read every blob of a safetensors file, or of stdin for ``-``, one blob at a time."""
     if src == "-":
         return _read_stream(stdin_binary(), "<stdin>")
-    with _open_input(src) as f:
+    with open_input(src) as f:
         return _read_stream(f, src)
 
 
@@ -392,7 +368,7 @@ class LazySafetensors:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        with _open_input(self.path) as f:
+        with open_input(self.path) as f:
             size = os.fstat(f.fileno()).st_size
             first = f.read(8)
             if len(first) < 8:
@@ -547,400 +523,3 @@ def blob_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str], finit
     b = _io.BytesIO()
     write_blob(b, tensors, metadata, finite=finite)
     return b.getvalue()
-
-
-# ----------------------------------------------------------------------------- outputs
-
-
-def stdout_is_tty() -> bool:
-    try:
-        return sys.stdout.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def refuse_binary_to_tty(dst: str | None) -> None:
-    if (dst is None or dst == "-") and stdout_is_tty():
-        raise UsageError("stdout", "refusing to write safetensors to a terminal",
-                         "redirect stdout (> out.safetensors) or pass -o FILE")
-
-
-def _stdout():
-    """sys.stdout, refused with one line when fd 1 was closed before the command started (Python then sets
-    sys.stdout to None)."""
-    if sys.stdout is None:
-        raise MergetoolError("stdout", "is closed", "run the command with stdout open (> FILE), or pass -o FILE")
-    return sys.stdout
-
-
-def _stdout_failed(e: Exception) -> MergetoolError:
-    """The one line for a failed write to stdout. What is left in its buffers would fail again at the
-    interpreter's final flush (a second message), so fd 1 is pointed at /dev/null first."""
-    try:
-        fd = sys.stdout.fileno()
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, fd)
-        os.close(null)
-    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-        pass
-    if isinstance(e, OSError) and e.errno == errno.EBADF or isinstance(e, ValueError):
-        return MergetoolError("stdout", "is closed", "run the command with stdout open (> FILE), or pass -o FILE")
-    why = e.strerror if isinstance(e, OSError) and e.strerror else e.__class__.__name__
-    return MergetoolError("stdout", f"cannot write ({why})", "free space where stdout goes, or redirect it elsewhere")
-
-
-def write_stdout(text: str) -> None:
-    """Text to stdout, flushed. A closed pipe stays BrokenPipeError (the command ends quietly); a closed or
-    failing stdout (``>&-``, ``> /dev/full``) is one line."""
-    out = _stdout()
-    try:
-        out.write(text)
-        out.flush()
-    except BrokenPipeError:
-        raise
-    except (OSError, ValueError) as e:
-        raise _stdout_failed(e) from None
-
-
-class StdoutText:
-    """A text sink for stdout that gathers what is written and sends it on ``flush`` (``write_stdout``): a
-    closed or failing stdout is one line, a closed pipe ends the command quietly."""
-
-    def __init__(self):
-        self.parts: list[str] = []
-
-    def write(self, text: str) -> None:
-        self.parts.append(text)
-
-    def flush(self) -> None:
-        if self.parts:
-            text, self.parts = "".join(self.parts), []
-            write_stdout(text)
-
-    def close(self) -> None:
-        self.flush()
-
-
-def _pump(src: IO[bytes], fd: int) -> None:
-    """Copy ``src`` to the file descriptor with plain writes (no buffer left behind when one fails)."""
-    while True:
-        chunk = src.read(1 << 22)
-        if not chunk:
-            return
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view):]
-
-
-def _copy_to_stdout(src: IO[bytes]) -> None:
-    out = _stdout()
-    try:
-        out.flush()
-        try:
-            fd = out.fileno()
-        except (AttributeError, ValueError, io.UnsupportedOperation):  # a captured stdout (tests): its buffer
-            shutil.copyfileobj(src, out.buffer, 1 << 22)
-            out.buffer.flush()
-            return
-        out.buffer.flush()
-        _pump(src, fd)
-    except BrokenPipeError:
-        raise
-    except (OSError, ValueError) as e:
-        raise _stdout_failed(e) from None
-
-
-def _copy_to_path(src: IO[bytes], dst: str) -> None:
-    """Write straight into a device, FIFO or magic link: opened for writing, never replaced."""
-    try:
-        fd = os.open(dst, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise MergetoolError(dst, f"cannot open for writing ({e.strerror})",
-                             "check the path and its permissions") from None
-    try:
-        _pump(src, fd)
-    except BrokenPipeError:
-        raise
-    except OSError as e:
-        raise MergetoolError(dst, f"cannot write ({e.strerror})", "check where -o points") from None
-    finally:
-        os.close(fd)
-
-
-def _output_target(dst: str) -> tuple[str, bool]:
-    """Where ``-o DST`` lands and how: ``(path, False)`` for a regular file or a new path (a temporary file beside
-    ``path`` renamed into place; through a symlink, its target is replaced and the link kept), ``(dst, True)`` for
-    a character device (/dev/null), a FIFO, a socket or a link to one (/dev/stdout), written straight: a rename
-    would replace the device with a file."""
-    try:
-        st = os.stat(dst)  # follows symlinks
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise MergetoolError(dst, f"cannot write ({e.strerror})", "check the path") from None
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        raise MergetoolError(dst, "is a directory", "pass a file path to -o")
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        if not os.access(dst, os.W_OK):
-            raise MergetoolError(dst, "is not writable", "check its permissions")
-        return dst, True
-    target = dst
-    if os.path.islink(dst):
-        real = os.path.realpath(dst)
-        try:
-            same = st is None or os.path.samefile(real, dst)
-        except OSError:
-            same = False
-        if not same:  # a link the kernel resolves by itself (/proc/self/fd/N): write through it
-            return dst, True
-        target = real
-    d = os.path.dirname(os.path.abspath(target)) or "."
-    if not os.path.isdir(d):
-        raise MergetoolError(dst, "its directory does not exist", "create it first")
-    return target, False
-
-
-def resume_records(path: str | Path, what: str) -> tuple[list[dict], Callable[[], None]]:
-    """The records of a file to resume (one JSON object per line), and a function that drops from the file a last
-    line cut by a crash. Call it only once the records are accepted: a refused resume leaves the file as it
-    was. A file that is not UTF-8 JSONL of objects is refused in one line."""
-    path = Path(path)
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise MergetoolError(str(path), f"is not a file {what} wrote (not UTF-8 text)",
-                             f"resume into a file {what} wrote, or write to a new file") from None
-    keep = text if not text or text.endswith("\n") else text[: text.rfind("\n") + 1]
-    out = []
-    for i, line in enumerate(keep.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            r = None
-        if not isinstance(r, dict):
-            raise MergetoolError(f"{path}:{i}", f"is not a line {what} wrote", f"resume into a file {what} wrote, "
-                                 "or write to a new file")
-        out.append(r)
-
-    def cut() -> None:
-        if keep != text:
-            path.write_bytes(keep.encode("utf-8"))
-
-    return out, cut
-
-
-def refuse_overwriting_inputs(out: str | Path | None, inputs) -> None:
-    """A records file written as the run goes (eval, score) that is one of the inputs would destroy it before it
-    is read: refused. (Outputs written whole and atomically at the end, such as merge's, may replace an input.)"""
-    if out is None or str(out) == "-" or not Path(out).exists():
-        return
-    for src in inputs:
-        if src and src != "-" and Path(src).exists() and os.path.samefile(out, src):
-            raise UsageError("-o", f"{out} is the input {src}", "write the records to another file")
-
-
-def check_output(dst: str | None) -> None:
-    """Refuse an output that cannot be written (``-o`` an existing directory, in a missing directory, an empty
-    path; stdout closed) with one line, before any work: ``atomic_output`` checks the same when it opens."""
-    if dst == "":
-        raise UsageError("-o", "is an empty path", "pass a file path, or - for stdout")
-    if dst is None or dst == "-":
-        _stdout()
-    else:
-        _output_target(dst)
-
-
-class _Sink:
-    """The handle ``atomic_output`` yields: a failed write to its temporary file is one line."""
-
-    def __init__(self, fh: IO[bytes], where: str):
-        self._fh, self._where = fh, where
-
-    def write(self, data) -> int:
-        try:
-            return self._fh.write(data)
-        except OSError as e:
-            raise MergetoolError(self._where, f"cannot write a temporary file ({e.strerror})",
-                                 "free space there (TMPDIR for stdout outputs)") from None
-
-    def __getattr__(self, name):
-        return getattr(self._fh, name)
-
-
-@contextlib.contextmanager
-def atomic_output(dst: str | None) -> Iterator[IO[bytes]]:
-    """Yield a binary file handle; on success the data lands at ``dst`` or on stdout (``None`` or ``-``).
-    A regular file (or a new path) is written to a temporary file beside it and renamed into place; a
-    device, FIFO or stdout gets the bytes straight, from a temporary file, once they are complete. On failure
-    nothing is left behind and nothing is written."""
-    to_stdout = dst is None or dst == "-"
-    check_output(dst)  # a directory, a missing directory, a closed stdout: refused before anything is written
-    if to_stdout:
-        target, straight = "stdout", True
-    else:
-        target, straight = _output_target(dst)
-    where = tempfile.gettempdir() if straight else (os.path.dirname(os.path.abspath(target)) or ".")
-    tmp = None
-    try:
-        if straight:  # an unnamed temporary file: nothing to clean up, even after kill -9
-            fh = tempfile.TemporaryFile(prefix=".mergetool-", suffix=".tmp")
-        else:
-            fd, tmp = tempfile.mkstemp(prefix=".mergetool-", suffix=".tmp", dir=where)
-            fh = os.fdopen(fd, "w+b")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a finished output gets the usual mode
-    except OSError as e:
-        raise MergetoolError(dst or "stdout", f"cannot create a temporary file in {where} ({e.strerror})",
-                             "check the directory's permissions and free space") from None
-    try:
-        with fh:
-            yield _Sink(fh, where)
-            try:
-                fh.flush()
-            except OSError as e:
-                raise MergetoolError(where, f"cannot write a temporary file ({e.strerror})",
-                                     "free space there (TMPDIR for stdout outputs)") from None
-            if straight:
-                fh.seek(0)
-                if to_stdout:
-                    _copy_to_stdout(fh)
-                else:
-                    _copy_to_path(fh, target)
-        if tmp is not None:
-            try:
-                os.replace(tmp, target)
-            except OSError as e:
-                raise MergetoolError(dst, f"cannot write ({e.strerror})",
-                                     "check the path and its permissions") from None
-            tmp = None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@contextlib.contextmanager
-def atomic_dir(dst: str) -> Iterator[Path]:
-    """Build a directory beside ``dst`` and move it into place only when complete."""
-    target = Path(dst).resolve()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise MergetoolError(dst, "exists and is not an empty directory", "choose a new directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        yield tmp
-        if target.exists():
-            target.rmdir()
-        os.replace(tmp, target)
-        tmp = None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- JSONL
-
-
-def read_jsonl(src: str) -> list[dict]:
-    """Read JSONL (``-`` for stdin), line by line. Blank lines, lines that are not UTF-8, not a JSON object or
-    longer than MAX_JSONL_LINE, and strings holding a lone surrogate (``"\\udc80"``, which json accepts but no
-    text can hold) are errors that name their line."""
-    if src == "-":
-        return _parse_jsonl(stdin_binary(), "<stdin>")
-    with _open_input(src) as f:
-        return _parse_jsonl(f, src)
-
-
-def _read_line(f: IO[bytes], name: str, i: int) -> bytes | bytearray:
-    """One line (with its newline), refused as soon as it passes MAX_JSONL_LINE: memory stays at one line."""
-    step = min(MAX_JSONL_LINE + 1, 1 << 20)
-    line = f.readline(step)
-    if len(line) == step and not line.endswith(b"\n"):  # a long line: gather it up to the limit
-        line = bytearray(line)
-        while not line.endswith(b"\n") and len(line) <= MAX_JSONL_LINE:
-            more = f.readline(min(MAX_JSONL_LINE + 2 - len(line), 1 << 20))
-            if not more:
-                break
-            line += more
-    if len(line) - line.endswith(b"\n") > MAX_JSONL_LINE:
-        raise _too_long(name, i)
-    return line
-
-
-def _too_long(name: str, i: int) -> MergetoolError:
-    limit = f"{MAX_JSONL_LINE >> 20} MiB" if MAX_JSONL_LINE % (1 << 20) == 0 else f"{MAX_JSONL_LINE} bytes"
-    return MergetoolError(f"{name}:{i}", f"line is longer than {limit}",
-                          "one JSON object per line; split or shorten the record")
-
-
-def _has_surrogate(obj) -> bool:
-    stack = [obj]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, str):
-            if not x.isascii():
-                try:
-                    x.encode("utf-8")
-                except UnicodeEncodeError:
-                    return True
-        elif isinstance(x, dict):
-            stack.extend(x.keys())
-            stack.extend(x.values())
-        elif isinstance(x, list):
-            stack.extend(x)
-    return False
-
-
-def _parse_jsonl(f: IO[bytes], name: str) -> list[dict]:
-    rows = []
-    i = 0
-    try:
-        while True:
-            i += 1
-            raw = _read_line(f, name, i)
-            if not raw:
-                break
-            where = f"{name}:{i}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise MergetoolError(where, "not valid UTF-8", "write the JSONL as UTF-8") from None
-            if not line.strip():
-                raise MergetoolError(where, "empty line", "remove blank lines from the JSONL")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MergetoolError(where, f"malformed JSON ({e.msg})", "one JSON object per line") from None
-            except RecursionError:
-                raise MergetoolError(where, "malformed JSON (nested too deeply)", "one JSON object per line") from None
-            except ValueError as e:  # e.g. an integer of more digits than Python converts
-                raise MergetoolError(where, f"malformed JSON ({str(e).splitlines()[0][:80]})",
-                                     "one JSON object per line") from None
-            if not isinstance(obj, dict):
-                raise MergetoolError(where, "not a JSON object", "one JSON object per line")
-            if "\\u" in line and _has_surrogate(obj):
-                raise MergetoolError(where, "a string holds a lone surrogate escape (\\ud800-\\udfff), "
-                                     "which is not text", "fix the escape (a character outside the BMP is a pair "
-                                     "of escapes)")
-            rows.append(obj)
-    except OSError as e:
-        raise MergetoolError(name, f"cannot read ({e.strerror or e.__class__.__name__})") from None
-    if not rows:
-        raise MergetoolError(name, "no records", "pass a non-empty JSONL file")
-    return rows
-
-
-def write_jsonl_line(obj: dict, fh: IO[str] | None = None) -> None:
-    """One JSON object and a newline, flushed, to ``fh`` or stdout (a closed or full stdout is one line)."""
-    line = json.dumps(obj, ensure_ascii=False) + "\n"
-    if fh is None:
-        write_stdout(line)
-        return
-    fh.write(line)
-    fh.flush()

@@ -1,0 +1,178 @@
+"""Outputs: a file written whole and atomically (a temporary file beside it, renamed into place), a device or
+FIFO written straight, directories built beside their place, and the checks made before any work (an output
+that cannot be written, or that would destroy an input)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+from .errors import MergetoolError, UsageError
+from .streams import checked_stdout, copy_to_stdout, pump
+
+
+def _copy_to_path(src: IO[bytes], dst: str) -> None:
+    """Write straight into a device, FIFO or magic link: opened for writing, never replaced."""
+    try:
+        fd = os.open(dst, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise MergetoolError(dst, f"cannot open for writing ({e.strerror})",
+                             "check the path and its permissions") from None
+    try:
+        pump(src, fd)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise MergetoolError(dst, f"cannot write ({e.strerror})", "check where -o points") from None
+    finally:
+        os.close(fd)
+
+
+def _output_target(dst: str) -> tuple[str, bool]:
+    """Where ``-o DST`` lands and how: ``(path, False)`` for a regular file or a new path (a temporary file beside
+    ``path`` renamed into place; through a symlink, its target is replaced and the link kept), ``(dst, True)`` for
+    a character device (/dev/null), a FIFO, a socket or a link to one (/dev/stdout), written straight: a rename
+    would replace the device with a file."""
+    try:
+        st = os.stat(dst)  # follows symlinks
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise MergetoolError(dst, f"cannot write ({e.strerror})", "check the path") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise MergetoolError(dst, "is a directory", "pass a file path to -o")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        if not os.access(dst, os.W_OK):
+            raise MergetoolError(dst, "is not writable", "check its permissions")
+        return dst, True
+    target = dst
+    if os.path.islink(dst):
+        real = os.path.realpath(dst)
+        try:
+            same = st is None or os.path.samefile(real, dst)
+        except OSError:
+            same = False
+        if not same:  # a link the kernel resolves by itself (/proc/self/fd/N): write through it
+            return dst, True
+        target = real
+    d = os.path.dirname(os.path.abspath(target)) or "."
+    if not os.path.isdir(d):
+        raise MergetoolError(dst, "its directory does not exist", "create it first")
+    return target, False
+
+
+def refuse_overwriting_inputs(out: str | Path | None, inputs) -> None:
+    """A records file written as the run goes (eval, score) that is one of the inputs would destroy it before it
+    is read: refused. (Outputs written whole and atomically at the end, such as merge's, may replace an input.)"""
+    if out is None or str(out) == "-" or not Path(out).exists():
+        return
+    for src in inputs:
+        if src and src != "-" and Path(src).exists() and os.path.samefile(out, src):
+            raise UsageError("-o", f"{out} is the input {src}", "write the records to another file")
+
+
+def check_output(dst: str | None) -> None:
+    """Refuse an output that cannot be written (``-o`` an existing directory, in a missing directory, an empty
+    path; stdout closed) with one line, before any work: ``atomic_output`` checks the same when it opens."""
+    if dst == "":
+        raise UsageError("-o", "is an empty path", "pass a file path, or - for stdout")
+    if dst is None or dst == "-":
+        checked_stdout()
+    else:
+        _output_target(dst)
+
+
+class _Sink:
+    """The handle ``atomic_output`` yields: a failed write to its temporary file is one line."""
+
+    def __init__(self, fh: IO[bytes], where: str):
+        self._fh, self._where = fh, where
+
+    def write(self, data) -> int:
+        try:
+            return self._fh.write(data)
+        except OSError as e:
+            raise MergetoolError(self._where, f"cannot write a temporary file ({e.strerror})",
+                                 "free space there (TMPDIR for stdout outputs)") from None
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+@contextlib.contextmanager
+def atomic_output(dst: str | None) -> Iterator[IO[bytes]]:
+    """Yield a binary file handle; on success the data lands at ``dst`` or on stdout (``None`` or ``-``).
+    A regular file (or a new path) is written to a temporary file beside it and renamed into place; a
+    device, FIFO or stdout gets the bytes straight, from a temporary file, once they are complete. On failure
+    nothing is left behind and nothing is written."""
+    to_stdout = dst is None or dst == "-"
+    check_output(dst)  # a directory, a missing directory, a closed stdout: refused before anything is written
+    if to_stdout:
+        target, straight = "stdout", True
+    else:
+        target, straight = _output_target(dst)
+    where = tempfile.gettempdir() if straight else (os.path.dirname(os.path.abspath(target)) or ".")
+    tmp = None
+    try:
+        if straight:  # an unnamed temporary file: nothing to clean up, even after kill -9
+            fh = tempfile.TemporaryFile(prefix=".mergetool-", suffix=".tmp")
+        else:
+            fd, tmp = tempfile.mkstemp(prefix=".mergetool-", suffix=".tmp", dir=where)
+            fh = os.fdopen(fd, "w+b")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a finished output gets the usual mode
+    except OSError as e:
+        raise MergetoolError(dst or "stdout", f"cannot create a temporary file in {where} ({e.strerror})",
+                             "check the directory's permissions and free space") from None
+    try:
+        with fh:
+            yield _Sink(fh, where)
+            try:
+                fh.flush()
+            except OSError as e:
+                raise MergetoolError(where, f"cannot write a temporary file ({e.strerror})",
+                                     "free space there (TMPDIR for stdout outputs)") from None
+            if straight:
+                fh.seek(0)
+                if to_stdout:
+                    copy_to_stdout(fh)
+                else:
+                    _copy_to_path(fh, target)
+        if tmp is not None:
+            try:
+                os.replace(tmp, target)
+            except OSError as e:
+                raise MergetoolError(dst, f"cannot write ({e.strerror})",
+                                     "check the path and its permissions") from None
+            tmp = None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: str) -> Iterator[Path]:
+    """Build a directory beside ``dst`` and move it into place only when complete."""
+    target = Path(dst).resolve()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise MergetoolError(dst, "exists and is not an empty directory", "choose a new directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        yield tmp
+        if target.exists():
+            target.rmdir()
+        os.replace(tmp, target)
+        tmp = None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
