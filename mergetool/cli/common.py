@@ -38,14 +38,18 @@ ModelDtype = Annotated[str, typer.Option("--dtype", help="Model dtype: auto (bf1
                                          "bfloat16.")]
 
 
+def base_input(b) -> str:
+    """What a command reads of a resolved base model (``model.Base``): its GGUF file, or its directory, for the
+    check that no output lands on it (``outputs.refuse_destroying_inputs``)."""
+    return str(b.dir / b.gguf_file) if b.gguf_file else str(b.dir)
+
+
 def require_data_and_base(command: str, data: str | None, base: str | None) -> None:
     """The two things every model-reading command needs, as usage errors."""
     if data is None:
         raise UsageError("DATA", "no examples given", "pass a JSONL file or -")
     if not base:
         raise UsageError("--base", f"{command} needs the base model", "pass --base MODEL")
-
-
 
 
 def model_dtype(spec: str):
