@@ -13,7 +13,7 @@ import typer
 
 from ..errors import MergetoolError, UsageError
 from .common import (AllowPickle, BaseModel, BatchTokens, Chat, Data, Debug, Device, GgufFile, ModelDtype, Norm, Quiet,
-                     Ray, Shots, ShotsFrom, Unordered, Workers, base_input, model_dtype, pick_device, progress_bar)
+                     Ray, Seed, Shots, ShotsFrom, Unordered, Workers, base_input, model_dtype, pick_device, progress_bar)
 from .app import begin, command
 
 log = logging.getLogger("mergetool")
@@ -154,7 +154,7 @@ def eval_cmd(
     chat: Chat = False,
     max_new_tokens: Annotated[int, Opt("--max-new-tokens", help="Generation length for exact match.")] = 32,
     batch_tokens: BatchTokens = None,
-    seed: Annotated[int, Opt("--seed", help="Seed of the demonstration draw.")] = 0,
+    seed: Seed("Seed of the demonstration draw.") = 0,
     output: Annotated[Optional[str], Opt("-o", "--output", help="Write records here as they are made.",
                                          metavar="FILE")] = None,
     resume: Annotated[bool, Opt("--resume", help="With -o: skip the examples already in FILE.")] = False,
@@ -194,7 +194,7 @@ def eval_cmd(
     from .. import evaluate as ev
     from ..adapters import RowAdapters, fitting_groups
     from ..examples import add_contexts, check_examples
-    from ..inputs import check_compatible, load_inputs
+    from ..inputs import check_compatible, check_unique_names, load_inputs
     from ..jsonl import read_jsonl, record_line
     from ..model import content_digest, fingerprint, load_model, resolve_base
 
@@ -220,11 +220,7 @@ def eval_cmd(
     fp = fingerprint(b)
     if updates:
         check_compatible(updates, fp)
-        names = [u.name for u in updates]
-        dup = next((n for n in names if names.count(n) > 1), None)
-        if dup is not None:
-            raise MergetoolError(dup, "two adapters share this name, so their records could not be told apart",
-                                 "rename one (metadata 'name') or evaluate them separately")
+        check_unique_names(updates, "their records could not be told apart")
     names = [u.name for u in updates] or [None]
     run = _run_key(f"{fp}:{content_digest(b)}", norm, shots, shots_from, seed, chat, max_new_tokens, split, updates)
 
