@@ -77,7 +77,12 @@ def check_examples(rows: list[dict], src: str) -> list[Example]:
 
 def add_contexts(examples: list[Example], pool: list[Example], shots: int, seed: int, tok=None, chat=False) -> None:
     """Few-shot prefix from ``pool`` (same task, never the example itself), drawn deterministically per
-    example; optionally the chat template around the whole prompt."""
+    example; optionally the chat template around the whole prompt (a tokenizer without one, or a template that
+    fails on a prompt, is one error line, before any example is evaluated)."""
+    if chat and not getattr(tok, "chat_template", None):
+        raise MergetoolError("--chat", "the base model's tokenizer has no chat template",
+                             "drop --chat, or use a base with a chat template (chat_template.jinja, or "
+                             "'chat_template' in tokenizer_config.json)")
     by_task: dict[str, list[Example]] = {}
     for p in pool:
         if p.kind in ("mc", "gen"):
@@ -97,6 +102,12 @@ def add_contexts(examples: list[Example], pool: list[Example], shots: int, seed:
                 prefix += d.rec["prompt"] + ans + "\n\n"
         text = prefix + e.rec["prompt"]
         if chat:
-            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True)
+            try:
+                text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                               add_generation_prompt=True)
+            except Exception as err:  # jinja's TemplateError (a template's raise_exception), a ValueError, ...
+                why = (str(err).splitlines() or [""])[0][:120]
+                raise MergetoolError(f"--chat: example {e.id}", f"the chat template fails on it "
+                                     f"({err.__class__.__name__}: {why})",
+                                     "drop --chat, or fix the tokenizer's chat template") from None
         e.context = text

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import lora_blob, random_lora
+from conftest import lora_blob, random_lora, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,3 +71,55 @@ def test_negative_seeds_are_refused(cmd, capsys):
     assert rc == 2 and "--seed" in one_line(err) and "greater than or equal to 0" in err, err
     rc, out, err = inproc(capsys, cmd, "--seed", str(2**64), "x")
     assert rc == 2 and "--seed" in one_line(err), err
+
+
+# ----------------------------------------------------------------------------- --chat without a template
+
+
+@pytest.fixture(scope="module")
+def no_template(tiny_lm, tmp_path_factory):
+    """tiny_lm with a tokenizer that has no chat template."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("no_template")
+    for f in tiny_lm.iterdir():
+        if f.name != "chat_template.jinja":
+            shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.mark.parametrize("cmd", ["eval", "score", "diagnose"])
+def test_chat_without_a_template_is_one_line(cmd, no_template, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "task": f"t{i % 2}", "prompt": "2+2=", "choices": ["4", "5"],
+                                        "answer": 0}) + "\n" for i in range(4)))
+    pool = []
+    for i in range(2):
+        p = tmp_path / f"a{i}.safetensors"
+        p.write_bytes(lora_blob(random_lora(i, name=f"a{i}", task=f"t{i}")))
+        pool.append(str(p))
+    args = {"eval": ["--adapter", pool[0], str(data)],
+            "score": ["--data", str(data), "--level", "task", "--partners", "1", "--trials", "1", *pool],
+            "diagnose": ["--data", str(data), *pool]}[cmd]
+    r = run_cli(cmd, "--base", str(no_template), "--chat", *args)  # a subprocess: a user's stderr, bars off
+    rc, out, err = r.returncode, r.stdout.decode(), r.stderr.decode()
+    err = "\n".join(x for x in err.splitlines() if ": error: " in x or "Traceback" in x or "internal" in x)
+    assert rc == 1 and out == "" and "--chat: the base model's tokenizer has no chat template" in one_line(err), err
+
+
+def test_a_chat_template_that_fails_is_one_line():
+    from mergetool.errors import MergetoolError
+    from mergetool.examples import add_contexts, check_examples
+
+    class Tok:
+        chat_template = "{{ raise_exception('System role not supported') }}"
+
+        def apply_chat_template(self, *a, **k):
+            from jinja2.exceptions import TemplateError
+
+            raise TemplateError("System role not supported")
+
+    exs = check_examples([{"id": "q", "task": "t", "prompt": "p", "choices": ["a", "b"], "answer": 0}], "d")
+    with pytest.raises(MergetoolError, match=r"--chat: example q: the chat template fails on it \(TemplateError: "
+                                             r"System role not supported\)"):
+        add_contexts(exs, exs, 0, 0, Tok(), True)

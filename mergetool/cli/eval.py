@@ -231,18 +231,19 @@ def eval_cmd(
     collected: list[dict] = []
     if todo:
         ray_mode = bool(ray)
-        if ray_mode:
-            from .. import distributed as dist
+        model = tok = None
+        if chat:  # the template is applied (or refused, one line) before the model loads
             from ..model import load_tokenizer
 
-            model, tok = None, (load_tokenizer(b) if chat else None)
-        else:
-            model, tok = load_model(b, dev, torch_dtype)
-        if chat:
+            tok = load_tokenizer(b)
             add_contexts(todo, pool, shots, seed, tok, chat)
         elif not shots:
             for e in todo:
                 e.context = e.rec.get("prompt", "")
+        if ray_mode:
+            from .. import distributed as dist
+        else:
+            model, tok = load_model(b, dev, torch_dtype)
         from ..streams import StdoutText
 
         sink = _Sink(rec_path, resume, None if summary else StdoutText())
