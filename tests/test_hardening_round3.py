@@ -123,3 +123,102 @@ def test_a_chat_template_that_fails_is_one_line():
     with pytest.raises(MergetoolError, match=r"--chat: example q: the chat template fails on it \(TemplateError: "
                                              r"System role not supported\)"):
         add_contexts(exs, exs, 0, 0, Tok(), True)
+
+
+# ----------------------------------------------------------------------------- merges of zero or ill-conditioned updates
+
+
+def zero_lora(seed: int, name: str):
+    """peft's default initialisation: B = 0, so ΔW = 0."""
+    import torch
+
+    from mergetool.updates import LowRank
+
+    u = random_lora(seed, name=name, task=name)
+    u.modules = {k: LowRank(m.A, torch.zeros_like(m.B), m.scale) for k, m in u.modules.items()}
+    return u
+
+
+def method_args(m: str, files: list[str], tmp_path: Path) -> list[str]:
+    if m == "slerp":
+        return files[:2]
+    if m == "weighted-base":
+        acc = tmp_path / "acc.jsonl"
+        acc.write_text("".join(json.dumps({"task": Path(f).stem, "adapter": None, "accuracy": 0.5}) + "\n"
+                               for f in files))
+        return ["--base-acc", str(acc), *files]
+    if m == "emr":
+        return ["--for-task", Path(files[0]).stem, *files]
+    return files
+
+
+def test_every_method_merges_zero_updates_into_a_readable_zero(tiny_base, tmp_path, capsys):
+    """All-zero adapters (peft's default init) or zero weights: the exact-LoRA methods wrote rank-0 LoRAs that
+    mergetool itself refused to read back (r = 0); every method now writes a zero update that mergetool reads and
+    (a LoRA) peft loads."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mergetool.inputs import load_inputs
+    from mergetool.methods.registry import METHODS
+
+    files = []
+    for i in range(3):
+        p = tmp_path / f"z{i}.safetensors"
+        p.write_bytes(lora_blob(zero_lora(i, f"z{i}")))
+        files.append(str(p))
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    with torch.no_grad():
+        want = base(ids).logits
+    for m in sorted(METHODS):
+        out = tmp_path / f"{m}.safetensors"
+        rc, _, err = inproc(capsys, "merge", "-q", "-m", m, *method_args(m, files, tmp_path), "-o", str(out))
+        assert rc == 0, (m, err)
+        (u,) = load_inputs([str(out)], None, False)
+        assert all(float(mod.delta().abs().max()) == 0 for mod in u.modules.values()), m
+        if METHODS[m].coefficients is None and all(hasattr(mod, "A") for mod in u.modules.values()):
+            pdir = tmp_path / f"{m}-peft"
+            rc, _, err = inproc(capsys, "merge", "-q", "-m", m, *method_args(m, files, tmp_path), "--save-peft",
+                                str(pdir))
+            assert rc == 0, (m, err)
+            with torch.no_grad():
+                got = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), pdir).eval()(ids)
+            assert torch.equal(got.logits, want), m
+    # zero weights on non-zero adapters: the same zero, readable
+    live = []
+    for i in range(2):
+        p = tmp_path / f"l{i}.safetensors"
+        p.write_bytes(lora_blob(random_lora(i, name=f"l{i}")))
+        live.append(str(p))
+    w = tmp_path / "w.jsonl"
+    w.write_text("".join(json.dumps({"adapter": f"l{i}", "weight": 0.0}) + "\n" for i in range(2)))
+    for m in ("tsv", "iso-c", "iso-cts", "star", "knots"):
+        out = tmp_path / f"w-{m}.safetensors"
+        rc, _, err = inproc(capsys, "merge", "-q", "-m", m, "--weights", str(w), *live, "-o", str(out))
+        assert rc == 0, (m, err)
+        (u,) = load_inputs([str(out)], None, False)
+        assert all(float(mod.delta().abs().max()) == 0 for mod in u.modules.values()), m
+
+
+@pytest.mark.parametrize("method,bad", [("core-space", "huge"), ("core-space", "nan"), ("iso-cts", "huge"),
+                                        ("iso-cts", "nan"), ("knots", "nan"), ("tsv", "nan")])
+def test_a_factorisation_that_fails_names_the_module_and_adapters(method, bad):
+    """A LoRA scale of 1e300 (products overflow fp64) or a NaN factor: LAPACK does not converge, and the merge was
+    ``internal: _LinAlgError``; it is one line naming the module and the adapters."""
+    import torch
+
+    from mergetool.errors import MergetoolError
+    from mergetool.methods.base import Params
+    from mergetool.methods.engine import merge
+    from mergetool.updates import LowRank
+
+    a, b = random_lora(0, name="a"), random_lora(1, name="b")
+    for k, m in a.modules.items():
+        B = m.B.clone()
+        B[0, 0] = math.nan
+        a.modules[k] = LowRank(m.A, m.B, 1e300) if bad == "huge" else LowRank(m.A, B, m.scale)
+    with pytest.raises(MergetoolError, match=r"layers\.0\.self_attn\.q_proj.*: the factorisation of the updates of "
+                                             r"a, b fails \(linalg\.\w+ does not converge"):
+        merge([a, b], method, Params(), torch.device("cpu"))

@@ -251,9 +251,13 @@ def merge_many(groups: list[list[Update]], method: Method | str, p: Params, devi
 
 
 def checked(stream: Iterator[tuple[str, object]], rank: int | None = None) -> Iterator[tuple[str, object]]:
-    """The merged stream, truncated to ``rank`` when given, each module refused if it holds NaN or Inf."""
+    """The merged stream, truncated to ``rank`` when given, each module refused if it holds NaN or Inf. A LoRA of
+    rank 0 (zero updates, or weights that cancel, in an exact-LoRA method) becomes a rank-1 zero LoRA: the same
+    update, in a form that mergetool and peft read (r = 0 is no LoRA config)."""
     for mod, r in (to_rank(stream, rank) if rank is not None else stream):
         check_finite(mod, r)
+        if isinstance(r, LowRank) and r.rank == 0:
+            r = LowRank(r.A.new_zeros((1, r.A.shape[1])), r.B.new_zeros((r.B.shape[0], 1)), 1.0)
         yield mod, r
 
 

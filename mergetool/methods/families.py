@@ -200,6 +200,9 @@ def multislerp(tv: TaskVectors, p: Params, eps: float = 1e-8):
         w = torch.tensor(p.w(tv.n), dtype=torch.float32, device=tv.device)
         w = w / w.sum()
         norms = flat.norm(dim=1, keepdim=True)
+        if not bool((norms > 0).any()):  # every update zero here: no direction, and the merge is zero
+            yield mod, torch.zeros_like(D[0])
+            continue
         unit = flat / (norms + eps)
         mean = (unit * w.view(-1, 1)).sum(0)
         if mean.norm() < eps:

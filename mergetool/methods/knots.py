@@ -19,12 +19,25 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UsageError
+from ..errors import MergetoolError, UsageError
 from ..updates import LowRank
 from .base import Params, TaskVectors, lookup, register
 
 RTOL = 1e-6  # singular values below RTOL · σ_max are dropped (they carry < 1e-6 of the update)
 CHUNK_BYTES = 1 << 30  # bound the fp64 work per batched factorisation
+
+
+def factorisation_failed(e: Exception, mods: list, names: list[str]) -> MergetoolError:
+    """The one line for a QR, SVD or eigendecomposition that LAPACK cannot finish (values whose products overflow
+    fp64, such as a LoRA scale of 1e300, or NaN): the module(s) it was factorising and the adapters merged there.
+    (A ``(group, module)`` key of a batched ``knots_many`` names its module.)"""
+    shown = [m[1] if isinstance(m, tuple) else m for m in mods]
+    where = shown[0] + (f" (and {len(shown) - 1} more modules)" if len(shown) > 1 else "")
+    routine = str(e).split(":")[0].strip() or "a factorisation"
+    return MergetoolError(where, f"the factorisation of the updates of {', '.join(dict.fromkeys(names))} fails "
+                          f"({routine} does not converge: values too large or not finite)",
+                          "check those adapters for a scale far beyond the usual (lora_alpha / r) or corrupt "
+                          "factors")
 
 
 def _keep(S: torch.Tensor) -> int:
@@ -68,9 +81,11 @@ def _signature(parts: list) -> tuple:
     return tuple(None if m is None else (m.rank if isinstance(m, LowRank) else -1) for m in parts)
 
 
-def knots_basis(tv: TaskVectors) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per module: the shared basis U [out, k] and the stacked coordinates [n, k, in] (fp32)."""
+def knots_basis(tv: TaskVectors, names_of=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per module: the shared basis U [out, k] and the stacked coordinates [n, k, in] (fp32). ``names_of(mod)``:
+    the names of the updates merged at ``mod`` (default ``tv.names``), for the line of a failed factorisation."""
     dev, n = tv.device, tv.n
+    names_of = names_of or (lambda mod: tv.names)
     groups: dict[tuple, list[str]] = {}
     for mod in tv.modules:
         parts = tv.parts(mod)
@@ -94,7 +109,10 @@ def knots_basis(tv: TaskVectors) -> tuple[dict[str, torch.Tensor], dict[str, tor
         if any(sig[i] == -1 for i in present):  # dense inputs: the plain route
             for mod in mods:
                 parts = tv.parts(mod)
-                U, S, cs = dense_coords([parts[i].delta(dev, torch.float64) for i in present])
+                try:
+                    U, S, cs = dense_coords([parts[i].delta(dev, torch.float64) for i in present])
+                except torch.linalg.LinAlgError as e:
+                    raise factorisation_failed(e, [mod], [names_of(mod)[i] for i in present]) from None
                 store(mod, U, S, cs, present)
             continue
         R = sum(sig[i] for i in present)
@@ -104,7 +122,11 @@ def knots_basis(tv: TaskVectors) -> tuple[dict[str, torch.Tensor], dict[str, tor
             parts = [tv.parts(m) for m in chunk]
             Bs = [torch.stack([p[i].B.to(dev, torch.float64) * p[i].scale for p in parts]) for i in present]
             As = [torch.stack([p[i].A.to(dev, torch.float64) for p in parts]) for i in present]
-            U, S, cs = factor_coords(Bs, As)
+            try:
+                U, S, cs = factor_coords(Bs, As)
+            except torch.linalg.LinAlgError as e:
+                raise factorisation_failed(e, chunk, [x for m in chunk for x in (names_of(m)[i] for i in present)]) \
+                    from None
             for j, mod in enumerate(chunk):
                 store(mod, U[j], S[j], [c[j] for c in cs], present)
     return bases, coords
@@ -123,7 +145,7 @@ def knots_many(tvs: list[TaskVectors], p: Params):
     keys = [(g, mod) for g, tv in enumerate(tvs) for mod in tv.modules]
     union = TaskVectors(tvs[0].device, tvs[0].names, keys, {(g, m): tvs[g].shape(m) for g, m in keys},
                         get=lambda key: tvs[key[0]].stacked(key[1]), parts=lambda key: tvs[key[0]].parts(key[1]))
-    bases, coords = knots_basis(union)
+    bases, coords = knots_basis(union, lambda key: tvs[key[0]].names)
     for g, tv in enumerate(tvs):
         ctv = TaskVectors.of_stacks(tv.names, {mod: coords.pop((g, mod)) for mod in tv.modules})
         yield iter([(mod, LowRank(q, bases.pop((g, mod)), 1.0)) for mod, q in inner.fn(ctv, ip)])

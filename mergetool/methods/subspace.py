@@ -28,6 +28,7 @@ depends on the factors themselves, not only on ΔW_i (see ``core_space``).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import torch
@@ -35,7 +36,7 @@ import torch
 from ..errors import UsageError
 from ..updates import LowRank
 from .base import Params, TaskVectors, lookup, register, weights_tensor
-from .knots import CHUNK_BYTES, RTOL, _signature
+from .knots import CHUNK_BYTES, RTOL, _signature, factorisation_failed
 
 F64 = torch.float64
 CART_RANK = 0.12  # CART's rank ratio ρ (the authors' 8-task configuration, configs/CART/ViT-b-32_8_CART.yaml)
@@ -113,9 +114,20 @@ def factor_chunks(tv: TaskVectors, weights: list[float], dense: bool = False):
         for s in range(0, len(mods), per):
             parts = [tv.parts(m) for m in mods[s:s + per]]
             present = [i for i, m in enumerate(parts[0]) if m is not None]
-            factors = [[_balanced(ps[i], tv.device, weights[i]) for ps in parts] for i in present]
+            with _named(tv, mods[s:s + per], present):
+                factors = [[_balanced(ps[i], tv.device, weights[i]) for ps in parts] for i in present]
             yield (mods[s:s + per], present, [torch.stack([b for b, _ in f]) for f in factors],
                    [torch.stack([a for _, a in f]) for f in factors])
+
+
+@contextlib.contextmanager
+def _named(tv: TaskVectors, mods: list[str], present: list[int] | None = None):
+    """A factorisation of these modules that LAPACK cannot finish is one line naming them and the adapters."""
+    try:
+        yield
+    except torch.linalg.LinAlgError as e:
+        names = [tv.names[i] for i in (present if present is not None else range(tv.n))]
+        raise factorisation_failed(e, mods, names) from None
 
 
 def _dense(tv: TaskVectors, mod: str, weights: list[float]) -> torch.Tensor:
@@ -134,17 +146,21 @@ def subspace_merge(tv: TaskVectors, p: Params, core_fn):
     w = p.w(tv.n)
     done = {}
     for mods, present, Bs, As in factor_chunks(tv, w):
-        Qb, Rb, Qa, Ra = factor_qr(Bs, As)
-        C = task_cores(Rb, Ra, [B.shape[2] for B in Bs])
+        with _named(tv, mods, present):
+            Qb, Rb, Qa, Ra = factor_qr(Bs, As)
+            C = task_cores(Rb, Ra, [B.shape[2] for B in Bs])
         for j, mod in enumerate(mods):
             X = C.new_zeros((tv.n, *C.shape[2:]))
             X[present] = C[:, j]
-            done[mod] = lowrank(Qb[j], core_fn(X, tv.shape(mod)), Qa[j])
+            with _named(tv, [mod], present):
+                done[mod] = lowrank(Qb[j], core_fn(X, tv.shape(mod)), Qa[j])
     for mod in tv.modules:
         if mod in done:
             yield mod, done.pop(mod)
         elif len(tv.shape(mod)) == 2:
-            yield mod, core_fn(_dense(tv, mod, w), tv.shape(mod)).float()
+            with _named(tv, [mod]):
+                merged = core_fn(_dense(tv, mod, w), tv.shape(mod)).float()
+            yield mod, merged
         else:
             D = tv.stacked(mod)
             yield mod, (D * weights_tensor(p, tv, D.dim() - 1)).mean(0)
@@ -295,9 +311,10 @@ def core_space(tv: TaskVectors, p: Params):
     bases: dict[str, tuple] = {}
     cores: dict[str, torch.Tensor] = {}
     for mods, present, Bs, As in factor_chunks(tv, [1.0] * tv.n, dense=True):
-        Qb, Rb, Qa, Ra = factor_qr(Bs, As)
-        Pb, Sb, _ = torch.linalg.svd(Rb, full_matrices=False)
-        Pa, Sa, _ = torch.linalg.svd(Ra, full_matrices=False)
+        with _named(tv, mods, present):
+            Qb, Rb, Qa, Ra = factor_qr(Bs, As)
+            Pb, Sb, _ = torch.linalg.svd(Rb, full_matrices=False)
+            Pa, Sa, _ = torch.linalg.svd(Ra, full_matrices=False)
         C = task_cores(Pb.transpose(1, 2) @ Rb, Pa.transpose(1, 2) @ Ra, [B.shape[2] for B in Bs])
         for j, mod in enumerate(mods):
             kb, ka = _rank(Sb[j]), _rank(Sa[j])
@@ -307,4 +324,7 @@ def core_space(tv: TaskVectors, p: Params):
             cores[mod] = M.float()
     stacks = {mod: cores.pop(mod) if mod in bases else tv.stacked(mod) for mod in tv.modules}
     for mod, m in inner.fn(TaskVectors.of_stacks(tv.names, stacks), inner.defaults(p, tv.n)):
-        yield mod, lowrank(bases[mod][0], m, bases[mod][1]) if mod in bases else m
+        if mod in bases:
+            with _named(tv, [mod]):
+                m = lowrank(bases[mod][0], m, bases[mod][1])
+        yield mod, m
