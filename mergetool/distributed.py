@@ -29,16 +29,27 @@ from typing import Any, Callable
 from .errors import MergetoolError, UsageError
 
 log = logging.getLogger("mergetool")
-_ADDRESS = re.compile(r"^(local|auto|ray://[\w.\-]+:\d+|[\w.\-]+:\d+)$")
+_ADDRESS = re.compile(r"^(?:local|auto|(?:ray://)?(?:[\w.\-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,10}))$")
 RETRIES = 3
+PROBE_SECONDS = 10.0  # a TCP connection to a cluster's address: refused at once, unanswered after this
+CONNECT_SECONDS = 120.0  # Ray's own connection to a reachable address (it retries without end on its own)
+
+
+def is_address(text: str) -> bool:
+    """Whether ``text`` has the form of a Ray address (``check_address`` says what is wrong with one that has)."""
+    return bool(_ADDRESS.match(text))
 
 
 def check_address(address: str) -> str:
     """``local`` (start a Ray instance here), ``auto`` (the cluster this machine belongs to), ``ray://host:port``
-    (a Ray client connection) or ``host:port`` (a head node's GCS address)."""
-    if not _ADDRESS.match(address):
+    (a Ray client connection) or ``host:port`` (a head node's GCS address), the port in 1-65535."""
+    m = _ADDRESS.match(address)
+    if not m:
         raise UsageError("--ray", f"{address!r} is not a Ray address",
                          "pass local, auto, ray://HOST:PORT or HOST:PORT (--ray alone means local)")
+    if m.group("port") is not None and not 1 <= int(m.group("port")) <= 65535:
+        raise UsageError("--ray", f"{address!r}: port {m.group('port')} is outside 1-65535",
+                         "pass the head node's port (6379 unless the cluster was started with another)")
     return address
 
 
@@ -58,6 +69,90 @@ def _messages_to_stderr() -> None:
 
     to_stderr._mergetool = True
     rw.print_to_stdstream = to_stderr
+
+
+def _quiet_ray() -> None:
+    """Ray's own notes (its Python loggers, its core's C++ warnings while it connects) stay off the command's
+    stderr: the Python ones go to mergetool's log at debug level (seen with --debug), the C++ ones are limited to
+    errors (``RAY_BACKEND_LOG_LEVEL``, unless the user set it)."""
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+    ray_log = logging.getLogger("ray")
+    if not any(isinstance(h, _ToDebug) for h in ray_log.handlers):
+        ray_log.addHandler(_ToDebug())
+    ray_log.propagate = False
+
+
+class _ToDebug(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        log.debug("ray: %s", record.getMessage())
+
+
+def _target(ray, address: str) -> str:
+    """What ``ray.init`` is given: ``local`` (a new instance here, whatever ``RAY_ADDRESS`` or Ray's record of the
+    last cluster started on this machine say), the address itself, or for ``auto`` the cluster Ray finds
+    (``RAY_ADDRESS``, else the last cluster started here), refused in one line when there is none."""
+    if address != "auto":
+        return address
+    env = os.environ.get("RAY_ADDRESS")
+    if env:
+        return env
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        found = canonicalize_bootstrap_address("auto")
+    except (ConnectionError, ValueError):
+        found = None
+    if not found:
+        raise MergetoolError("--ray auto", "no Ray cluster runs on this machine (RAY_ADDRESS is not set and none was "
+                             "started with ray start)", "start one (ray start --head), or pass --ray local")
+    return found
+
+
+def _probe(address: str, target: str) -> None:
+    """A TCP connection to the cluster's address, in this thread (a signal ends it), bounded by PROBE_SECONDS: Ray
+    itself retries a refused or unanswered address without end, deaf to Ctrl-C."""
+    import socket
+
+    hostport = target.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
+    except (OSError, ValueError) as e:
+        why = f"no answer in {PROBE_SECONDS:g} s" if isinstance(e, TimeoutError) else \
+            (getattr(e, "strerror", None) or str(e) or e.__class__.__name__)
+        shown = address if address == target else f"{address} ({target})"
+        raise MergetoolError(f"--ray {shown}", f"cannot reach a Ray cluster there ({why})",
+                             "start the cluster (ray start --head) or check the host and port") from None
+
+
+def _init(ray, address: str, target: str, **kw) -> None:
+    """``ray.init`` in a helper thread while this one waits: the wait is bounded for a remote address
+    (CONNECT_SECONDS) and Ctrl-C or SIGTERM end it, as they end any other moment of the command (Ray, blocked in
+    its core, would not see them). A failure is one line naming the address."""
+    import threading
+
+    done: dict = {}
+
+    def go():
+        try:
+            ray.init(address=target, **kw)
+        except BaseException as e:  # noqa: BLE001 - carried to the waiting thread, which decides
+            done["error"] = e
+        done["end"] = True
+
+    t = threading.Thread(target=go, name="ray-init", daemon=True)
+    t.start()
+    t.join(None if address == "local" else CONNECT_SECONDS)
+    shown = address if address == target else f"{address} ({target})"
+    if "end" not in done:
+        raise MergetoolError(f"--ray {shown}", f"no Ray cluster answered in {CONNECT_SECONDS:g} s (the address "
+                             "answers, but not as a Ray head)", "pass the head node's address and port "
+                             "(ray status on the head shows it)")
+    e = done.get("error")
+    if e is not None:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise MergetoolError(f"--ray {shown}", f"cannot connect ({e.__class__.__name__}: {first})",
+                             "check the address, and that the cluster runs this version of Ray") from None
 
 
 def _ray():
@@ -294,20 +389,24 @@ def connect(address: str, workers: int | None, base: str, gguf_file: str | None,
     check_address(address)
     weights = content_digest(resolve_base(base, gguf_file))
     _messages_to_stderr()
+    _quiet_ray()
     if not ray.is_initialized():
         # Ray starts its workers at niceness 15 (behind every other process of the node); here the workers do
         # the command's work, so a local instance runs them at the driver's priority. On a cluster, the nodes'
         # own setting holds (start them with RAY_worker_niceness=0, README).
         if address == "local":
             os.environ.setdefault("RAY_worker_niceness", "0")
+        target = _target(ray, address)
+        if target != "local":
+            _probe(address, target)
         kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
                   runtime_env={"env_vars": {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}})
         import signal
 
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        ray.init(address=None if address == "local" else address, **kw)
-        # Ray's core worker installs its own SIGTERM handler in the driver (a stack dump, exit 15): the command's
-        # handlers come back, so Ctrl-C and SIGTERM end a --ray run as any other (exit 130/143, one line).
+        _init(ray, address, target, **kw)
+        # Ray's core worker may install its own SIGTERM handler in the driver (a stack dump, exit 15): the
+        # command's handlers come back, so Ctrl-C and SIGTERM end a --ray run as any other (exit 130/143, one line).
         for sig, h in handlers.items():
             if h is not None:
                 signal.signal(sig, h)

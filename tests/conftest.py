@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -92,9 +93,71 @@ def finetuned_copy(base_dir: Path, out: Path, seed: int, scale: float = 0.01) ->
     return out
 
 
-def run_cli(*args: str, input: bytes | None = None, check: bool = False, cwd=None) -> subprocess.CompletedProcess:
-    """Run the installed CLI as a user would, in a subprocess (in ``cwd`` when given)."""
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that a test signals: SIGINT and SIGTERM at their defaults, as in a terminal, even
+    when the suite runs from a background shell (``nohup``, ``&``), whose children inherit SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+# The CLI, with a signal the process sends itself at a moment chosen by an event, not by a clock (a busy machine
+# moves nothing): when it starts importing a module ("torch"), or when a function is called ("module:function",
+# "module:function#N" for the N-th call; the signal arrives as the call begins).
+_SIGNAL_AT = """
+import importlib.util, os, runpy, sys
+point, sig = sys.argv[1], int(sys.argv[2])
+module, _, func = point.partition(":")
+func, _, nth = func.partition("#")
+nth = int(nth or 1)
+
+
+def arm(m):
+    f, calls = getattr(m, func), [0]
+
+    def wrapped(*a, **k):
+        calls[0] += 1
+        if calls[0] == nth:
+            setattr(m, func, f)
+            os.kill(os.getpid(), sig)
+        return f(*a, **k)
+
+    setattr(m, func, wrapped)
+
+
+class Hook:
+    def find_spec(self, name, path=None, target=None):
+        if name != module:
+            return None
+        sys.meta_path.remove(self)
+        if not func:
+            os.kill(os.getpid(), sig)
+            return None
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+        spec.loader.exec_module = lambda m: (run(m), arm(m))
+        return spec
+
+
+sys.meta_path.insert(0, Hook())
+sys.argv = ["mergetool", *sys.argv[3:]]
+runpy.run_module("mergetool", run_name="__main__", alter_sys=True)
+"""
+
+
+def signal_at(point: str, sig: int, *args: str) -> subprocess.CompletedProcess:
+    """Run the CLI with ``args``; it sends itself ``sig`` at ``point``: ``"module"`` as it first imports it (one the
+    command imports after it started: torch, transformers, ...), ``"module:function"`` or ``"module:function#N"``
+    as the (N-th) call of that function begins. A point never reached leaves the run to finish (exit 0)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-c", _SIGNAL_AT, point, str(int(sig)), *args], capture_output=True,
+                          env=env, preexec_fn=default_sigint)
+
+
+def run_cli(*args: str, input: bytes | None = None, check: bool = False, cwd=None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed CLI as a user would, in a subprocess (in ``cwd`` when given, with ``env`` added to the
+    environment)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     r = subprocess.run([sys.executable, "-m", "mergetool", *args], input=input, capture_output=True, env=env, cwd=cwd)
     if check and r.returncode != 0:
         raise AssertionError(f"exit {r.returncode}: {r.stderr.decode()}")

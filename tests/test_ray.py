@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import lora_blob, random_lora, run_cli
+from conftest import default_sigint, lora_blob, random_lora, run_cli
 
 pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,9 +67,19 @@ def test_score_eval_and_training_on_local_ray_equal_one_process(tiny_lm, pool, t
     assert b"lowered priority" not in p2.stderr  # a local instance runs its workers at the driver's priority
     same_records(one, records(p2.stdout), lambda r: r["adapter"])
     e1 = records(run_cli("eval", "--base", str(tiny_lm), "--adapter", str(d), str(data), check=True).stdout)
-    e2 = records(run_cli("eval", "--base", str(tiny_lm), "--adapter", str(d), str(data), "--ray", "local",
-                         "--workers", "2", check=True).stdout)
-    same_records(e1, e2, lambda r: (r["adapter"], r["id"]))
+    # --ray local starts its own instance even where RAY_ADDRESS and Ray's record of the last cluster started
+    # (RAY_TMPDIR/ray/ray_current_cluster) point at another (here a dead address: joining it would fail)
+    tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths live below it
+    (tmp / "ray").mkdir()
+    (tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+    try:
+        p = run_cli("eval", "--base", str(tiny_lm), "--adapter", str(d), str(data), "--ray", "local", "--workers",
+                    "2", check=True, env={"RAY_ADDRESS": "127.0.0.1:1", "RAY_TMPDIR": str(tmp)})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    same_records(e1, records(p.stdout), lambda r: (r["adapter"], r["id"]))
+    # Ray's own notes (token authentication, connection warnings) stay off the command's stderr
+    assert all(x.startswith("mergetool eval: ") for x in p.stderr.decode().splitlines()), p.stderr.decode()
     t = ["train-expert", "--base", str(tiny_lm), "--per-example", "--rank", "4", "--epochs", "3", "--batch-size", "4",
          "--keep-if-correct", str(data)]
     local = run_cli(*t, "--out-dir", str(tmp_path / "one"), check=True)
@@ -261,9 +274,61 @@ def test_without_ray_nothing_imports_it(tiny_lm, pool, tmp_path):
 
 
 def test_bad_ray_address_is_one_line(tiny_lm, pool, capsys):
-    from mergetool.cli.main import run
+    from mergetool.cli.main import _ray_alone, run
 
     data, d = pool
-    rc = run(["score", "--base", str(tiny_lm), "--data", str(data), "--ray", "not an address", str(d)])
-    err = capsys.readouterr().err
-    assert rc == 2 and "is not a Ray address" in err and len(err.strip().splitlines()) == 1
+    for address, word in (("not an address", "is not a Ray address"), ("nothere/", "is not a Ray address"),
+                          ("127.0.0.1:99999", "port 99999 is outside 1-65535"), ("ray://h:0", "port 0 is outside")):
+        rc = run(["score", "--base", str(tiny_lm), "--data", str(data), "--ray", address, str(d)])
+        err = capsys.readouterr().err
+        assert rc == 2 and word in err and len(err.strip().splitlines()) == 1, (address, err)
+    # an existing path after --ray is a positional (the pool), not an address: --ray alone means local
+    assert _ray_alone(["score", "--ray", str(d), "-q"]) == ["score", "--ray", "local", str(d), "-q"]
+    assert _ray_alone(["score", "--ray", "h:1", str(d)]) == ["score", "--ray", "h:1", str(d)]
+
+
+def test_an_address_without_a_cluster_is_one_line_at_once(tiny_lm, pool):
+    """--ray 127.0.0.1:1 (nothing listens) once hung past 200 s, deaf to Ctrl-C, printing Ray's retries, and then
+    read "check the disk and the path": the address is probed first and named in the one line."""
+    data, d = pool
+    r = run_cli("eval", "--base", str(tiny_lm), str(data), "--ray", "127.0.0.1:1")
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 1 and err[-1].startswith("mergetool eval: error: --ray 127.0.0.1:1: cannot reach a Ray "
+                                                    "cluster there (Connection refused)"), err
+    assert all(x.startswith("mergetool eval: ") for x in err), err
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_ends_a_connection_that_waits(sig, code, word, tiny_lm, pool):
+    """An address that answers but is no Ray head: Ray waits on it in its core, where a signal's handler never
+    runs; the wait happens in a helper thread, so Ctrl-C and SIGTERM end it (and it ends after CONNECT_SECONDS).
+    The signal is sent once Ray itself has connected (the second connection: the first is the probe's)."""
+    data, d = pool
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    accepted, held = threading.Semaphore(0), []
+
+    def serve():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            held.append(c)
+            accepted.release()
+
+    threading.Thread(target=serve, daemon=True).start()
+    p = subprocess.Popen([sys.executable, "-m", "mergetool", "eval", "--base", str(tiny_lm), str(data), "--ray",
+                          f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=default_sigint)
+    try:
+        accepted.acquire()  # the probe
+        accepted.acquire()  # Ray's own connection: ray.init is waiting
+        p.send_signal(sig)
+        _, err = p.communicate()
+    finally:
+        p.kill()
+        srv.close()
+        for c in held:
+            c.close()
+    assert p.returncode == code and err.decode().strip().splitlines()[-1] == f"mergetool eval: error: {word}", err

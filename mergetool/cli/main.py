@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import traceback
 
 import typer
@@ -39,17 +40,51 @@ def _quiet_stdout() -> None:
 
 
 def _ray_alone(args: list[str]) -> list[str]:
-    """``--ray`` without an address (at the end, or before another option) means ``--ray local``."""
+    """``--ray`` without an address means ``--ray local``: at the end, before another option, or before an
+    existing path that is not an address's form (``--ray pool/``: the pool is a positional). Anything else after
+    it is its address, checked by ``distributed.check_address``."""
+    from ..distributed import is_address
+
     out = []
     for i, a in enumerate(args):
         out.append(a)
-        if a == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")):
-            out.append("local")
+        if a == "--ray":
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if nxt is None or nxt.startswith("-") or (not is_address(nxt) and os.path.exists(nxt)):
+                out.append("local")
     return out
 
 
+def _importing(frame) -> bool:
+    """Whether the interrupted code runs inside an import (a frame of importlib's bootstrap below it)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _signalled(signum, frame, stop: Stopped, exc: BaseException) -> None:
+    """Record the signal, and raise ``exc`` where the command's code can unwind. Inside an import the exception
+    would land in code that cannot carry it: a C++ extension's initialisation (pybind11 aborts the process), a
+    module lock's weakref callback (the exception is printed and dropped, the run goes on), a lazy import that
+    transformers or numpy then reports as another error. There the signal is sent again a moment later, until it
+    arrives outside every import."""
+    state["signal"] = stop
+    if _importing(frame):
+        later = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        later.daemon = True
+        later.start()
+        return
+    raise exc
+
+
+def _interrupt(signum, frame):
+    _signalled(signum, frame, Stopped(130, "interrupted"), KeyboardInterrupt())
+
+
 def _stop(signum, frame):
-    raise Stopped(143, "terminated")
+    _signalled(signum, frame, Stopped(143, "terminated"), Stopped(143, "terminated"))
 
 
 def _exit_interrupted() -> None:
@@ -70,21 +105,23 @@ def _exit_interrupted() -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the app and map every failure to one line on stderr and an exit code."""
+    """Run the app and map every failure to one line on stderr and an exit code. A failure after a Ctrl-C or
+    SIGTERM is the signal's (130/143, "interrupted"/"terminated"), whatever the code it hit made of the exception
+    (a library that catches it, an import it leaves half done: ``ModuleNotFoundError``, a C extension's
+    ``ImportError``)."""
     from ..errors import MergetoolError
 
     debug = "--debug" in (argv if argv is not None else sys.argv)
     ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    saved = (signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.default_int_handler),
+    state["signal"] = None
+    saved = (signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else _interrupt),
              signal.signal(signal.SIGTERM, _stop))
-    code = 0
+    code, line = 0, None
     try:
         rv = app(args=_ray_alone(sys.argv[1:] if argv is None else list(argv)), standalone_mode=False,
                  prog_name="mergetool")
         if isinstance(rv, int) and rv:  # typer returns the exit code of an Exit it caught (its Ctrl-C is 130)
-            code = rv
-            if rv == 130:
-                _say("error", "interrupted")
+            code, line = rv, ("interrupted" if rv == 130 else None)
     except typer.Exit as e:
         code = e.exit_code
     except cx.UsageError as e:
@@ -94,40 +131,37 @@ def run(argv: list[str] | None = None) -> int:
         if e.__class__.__name__ == "NoArgsIsHelpError" and e.ctx is not None:
             sys.stderr.write(e.ctx.get_help() + "\n")
         else:
-            _say("error", f"usage: {e.format_message().rstrip('.')}; see '{path} --help'")
+            line = f"usage: {e.format_message().rstrip('.')}; see '{path} --help'"
         code = 2
     except Stopped as e:
-        _say("error", e.why)
-        code = e.code
+        code, line = e.code, e.why
     except (typer.Abort, KeyboardInterrupt):
-        _say("error", "interrupted")
-        code = 130
+        code, line = 130, "interrupted"
     except (BrokenPipeError, PipeClosed):
         _quiet_stdout()
         code = 0
     except MergetoolError as e:
         if debug:
             traceback.print_exc()
-        _say("error", e.line())
-        code = e.exit_code
+        code, line = e.exit_code, e.line()
     except cx.ClickException as e:
-        _say("error", e.format_message())
-        code = e.exit_code
+        code, line = e.exit_code, e.format_message()
     except OSError as e:  # a device full, a file that vanished: say which and why
         if debug:
             traceback.print_exc()
-        where = e.filename or "output"
-        _say("error", f"{where}: {e.strerror or e}; check the disk and the path")
-        code = 1
+        code, line = 1, f"{e.filename or 'output'}: {e.strerror or e}; check the disk and the path"
     except Exception as e:  # an internal failure still gets one line
         if debug:
             traceback.print_exc()
-        _say("error", f"internal: {e.__class__.__name__}: {e}; rerun with --debug for a traceback")
-        code = 1
+        code, line = 1, f"internal: {e.__class__.__name__}: {e}; rerun with --debug for a traceback"
     finally:
         if argv is not None:  # in-process (tests): the caller's handlers again
             signal.signal(signal.SIGINT, saved[0])
             signal.signal(signal.SIGTERM, saved[1])
+    if code and state["signal"] is not None:
+        code, line = state["signal"].code, state["signal"].why
+    if line:
+        _say("error", line)
     if argv is None:  # the command's work is over, written or refused: a late signal changes nothing now
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
