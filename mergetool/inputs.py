@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import MergetoolError, UsageError
 from .blobs import load_pickle_tensors, read_blobs
+from .streams import check_path, unreadable
 from .model import Base, task_vector
 from .updates import Update, check_peft_config, from_blob, from_tensors
 
@@ -24,7 +25,7 @@ def _read_config(path: Path) -> dict:
         with open(f, "rb") as fh:
             raw = fh.read(MAX_CONFIG + 1)
     except OSError as e:
-        raise MergetoolError(what, f"cannot read ({e.strerror or e.__class__.__name__})") from None
+        raise unreadable(what, e) from None
     if len(raw) > MAX_CONFIG:
         raise MergetoolError(what, f"is larger than {MAX_CONFIG} bytes", "pass a PEFT adapter_config.json")
     try:
@@ -97,8 +98,7 @@ def load_inputs(paths: list[str], base: Base | None = None, allow_pickle: bool =
             out += [from_blob(b, f"stdin-{i + 1}") for i, b in enumerate(read_blobs("-"))]
             continue
         p = Path(src)
-        if not p.exists():
-            raise MergetoolError(src, "no such file or directory", "check the path")
+        check_path(src)
         if p.is_dir():
             if (p / "adapter_config.json").exists():
                 out.append(_peft_dir(p, allow_pickle))

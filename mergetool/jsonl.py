@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO, Callable
 
 from .errors import MergetoolError
-from .streams import open_input, stdin_binary, write_stdout
+from .streams import open_input, stdin_binary, unreadable, write_stdout
 
 MAX_JSONL_LINE = 64 << 20  # bytes; a longer line is refused (with its number) before it is read
 
@@ -131,7 +131,7 @@ def _parse_jsonl(f: IO[bytes], name: str) -> list[dict]:
                                      "of escapes)")
             rows.append(obj)
     except OSError as e:
-        raise MergetoolError(name, f"cannot read ({e.strerror or e.__class__.__name__})") from None
+        raise unreadable(name, e) from None
     if not rows:
         raise MergetoolError(name, "no records", "pass a non-empty JSONL file")
     return rows

@@ -23,15 +23,39 @@ def stdin_binary() -> IO[bytes]:
     return sys.stdin.buffer
 
 
+def unreadable(src: str, e: OSError) -> MergetoolError:
+    """The one line for an input that cannot be opened or read: what the error means for this path (a link
+    loop, a link to nothing, a permission, a directory) and what to do."""
+    if e.errno == errno.ENOENT:
+        if os.path.islink(src):
+            return MergetoolError(src, f"is a symbolic link to a missing file ({os.readlink(src)})",
+                                  "point the link at an existing file")
+        return MergetoolError(src, "no such file or directory", "check the path")
+    if e.errno == errno.ELOOP:
+        return MergetoolError(src, "is a symbolic link loop (its links lead back to themselves)",
+                              "point the link at a real file")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return MergetoolError(src, f"cannot read ({e.strerror})", "check its permissions, or copy it somewhere "
+                              "this user can read")
+    if e.errno == errno.EISDIR:
+        return MergetoolError(src, "is a directory", "pass a file")
+    return MergetoolError(src, f"cannot read ({e.strerror or e.__class__.__name__})",
+                          "check the file and the device it is on")
+
+
+def check_path(src: str) -> None:
+    """Refuse, in one line (``unreadable``), a path that does not lead to something."""
+    try:
+        os.stat(src)
+    except OSError as e:
+        raise unreadable(src, e) from None
+
+
 def open_input(src: str) -> IO[bytes]:
     try:
         return open(src, "rb")
-    except FileNotFoundError:
-        raise MergetoolError(src, "no such file", "check the path") from None
-    except IsADirectoryError:
-        raise MergetoolError(src, "is a directory", "pass a file") from None
     except OSError as e:
-        raise MergetoolError(src, f"cannot read ({e.strerror})") from None
+        raise unreadable(src, e) from None
 
 
 def stdout_is_tty() -> bool:

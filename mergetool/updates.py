@@ -23,7 +23,7 @@ from typing import Callable, Union
 import torch
 
 from .errors import MergetoolError
-from .blobs import FLOAT_DTYPES, Blob
+from .blobs import FLOAT_DTYPES, Blob, all_finite
 
 log = logging.getLogger("mergetool")
 
@@ -233,7 +233,7 @@ def _check_float(name: str, t: torch.Tensor, source: str) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise MergetoolError(source, f"tensor {name!r} has dtype {t.dtype} (a floating type is needed)",
                              "adapters hold float32, float16 or bfloat16 tensors")
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise MergetoolError(source, f"tensor {name!r} holds NaN or Inf", "the adapter is broken; retrain or re-export it")
 
 

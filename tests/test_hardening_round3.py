@@ -222,3 +222,46 @@ def test_a_factorisation_that_fails_names_the_module_and_adapters(method, bad):
     with pytest.raises(MergetoolError, match=r"layers\.0\.self_attn\.q_proj.*: the factorisation of the updates of "
                                              r"a, b fails \(linalg\.\w+ does not converge"):
         merge([a, b], method, Params(), torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- messages and memory
+
+
+def test_odd_paths_say_what_they_are(tmp_path, capsys):
+    """A symlink loop read "no such file or directory"; a permission ("/proc/1/mem") had no FIX part."""
+    loop_a, loop_b, dangling = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "d.jsonl"
+    loop_a.symlink_to(loop_b)
+    loop_b.symlink_to(loop_a)
+    dangling.symlink_to(tmp_path / "gone.jsonl")
+    cases = [(["merge", "-m", "mean", str(loop_a)], "is a symbolic link loop"),
+             (["weight", "--records", str(loop_a)], "is a symbolic link loop"),
+             (["merge", "-m", "mean", str(dangling)], f"is a symbolic link to a missing file ({tmp_path / 'gone.jsonl'})"),
+             (["weight", "--records", str(dangling)], "is a symbolic link to a missing file"),
+             (["merge", "-m", "mean", str(tmp_path / "none")], "no such file or directory; check the path")]
+    if Path("/proc/1/mem").exists():
+        cases += [(["merge", "-m", "mean", "/proc/1/mem"], "cannot read ("),
+                  (["weight", "--records", "/proc/1/mem"], "cannot read (")]
+    for args, needle in cases:
+        rc, out, err = inproc(capsys, *args)
+        line = one_line(err)
+        assert rc == 1 and needle in line and line.count(";") >= 1 and line.rstrip().split(";")[-1].strip(), (args, err)
+
+
+def test_a_huge_valid_adapter_is_refused_in_bounded_memory(tmp_path):
+    """A valid header and a 1 GiB body of a tensor no adapter holds: refused after reading it, with RSS near the
+    body's size (the NaN check of the whole tensor at once took it from 1.2 to 3.0 GB)."""
+    import struct
+
+    from test_hardening_io import peak_rss, sparse
+
+    small = tmp_path / "small.safetensors"
+    small.write_bytes(b"\0" * 8)
+    code, err, base_kb = peak_rss(["merge", str(small), "-o", str(tmp_path / "o.safetensors")])
+    n = 2**28
+    raw = json.dumps({"junk": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]},
+                      "__metadata__": {"format": "pt"}}).encode()
+    head = struct.pack("<Q", len(raw)) + raw
+    big = sparse(tmp_path / "big.safetensors", head, len(head) + 4 * n)
+    code, err, kb = peak_rss(["merge", str(big), "-o", str(tmp_path / "o.safetensors")])
+    assert code == 1 and "unsupported tensor 'junk'" in one_line(err), err
+    assert kb < base_kb + (4 * n >> 10) + 300 * 1024, (kb >> 10, base_kb >> 10)
