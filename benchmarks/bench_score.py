@@ -56,6 +56,11 @@ def main():
     ap.add_argument("--paper-scale", action="store_true",
                     help="the paper's run itself (GPU): 639 experts, a random Llama-3.2-3B-shaped model (bf16), "
                          "8-option questions with 4 shots, M=50, N=5; the shared trials only")
+    ap.add_argument("--paper-groups", type=int, default=None,
+                    help="with --paper-scale: time the first K of the 65 groups and carry the rate to all of them "
+                         "(every group is one merge of 51 and 51 evaluations: the same cost)")
+    ap.add_argument("--small", action="store_true",
+                    help="with --paper-scale: a tiny Llama shape, 24 experts, M=3, N=2 (a dry run of the code)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = pick(args.device)
@@ -131,34 +136,44 @@ def paper_run(args, dev, tok_dir: Path) -> None:
     from mergetool.model import load_tokenizer
 
     tok = load_tokenizer(resolve_base(str(tok_dir)))
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                      num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                      max_position_embeddings=4096)
+    if args.small:
+        P, M, N = 24, 3, 2
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    else:
+        P, M, N = 639, 50, 5
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                          num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                          max_position_embeddings=4096)
     torch.manual_seed(0)
     with torch.device(dev):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
-    exs = country_questions()
-    while len(exs) < 639:  # 639 questions: the 482 of countries.jsonl, then copies under other ids
-        extra = country_questions(639 - len(exs))
+    exs = country_questions(P)
+    while len(exs) < P:  # 639 questions: the 482 of countries.jsonl, then copies under other ids
+        extra = country_questions(P - len(exs))
         for e in extra:
             e.id = e.rec["id"] = f"{e.id}-{len(exs)}"
         exs += extra
     add_contexts(exs, list(exs), 4, seed=0)
-    pool = experts(model, 639)
+    pool = experts(model, P)
     for u, e in zip(pool, exs):
         u.name = u.meta["name"] = e.id
-    groups = plan(639, 50, 5, seed=0)
-    scorer = Scorer(model, tok, pool, exs, [[i] for i in range(639)], get("knots"), Params(), dev,
+    groups = plan(P, M, N, seed=0)
+    timed = list(range(len(groups)))[:args.paper_groups]
+    scorer = Scorer(model, tok, pool, exs, [[i] for i in range(P)], get("knots"), Params(), dev,
                     batch_tokens=args.batch_tokens, merge_chunk=args.merge_chunk)
     sync(dev)
     t = time.perf_counter()
-    scorer.run_groups(groups, list(range(len(groups))), lambda g, res: None)
+    scorer.run_groups(groups, timed, lambda g, res: None)
     sync(dev)
-    total = time.perf_counter() - t
-    info = {"machine": machine(dev), "paper_scale": True, "merges": len(groups), "evaluations": 639 * 5,
+    took = time.perf_counter() - t
+    total = took * len(groups) / len(timed)  # every group costs the same: a merge of M+1, M+1 evaluations
+    info = {"machine": machine(dev), "paper_scale": not args.small, "experts": P, "partners": M, "trials": N,
+            "merges": len(groups), "merges_timed": len(timed), "evaluations": P * N, "seconds_timed": took,
             "seconds": total, "merge_s": scorer.seconds["merge"], "evaluate_s": scorer.seconds["evaluate"]}
-    print(f"paper scale on {dev}: {len(groups)} merges and {639 * 5} 4-shot evaluations in {total / 60:.1f} min "
-          f"(merges {scorer.seconds['merge']:.0f} s, evaluations {scorer.seconds['evaluate']:.0f} s)", flush=True)
+    print(f"paper scale on {dev}: {len(timed)} of {len(groups)} merges in {took:.1f} s (merges "
+          f"{scorer.seconds['merge']:.0f} s, evaluations {scorer.seconds['evaluate']:.0f} s): the {len(groups)} "
+          f"merges and {P * N} 4-shot evaluations take {total / 60:.1f} min", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2))
 

@@ -71,20 +71,23 @@ def _messages_to_stderr() -> None:
     rw.print_to_stdstream = to_stderr
 
 
-def _quiet_ray() -> None:
-    """Ray's own notes (its Python loggers, its core's C++ warnings while it connects) stay off the command's
-    stderr: the Python ones go to mergetool's log at debug level (seen with --debug), the C++ ones are limited to
-    errors (``RAY_BACKEND_LOG_LEVEL``, unless the user set it)."""
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+def _quiet_ray(started: bool = False) -> None:
+    """Ray's own notes (its Python loggers: token authentication, "SIGTERM handler is not set") stay off the
+    command's stderr: they go to mergetool's log, at debug level (seen with --debug), errors as warnings. Ray's
+    logger drops what is below ERROR (unless --debug) until ``ray.init`` has run, which clears its handlers
+    (``started``: then ours is put back). Its core's C++ warnings come only from a failing connection, which
+    ``_probe`` refuses first."""
     ray_log = logging.getLogger("ray")
-    if not any(isinstance(h, _ToDebug) for h in ray_log.handlers):
-        ray_log.addHandler(_ToDebug())
+    ray_log.setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
+    ray_log.handlers = [_ToLog()]
     ray_log.propagate = False
+    if started:
+        ray_log.setLevel(logging.DEBUG)
 
 
-class _ToDebug(logging.Handler):
+class _ToLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        log.debug("ray: %s", record.getMessage())
+        log.log(logging.WARNING if record.levelno >= logging.ERROR else logging.DEBUG, "ray: %s", record.getMessage())
 
 
 def _target(ray, address: str) -> str:
@@ -126,11 +129,19 @@ def _probe(address: str, target: str) -> None:
 
 
 def _init(ray, address: str, target: str, **kw) -> None:
-    """``ray.init`` in a helper thread while this one waits: the wait is bounded for a remote address
-    (CONNECT_SECONDS) and Ctrl-C or SIGTERM end it, as they end any other moment of the command (Ray, blocked in
-    its core, would not see them). A failure is one line naming the address."""
+    """``ray.init``; a failure is one line naming the address. A local instance starts in this thread (Ray ties
+    the processes it starts to the thread that started them); a connection to a cluster is made in a helper
+    thread while this one waits, so that the wait is bounded (CONNECT_SECONDS) and Ctrl-C or SIGTERM end it, as
+    they end any other moment of the command (Ray, blocked in its core, would not see them)."""
     import threading
 
+    shown = address if address == target else f"{address} ({target})"
+    if target == "local":
+        try:
+            ray.init(address="local", **kw)
+        except Exception as e:
+            raise _failed(shown, e) from None
+        return
     done: dict = {}
 
     def go():
@@ -142,17 +153,21 @@ def _init(ray, address: str, target: str, **kw) -> None:
 
     t = threading.Thread(target=go, name="ray-init", daemon=True)
     t.start()
-    t.join(None if address == "local" else CONNECT_SECONDS)
-    shown = address if address == target else f"{address} ({target})"
+    t.join(CONNECT_SECONDS)
     if "end" not in done:
         raise MergetoolError(f"--ray {shown}", f"no Ray cluster answered in {CONNECT_SECONDS:g} s (the address "
                              "answers, but not as a Ray head)", "pass the head node's address and port "
                              "(ray status on the head shows it)")
-    e = done.get("error")
-    if e is not None:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise MergetoolError(f"--ray {shown}", f"cannot connect ({e.__class__.__name__}: {first})",
-                             "check the address, and that the cluster runs this version of Ray") from None
+    if isinstance(done.get("error"), Exception):
+        raise _failed(shown, done["error"])
+    if done.get("error") is not None:  # a signal's exception in the helper thread: carried as it is
+        raise done["error"]
+
+
+def _failed(shown: str, e: Exception) -> MergetoolError:
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return MergetoolError(f"--ray {shown}", f"cannot start or reach Ray ({e.__class__.__name__}: {first})",
+                          "check the address, and that the cluster runs this version of Ray")
 
 
 def _ray():
@@ -405,6 +420,7 @@ def connect(address: str, workers: int | None, base: str, gguf_file: str | None,
 
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         _init(ray, address, target, **kw)
+        _quiet_ray(started=True)
         # Ray's core worker may install its own SIGTERM handler in the driver (a stack dump, exit 15): the
         # command's handlers come back, so Ctrl-C and SIGTERM end a --ray run as any other (exit 130/143, one line).
         for sig, h in handlers.items():

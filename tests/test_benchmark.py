@@ -69,3 +69,22 @@ def test_small_score_benchmark(tiny_lm, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["same_outcome_on_timed_pairs"] == res["plain_pairs_timed"] == 6 and res["merges_shared"] == 6
+
+
+def test_gpu_script_dry_run(tiny_lm, tmp_path):
+    """benchmarks/gpu.sh (BENCHMARKS.md's GPU backlog in one run) at toy sizes on the CPU: every step runs to
+    its end and writes its JSON, and the run's record lists them all, so the script cannot rot before a GPU comes."""
+    pytest.importorskip("ray")
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "results"
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--device", "cpu", "--small", "--model",
+                        str(tiny_lm), "--out", str(out)], capture_output=True, text=True,
+                       env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    (run,) = out.glob("gpu-run-cpu-dryrun-*.json")
+    steps = json.loads(run.read_text())["steps"]
+    assert [s["step"] for s in steps] == ["eval-train", "updates", "score", "score-paper", "diagnose", "subspace",
+                                          "ray", "pytest -m gpu"]
+    assert all(s["rc"] == 0 for s in steps), steps
+    for s in steps[:-1]:
+        assert json.loads(Path(s["json"]).read_text()), s

@@ -304,7 +304,7 @@ def test_a_signal_ends_a_connection_that_waits(sig, code, word, tiny_lm, pool):
     runs; the wait happens in a helper thread, so Ctrl-C and SIGTERM end it (and it ends after CONNECT_SECONDS).
     The signal is sent once Ray itself has connected (the second connection: the first is the probe's)."""
     data, d = pool
-    srv = socket.create_server(("127.0.0.1", 0))
+    srv = socket.create_server(("", 0))  # every interface: Ray dials this machine's address for 127.0.0.1
     port = srv.getsockname()[1]
     accepted, held = threading.Semaphore(0), []
 
@@ -322,8 +322,9 @@ def test_a_signal_ends_a_connection_that_waits(sig, code, word, tiny_lm, pool):
                           f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          preexec_fn=default_sigint)
     try:
-        accepted.acquire()  # the probe
-        accepted.acquire()  # Ray's own connection: ray.init is waiting
+        for _ in range(2):  # the probe's connection, then Ray's own: ray.init is waiting
+            while not accepted.acquire(timeout=1):
+                assert p.poll() is None, p.communicate()[1].decode()  # the command ended without connecting
         p.send_signal(sig)
         _, err = p.communicate()
     finally:
