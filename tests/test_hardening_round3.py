@@ -265,3 +265,25 @@ def test_a_huge_valid_adapter_is_refused_in_bounded_memory(tmp_path):
     code, err, kb = peak_rss(["merge", str(big), "-o", str(tmp_path / "o.safetensors")])
     assert code == 1 and "unsupported tensor 'junk'" in one_line(err), err
     assert kb < base_kb + (4 * n >> 10) + 300 * 1024, (kb >> 10, base_kb >> 10)
+
+
+# ----------------------------------------------------------------------------- eval's resume key
+
+
+def test_eval_resume_refuses_other_data_under_the_same_ids_and_another_dtype(tiny_lm, tmp_path, capsys):
+    """eval --resume once continued a file written for other examples of the same ids, or in another --dtype,
+    mixing records of two runs: the run key holds the examples' contents and the dtype."""
+    rows = [{"id": f"q{i}", "task": "t", "prompt": f"{i}+{i}=", "choices": [str(2 * i), "7"], "answer": 0}
+            for i in range(3)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "r.jsonl"
+    assert inproc(capsys, "eval", "-q", "--base", str(tiny_lm), str(data), "-o", str(out))[0] == 0
+    keep = out.read_bytes()
+    assert inproc(capsys, "eval", "-q", "--base", str(tiny_lm), str(data), "-o", str(out), "--resume")[0] == 0
+    rows[1]["prompt"] = "1+1 is"
+    edited = tmp_path / "e.jsonl"
+    edited.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for args in ([str(edited)], [str(data), "--dtype", "bfloat16"]):
+        rc, _, err = inproc(capsys, "eval", "-q", "--base", str(tiny_lm), *args, "-o", str(out), "--resume")
+        assert rc == 1 and "was written by eval with" in one_line(err) and out.read_bytes() == keep, (args, err)

@@ -82,23 +82,30 @@ def _done_ids(path: Path, run: str) -> set[tuple]:
             key = (r.get("adapter"), r["id"])
             if r.get("run") != run:
                 raise MergetoolError(str(path), "was written by eval with another base model, other adapters "
-                                     "(or other contents under their names) or other options (--norm, --shots, "
-                                     "--seed, --chat, --split, --max-new-tokens)",
+                                     "(or other contents under their names), other examples (or other contents "
+                                     "under their ids) or other options (--norm, --shots, --seed, --chat, --split, "
+                                     "--max-new-tokens, --dtype)",
                                      "resume with the same adapters and options, or write to a new file")
             ids.add(key)
         cut()  # accepted: a last line cut by a crash is dropped (and redone)
     return ids
 
 
-def _run_key(fp, norm, shots, shots_from, seed, chat, max_new_tokens, split, updates=()) -> str:
-    """What an eval record depends on besides its example: the base, the options, and the adapters (their names
-    and contents, so a file written for adapter A is not continued with B, nor with A retrained). Records with
-    different keys never mix."""
+def _run_key(fp, norm, shots, shots_from, seed, chat, max_new_tokens, split, updates=(), dtype=None,
+             examples=(), demos=()) -> str:
+    """What an eval record depends on: the base, every option that changes a number (the dtype the model runs
+    in included), the adapters (their names and contents, so a file written for adapter A is not continued
+    with B, nor with A retrained), and the examples' contents and the demonstrations drawn from (so data edited
+    under the same ids is not continued either). Records with different keys never mix."""
     import hashlib
 
-    doc = [fp, norm, shots, shots_from, seed, chat, max_new_tokens, split]
+    doc = [fp, norm, shots, shots_from, seed, chat, max_new_tokens, split, str(dtype)]
     if updates:
         doc.append(sorted([u.name, u.digest()] for u in updates))
+    data = hashlib.sha256()
+    for part in (examples, demos if shots else ()):
+        data.update(json.dumps(sorted(json.dumps(e.rec, sort_keys=True) for e in part)).encode())
+    doc.append(data.hexdigest())
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:12]
 
 
@@ -222,7 +229,12 @@ def eval_cmd(
         check_compatible(updates, fp)
         check_unique_names(updates, "their records could not be told apart")
     names = [u.name for u in updates] or [None]
-    run = _run_key(f"{fp}:{content_digest(b)}", norm, shots, shots_from, seed, chat, max_new_tokens, split, updates)
+    import torch
+
+    # the dtype load_model picks (on a Ray cluster, the workers' devices pick it: "auto")
+    run_dtype = torch_dtype or ("auto" if ray else torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    run = _run_key(f"{fp}:{content_digest(b)}", norm, shots, shots_from, seed, chat, max_new_tokens, split, updates,
+                   run_dtype, examples, pool)
 
     done = _done_ids(rec_path, run) if (resume and rec_path) else set()
     todo = [e for e in examples if any((n, e.id) not in done for n in names)]
