@@ -21,7 +21,6 @@ from conftest import default_sigint, lora_blob, random_lora, run_cli
 
 pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.timeout(600)
 
 
 def capitals(n):
@@ -104,10 +103,9 @@ def score_under_way(tiny_lm, pool, tmp_path, groups: int):
     one = records(run_cli(*args, check=True).stdout)
     out = tmp_path / "s.jsonl"
     p = subprocess.Popen([sys.executable, "-m", "mergetool", *args, "--ray", "--workers", "2", "-o", str(out)],
-                         stderr=subprocess.PIPE)
+                         stderr=subprocess.PIPE, preexec_fn=default_sigint)
     side = tmp_path / "s.jsonl.trials"
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
+    while p.poll() is None:  # until `groups` groups are on disk: an event, however busy the machine is
         if side.exists() and sum('"group"' in x for x in side.read_text().splitlines()) >= groups:
             break
         time.sleep(0.1)
@@ -121,7 +119,7 @@ def test_a_killed_worker_changes_nothing(tiny_lm, pool, tmp_path):
     workers = ray_workers_of(p.pid)  # this run's workers only, not another Ray instance's on the machine
     assert workers, "no Ray worker process found"
     os.kill(workers[0], signal.SIGKILL)
-    _, err = p.communicate(timeout=300)
+    _, err = p.communicate()
     assert p.returncode == 0, err.decode()
     assert b"a worker died; its job goes to another" in err, err.decode()  # the kill hit work in flight
     same_records(one, [json.loads(x) for x in out.read_text().splitlines()], lambda r: r["adapter"])
@@ -155,7 +153,7 @@ def test_a_stopped_driver_resumes_unordered_to_the_same_records(tiny_lm, pool, t
     the single-process run, none twice (in another order, as they arrived)."""
     args, one, out, side, p = score_under_way(tiny_lm, pool, tmp_path, 4)
     p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
+    _, err = p.communicate()
     assert p.returncode == 143, err.decode()
     assert err.decode().strip().splitlines()[-1].endswith("error: terminated") and b"SIGTERM received" not in err
     assert side.exists()  # stopped before the end: there is something to resume
