@@ -81,7 +81,7 @@ J() { echo "$OUT/$1-$TAG-$DATE.json"; }
 B=benchmarks
 if [ $SMALL = 1 ]; then
     step eval-train 0 "$(J eval-train)" "$PY" $B/bench_eval_train.py --tokenizer "$MODEL" --small --device "$DEVICE" \
-        --items 4 --experts 1 --steps 1 --json "$(J eval-train)"
+        --items 4 --experts 2 --steps 1 --json "$(J eval-train)"
     step updates 0 "$(J updates)" "$PY" $B/bench_updates.py --model "$MODEL" --device "$DEVICE" --updates 2 --items 4 \
         --shots 1 --json "$(J updates)"
     step score 0 "$(J score)" "$PY" $B/bench_score.py --model "$MODEL" --device "$DEVICE" --pool 6 --partners 2 \

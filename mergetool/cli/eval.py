@@ -84,22 +84,23 @@ def _done_ids(path: Path, run: str) -> set[tuple]:
                 raise MergetoolError(str(path), "was written by eval with another base model, other adapters "
                                      "(or other contents under their names), other examples (or other contents "
                                      "under their ids) or other options (--norm, --shots, --seed, --chat, --split, "
-                                     "--max-new-tokens, --dtype)",
+                                     "--max-new-tokens, --dtype, --device)",
                                      "resume with the same adapters and options, or write to a new file")
             ids.add(key)
         cut()  # accepted: a last line cut by a crash is dropped (and redone)
     return ids
 
 
-def _run_key(fp, norm, shots, shots_from, seed, chat, max_new_tokens, split, updates=(), dtype=None,
+def _run_key(fp, norm, shots, shots_from, seed, chat, max_new_tokens, split, updates=(), dtype="auto auto",
              examples=(), demos=()) -> str:
-    """What an eval record depends on: the base, every option that changes a number (the dtype the model runs
-    in included), the adapters (their names and contents, so a file written for adapter A is not continued
-    with B, nor with A retrained), and the examples' contents and the demonstrations drawn from (so data edited
-    under the same ids is not continued either). Records with different keys never mix."""
+    """What an eval record depends on: the base, every option that changes a number (``dtype``: --dtype and
+    --device as given, the same for a run on Ray and in one process), the adapters (their names and contents,
+    so a file written for adapter A is not continued with B, nor with A retrained), and the examples' contents
+    and the demonstrations drawn from (so data edited under the same ids is not continued either). Records with
+    different keys never mix."""
     import hashlib
 
-    doc = [fp, norm, shots, shots_from, seed, chat, max_new_tokens, split, str(dtype)]
+    doc = [fp, norm, shots, shots_from, seed, chat, max_new_tokens, split, dtype]
     if updates:
         doc.append(sorted([u.name, u.digest()] for u in updates))
     data = hashlib.sha256()
@@ -229,12 +230,8 @@ def eval_cmd(
         check_compatible(updates, fp)
         check_unique_names(updates, "their records could not be told apart")
     names = [u.name for u in updates] or [None]
-    import torch
-
-    # the dtype load_model picks (on a Ray cluster, the workers' devices pick it: "auto")
-    run_dtype = torch_dtype or ("auto" if ray else torch.bfloat16 if dev.type == "cuda" else torch.float32)
     run = _run_key(f"{fp}:{content_digest(b)}", norm, shots, shots_from, seed, chat, max_new_tokens, split, updates,
-                   run_dtype, examples, pool)
+                   f"{dtype} {device}", examples, pool)
 
     done = _done_ids(rec_path, run) if (resume and rec_path) else set()
     todo = [e for e in examples if any((n, e.id) not in done for n in names)]
