@@ -19,7 +19,7 @@ from .device import keep_freed_memory
 from .errors import MergetoolError
 from .blobs import FLOAT_DTYPES, LazySafetensors, dtype_size, write_blob
 from .outputs import atomic_dir as _atomic_dir
-from .updates import PREFIX, Dense, LowRank, Update
+from .updates import Dense, LowRank, Update, module_of
 
 log = logging.getLogger("mergetool")
 
@@ -252,11 +252,6 @@ def base_tensors(base: Base, allow_pickle: bool = False) -> ModelTensors:
         _BASES.clear()
         _BASES[key] = ModelTensors(base, allow_pickle)
     return _BASES[key]
-
-
-def module_of(param: str) -> str:
-    """PEFT-style module key of a model parameter (``x.weight`` -> ``base_model.model.x``)."""
-    return PREFIX + (param[: -len(".weight")] if param.endswith(".weight") else param)
 
 
 def task_vector(ft_dir: Path, base: Base | None, allow_pickle: bool = False) -> Update:

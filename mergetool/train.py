@@ -20,7 +20,7 @@ import torch
 from .adapters import Prefix, RowAdapters, decoder_layers, first_layer, layer_of
 from .errors import MergetoolError
 from .scoring import logits_at, prefix_token
-from .updates import Update
+from .updates import Update, to_tensors
 
 
 @dataclass
@@ -33,6 +33,7 @@ class LoraSpec:
     epochs: int = 10
     batch_size: int = 64
     seed: int = 0
+    dora: bool = False  # DoRA: each expert also trains a magnitude per output row
 
     @property
     def scale(self) -> float:
@@ -72,7 +73,7 @@ def expert_meta(template: dict, name: str, task: str, **training) -> dict:
 def check_finite(u: Update) -> None:
     """A trained expert holding NaN or Inf is an error (the learning rate was too high), never an output."""
     bad = next((k for k, m in u.modules.items()
-                if not (bool(torch.isfinite(m.A).all()) and bool(torch.isfinite(m.B).all()))), None)
+                if not all(bool(torch.isfinite(t).all()) for t in to_tensors(Update("", {k: m})).values())), None)
     if bad is not None:
         raise MergetoolError(u.name, f"training diverged: module {bad} holds NaN or Inf", "lower --lr")
 
@@ -138,7 +139,7 @@ def train_stacked(model, tok, items: list[tuple[str, str]], spec: LoraSpec, name
     dev = next(model.parameters()).device
     for p in model.parameters():
         p.requires_grad_(False)
-    ad = RowAdapters.trainable(model, names, len(items), spec.rank, spec.scale, seeds)
+    ad = RowAdapters.trainable(model, names, len(items), spec.rank, spec.scale, seeds, spec.dora)
     opt = torch.optim.AdamW(ad.parameters(), lr=spec.lr, weight_decay=0.0)
     ids, mask, lab = lm_batch(tok, items, dev)
     t = Targets(lab)
@@ -175,7 +176,7 @@ def train_task(model, tok, items: list[tuple[str, str]], spec: LoraSpec, names: 
     dev = next(model.parameters()).device
     for p in model.parameters():
         p.requires_grad_(False)
-    ad = RowAdapters.trainable(model, names, 1, spec.rank, spec.scale, [spec.seed])
+    ad = RowAdapters.trainable(model, names, 1, spec.rank, spec.scale, [spec.seed], spec.dora)
     ad.use(0)
     opt = torch.optim.AdamW(ad.parameters(), lr=spec.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(spec.seed)

@@ -57,6 +57,8 @@ def train_cmd(
     batch_size: Annotated[Optional[int], Opt("--batch-size", help="Experts trained at once (per example, 64) "
                                              "or examples per step (per task, 8).")] = None,
     seed: Annotated[int, Opt("--seed", help="Seed of the adapter initialisation and data order.")] = 0,
+    dora: Annotated[bool, Opt("--dora", help="Train DoRA experts: LoRA factors and a magnitude per output row "
+                              "(peft's use_dora).")] = False,
     task_filter: Annotated[Optional[str], Opt("--task-filter", help="Only these tasks (comma-separated).")] = None,
     skip_known: Annotated[bool, Opt("--skip-known", help="Per example: drop examples the base already answers.")]
     = False,
@@ -108,7 +110,8 @@ def train_cmd(
                                   "a finite number > 0")):
         if not ok:
             raise UsageError(opt, f"{value} is out of range", f"pass a value {rule}")
-    spec_kw.update(seed=seed, targets=[t.strip() for t in (target_modules or d["targets"]).split(",") if t.strip()])
+    spec_kw.update(seed=seed, dora=dora,
+                   targets=[t.strip() for t in (target_modules or d["targets"]).split(",") if t.strip()])
     if not spec_kw["targets"]:
         raise UsageError("--target-modules", "names no module", "pass suffixes such as mlp.up_proj")
     try:
@@ -158,7 +161,7 @@ def train_cmd(
         model, tok = load_model(b, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
         names = tr.target_modules(model, spec, default_middle=per_example)
         layer_ids = sorted({layer_of(n, decoder_layers(model)[0]) for n in names})
-    peft_cfg = {"r": spec.rank, "lora_alpha": spec.alpha, "use_rslora": False,
+    peft_cfg = {"r": spec.rank, "lora_alpha": spec.alpha, "use_rslora": False, "use_dora": spec.dora,
                 "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}), "layers_to_transform": layer_ids}
     template = {"kind": "lora", "base_model": base, "base_fingerprint": fp, "peft_config": peft_cfg,
                 "training": {"lr": spec.lr, "epochs": spec.epochs, "seed": spec.seed,
