@@ -159,7 +159,8 @@ def merge_cmd(
     out_dtype = out_dtype or widest_dtype(updates)
     keep_dtype = None if dtype == "auto" else out_dtype
     full_models = (rank is None and m.coefficients is None and "inner" not in m.options and not save_peft
-                   and all(u.kind == "dense" for u in updates) and bool(to_blob) != bool(save_model))
+                   and not any(lora_of(mm) for u in updates for mm in u.modules.values())
+                   and bool(to_blob) != bool(save_model))
     if full_models and save_model:  # one tensor at a time from the inputs into the merged model's shards
         with atomic_dir(save_model) as d:
             info = write_model(b, d, checked(merge_stream(updates, m, p, dev)), dev, allow_pickle, keep_dtype)
