@@ -264,6 +264,18 @@ class RowAdapters:
         finally:
             self._mode = mode
 
+    @contextlib.contextmanager
+    def bare(self) -> Iterator[None]:
+        """While it runs, the hooks add nothing, to a batch of any number of rows (a probe of the model itself;
+        parameters patched in place for a shared update stay patched); the choice made before is restored
+        after."""
+        mode = self._mode
+        self._mode = ("use", None)
+        try:
+            yield
+        finally:
+            self._mode = mode
+
     def _patch(self, u: int | None) -> None:
         """Parameters no hook can reach (norm weights of a full model's delta) are patched in place for the
         update every row shares, and restored when another is chosen."""
@@ -374,26 +386,42 @@ def gathered(model, rows: torch.Tensor):
     return ad.gathered(rows) if ad is not None else contextlib.nullcontext()
 
 
+def bare(model):
+    """``RowAdapters.bare`` of the adapters installed on ``model`` (a no-op without any)."""
+    ad = getattr(model, "_mergetool_adapters", None)
+    return ad.bare() if ad is not None else contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------- the frozen prefix
 
 
-class _Skipped(torch.nn.Module):
-    """Stands in for a frozen decoder layer: passes its input through (as a tensor or a 1-tuple, like the
-    layer it replaces) and answers attribute reads with the replaced layer's."""
+class StandIn(torch.nn.Module):
+    """Stands in for ``module``: runs ``forward`` instead of it and answers attribute reads with the replaced
+    module's (so a caller that reads a setting off it still finds it)."""
 
-    def __init__(self, layer: torch.nn.Module, as_tuple: bool):
+    def __init__(self, module: torch.nn.Module, forward):
         super().__init__()
-        object.__setattr__(self, "_layer", layer)  # not a submodule: its weights are not ours
-        self._as_tuple = as_tuple
+        object.__setattr__(self, "_module", module)  # not a submodule: its weights are not ours
+        object.__setattr__(self, "_forward", forward)
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(object.__getattribute__(self, "_layer"), name)
+            return getattr(object.__getattribute__(self, "_module"), name)
 
-    def forward(self, hidden_states, *args, **kwargs):
-        return (hidden_states,) if self._as_tuple else hidden_states
+    def forward(self, *args, **kwargs):
+        return object.__getattribute__(self, "_forward")(*args, **kwargs)
+
+
+def _passing(as_tuple: bool):
+    """A frozen decoder layer's stand-in forward: its input passed through (as a tensor or a 1-tuple, like the
+    layer it replaces)."""
+
+    def forward(hidden_states, *args, **kwargs):
+        return (hidden_states,) if as_tuple else hidden_states
+
+    return forward
 
 
 class Prefix:
@@ -481,7 +509,7 @@ class Prefix:
         h = self.layers[self.first].register_forward_pre_hook(feed, with_kwargs=True)
         try:
             for i in range(self.first):
-                self.layers[i] = _Skipped(saved[i], self.as_tuple)
+                self.layers[i] = StandIn(saved[i], _passing(self.as_tuple))
             yield
         finally:
             for i, m in enumerate(saved):

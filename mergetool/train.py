@@ -19,7 +19,7 @@ import torch
 
 from .adapters import Prefix, RowAdapters, decoder_layers, first_layer, layer_of
 from .errors import MergetoolError
-from .scoring import logits_at, prefix_token
+from .scoring import logits_at, own_head, prefix_token
 from .updates import Update
 
 
@@ -138,6 +138,7 @@ def train_stacked(model, tok, items: list[tuple[str, str]], spec: LoraSpec, name
     dev = next(model.parameters()).device
     for p in model.parameters():
         p.requires_grad_(False)
+    own_head(model)  # decided before a frozen prefix is fed
     ad = RowAdapters.trainable(model, names, len(items), spec.rank, spec.scale, seeds)
     opt = torch.optim.AdamW(ad.parameters(), lr=spec.lr, weight_decay=0.0)
     ids, mask, lab = lm_batch(tok, items, dev)

@@ -1,0 +1,86 @@
+"""Every architecture mergetool supports, against transformers and peft: the output head."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+
+
+def tiny_config(model_type: str, **fields):
+    """A transformers config of ``model_type`` with the TINY widths it has, and ``fields``."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    cls = CONFIG_MAPPING[model_type]
+    known = {f.name for f in dataclasses.fields(cls)} | set(cls.attribute_map)
+    return AutoConfig.for_model(model_type, **{**{k: v for k, v in TINY.items() if k in known}, **fields})
+
+
+def widen(model, seed: int) -> None:
+    """Redraw every weight wide (matrices N(0, 0.2²), vectors 1 + N(0, 0.1²)): transformers' init (std 0.02)
+    leaves the logits of a tiny model nearly flat, where a wrong scale would hardly show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(noise * 0.2 if p.dim() > 1 else 1 + noise * 0.1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second thread only adds synchronisation (on a busy machine, 30x the time of a matmul)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- the output head
+
+# Every causal LM class of transformers whose forward does something to the logits after (or before) its output
+# projection, as found by reading each class's forward (scripts/head_survey.py runs the same comparison on every
+# causal LM class): soft-capping, scaled logits, a head of several layers.
+POST_PROJECTION = {
+    "gemma2": dict(final_logit_softcapping=3.0), "gemma3_text": dict(final_logit_softcapping=3.0),
+    "vaultgemma": dict(final_logit_softcapping=3.0), "nanochat": dict(final_logit_softcapping=3.0),
+    "beam": dict(final_logit_softcapping=3.0), "granite": dict(logits_scaling=4.0),
+    "granite_swa": dict(logits_scaling=4.0), "granitemoe": dict(logits_scaling=4.0, num_local_experts=4),
+    "granitemoeshared": dict(logits_scaling=4.0, num_local_experts=4), "cohere": dict(logit_scale=0.25),
+    "cohere2": dict(logit_scale=0.25), "cohere2_moe": dict(logit_scale=0.25, num_experts=4),
+    "hyperclovax": dict(logits_scaling=4.0), "electra": dict(embedding_size=16, is_decoder=True),
+    "minicpm3": dict(num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                     v_head_dim=8, dim_model_base=16),  # its hidden states are divided by hidden / dim_model_base
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(POST_PROJECTION))
+def test_output_head_is_the_models_own(model_type):
+    """Log-probabilities at gathered positions (the fast route: the model's own forward on the gathered hidden
+    states) equal the model's full logits'; the output embedding alone (the rule before) would not."""
+    from transformers import AutoModelForCausalLM
+
+    from mergetool import scoring
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **POST_PROJECTION[model_type])).eval()
+    widen(model, 0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 99, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    rows, pos = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([2, 11, 0, 5, 11])
+    tgt = torch.randint(4, 99, (5,), generator=g)
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), -1)[rows, pos, tgt]
+        got = scoring.token_logprobs(model, rows, pos, tgt, input_ids=ids, attention_mask=mask)
+        h = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[rows, pos]
+        try:  # the output embedding alone; a head of several layers (Electra's) does not even take h
+            naive = torch.log_softmax(model.get_output_embeddings()(h).double(), -1)[torch.arange(5), tgt]
+        except RuntimeError:
+            naive = torch.full_like(full, float("inf"))
+    assert scoring.own_head(model)
+    assert float((got.double() - full).abs().max()) <= 1e-5
+    assert float((naive - full).abs().max()) > 1e-2  # the step after the projection matters here
