@@ -3,12 +3,13 @@ lower layers computed once.
 
 :class:`RowAdapters` is the one rule by which every command applies an update to a model (``eval
 --adapter``, batched evaluation of many updates, ``train-expert``'s trainable experts, ``score``,
-``diagnose``). The weights are never rewritten: every adapted ``nn.Linear`` computes ``W x`` as usual and
-adds the update's Δ(x) beside it in fp32, ``(x Aᵀ) Bᵀ · scale`` for a LoRA module and ``x ΔWᵀ`` for a
+``diagnose``). The weights are never rewritten: every adapted linear map (an ``nn.Linear``, or a
+transformers ``Conv1D`` as in GPT-2, whose weight is stored transposed, [in, out]) computes ``W x`` as usual
+and adds the update's Δ(x) beside it in fp32, ``(x Aᵀ) Bᵀ · scale`` for a LoRA module and ``x ΔWᵀ`` for a
 dense one (a LoRA whose rank makes its factors larger than the matrix is stored dense), and rounds once to
-the model's dtype. Row b of a batch uses update ``rows[b]``, for any mix of LoRA updates (any ranks,
-scales, rslora, target modules), dense deltas, and none (the base model), so one forward pass evaluates
-many updates. Dense deltas of ``nn.Embedding`` weights (with the output layer when the weights are tied)
+the model's dtype; an update holds ΔW as [out, in] for both kinds (PEFT's lora_A [r, in], lora_B [out, r]).
+Row b of a batch uses update ``rows[b]``, for any mix of LoRA updates (any ranks, scales, rslora, target
+modules), dense deltas, and none (the base model), so one forward pass evaluates many updates. Dense deltas of ``nn.Embedding`` weights (with the output layer when the weights are tied)
 and of biases are applied the same way; other parameters (norm weights of a full model's task vector)
 are patched in place, which only an update that every row shares can do.
 
@@ -28,6 +29,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import MergetoolError
+from .model import is_conv1d, linear_dims
 from .updates import PREFIX, LowRank, Update
 
 # ----------------------------------------------------------------------------- decoder layers
@@ -163,10 +165,14 @@ class RowAdapters:
             raise MergetoolError(u.name, f"module {name} is not in the base model", "use an update of this base")
         module = mods[path]
         param = getattr(module, attr)
-        if tuple(m.shape) != tuple(param.shape):
-            raise MergetoolError(u.name, f"module {name}: update {tuple(m.shape)} vs weight {tuple(param.shape)}",
+        linear = linear_dims(module) is not None  # nn.Linear or Conv1D: ΔW is [out, in] for both
+        shape = tuple(param.shape)
+        if attr == "weight" and is_conv1d(module):
+            shape = shape[::-1]  # stored [in, out]
+        if tuple(m.shape) != shape:
+            raise MergetoolError(u.name, f"module {name}: update {tuple(m.shape)} vs weight {shape}"
+                                 f"{' ([out, in]; stored transposed, as Conv1D)' if shape != tuple(param.shape) else ''}",
                                  "use an update of this base")
-        linear = isinstance(module, torch.nn.Linear)
         if attr == "weight" and (linear or isinstance(module, torch.nn.Embedding)):
             if isinstance(m, LowRank) and linear and m.rank * sum(m.shape) < math.prod(m.shape):
                 self._site(path, module).lora[ui] = (m.A.to(self.dev, torch.float32),
@@ -174,7 +180,7 @@ class RowAdapters:
                 return
             delta = m.delta(self.dev)
             for p2, mod2 in mods.items():  # every module holding this weight (tied embeddings and output layer)
-                if getattr(mod2, "weight", None) is param and isinstance(mod2, (torch.nn.Linear, torch.nn.Embedding)):
+                if getattr(mod2, "weight", None) is param and (linear_dims(mod2) or isinstance(mod2, torch.nn.Embedding)):
                     self._site(p2, mod2).dense[ui] = delta
             return
         if attr == "bias" and linear:
@@ -190,14 +196,15 @@ class RowAdapters:
         mods = dict(model.named_modules())
         for path in paths:
             lin = mods[path]
-            A = torch.empty((n, rank, lin.in_features), device=self.dev)
-            bound = 1 / math.sqrt(lin.in_features)  # kaiming_uniform with a=sqrt(5)
+            fan_in, fan_out = linear_dims(lin)
+            A = torch.empty((n, rank, fan_in), device=self.dev)
+            bound = 1 / math.sqrt(fan_in)  # kaiming_uniform with a=sqrt(5)
             for e, s in enumerate(seeds):
                 g = torch.Generator(device="cpu").manual_seed(s * 1_000_003 + zlib.crc32(path.encode()) % 1_000_003)
-                A[e] = (torch.rand((rank, lin.in_features), generator=g) * 2 - 1).to(self.dev) * bound
+                A[e] = (torch.rand((rank, fan_in), generator=g) * 2 - 1).to(self.dev) * bound
             site = self._site(path, lin)
             site.A = torch.nn.Parameter(A)
-            site.B = torch.nn.Parameter(torch.zeros((n, lin.out_features, rank), device=self.dev))
+            site.B = torch.nn.Parameter(torch.zeros((n, fan_out, rank), device=self.dev))
             site.scale = scale
         self._install()
         self.each()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import Prefix, RowAdapters, decoder_layers, first_layer, layer_of
+from .model import is_conv1d, linear_dims
 from .errors import MergetoolError
 from .scoring import logits_at, own_head, prefix_token
 from .updates import Update
@@ -40,7 +41,7 @@ class LoraSpec:
 
 
 def target_modules(model, spec: LoraSpec, default_middle: bool) -> list[str]:
-    """Names of the nn.Linear modules to adapt: ``targets`` suffixes in ``layers``."""
+    """Names of the linear maps (``nn.Linear`` or ``Conv1D``) to adapt: ``targets`` suffixes in ``layers``."""
     found = decoder_layers(model)
     if found is None:
         raise MergetoolError("--layers", "cannot find this model's decoder layers", "use a decoder-only model")
@@ -52,7 +53,7 @@ def target_modules(model, spec: LoraSpec, default_middle: bool) -> list[str]:
         raise MergetoolError("--layers", f"layer {bad[0]} is outside 0..{n_layers - 1}", "pick existing layers")
     names = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
+        if linear_dims(mod) is None:
             continue
         where = layer_of(name, lpath)
         if where is not None and where in layers and any(name.endswith(t) for t in spec.targets):
@@ -61,6 +62,12 @@ def target_modules(model, spec: LoraSpec, default_middle: bool) -> list[str]:
         raise MergetoolError("--target-modules", f"no linear module matches {','.join(spec.targets)} in layers "
                              f"{layers}", "name modules such as mlp.up_proj or self_attn.q_proj")
     return names
+
+
+def fan_in_fan_out(model, names: list[str]) -> bool:
+    """peft's ``fan_in_fan_out`` flag for these target modules: whether they are ``Conv1D`` (weights [in, out])."""
+    mods = dict(model.named_modules())
+    return any(is_conv1d(mods[n]) for n in names)
 
 
 def expert_meta(template: dict, name: str, task: str, **training) -> dict:

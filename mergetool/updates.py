@@ -332,7 +332,8 @@ def folded_peft_config(update: Update, base_model: str | None) -> dict:
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r,
         "rank_pattern": pattern, "alpha_pattern": dict(pattern), "use_rslora": False,
-        "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": bool((update.meta.get("peft_config") or {}).get("fan_in_fan_out", False)),
         "base_model_name_or_path": base_model, "inference_mode": True,
         "layers_to_transform": sorted({int(x) for k in ranks for x in re.findall(r"\.layers\.(\d+)\.", k)}) or None,
     }

@@ -44,10 +44,10 @@ def test_stacked_experts_equal_a_loop_of_peft_trainings(tiny_lm):
     st, losses = tr.train_stacked(model, tok, [("", t) for t in texts], spec, names, [7, 8, 9])
     for e, text in enumerate(texts):
         m = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
-        pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["up_proj", "q_proj"],
-                                          layers_to_transform=[1], lora_dropout=0.0))
         init = RowAdapters.trainable(m, names, 1, spec.rank, spec.scale, [7 + e])  # expert e's initial A
         init.remove()
+        pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["up_proj", "q_proj"],
+                                          layers_to_transform=[1], lora_dropout=0.0))
         sd = pm.state_dict()
         with torch.no_grad():
             for n in names:

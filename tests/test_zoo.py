@@ -84,3 +84,99 @@ def test_output_head_is_the_models_own(model_type):
     assert scoring.own_head(model)
     assert float((got.double() - full).abs().max()) <= 1e-5
     assert float((naive - full).abs().max()) > 1e-2  # the step after the projection matters here
+
+
+# ----------------------------------------------------------------------------- Conv1D (GPT-2)
+
+
+def gpt2_base(d):
+    """A tiny GPT-2 (Conv1D layers, weights stored [in, out]) saved to ``d``, and the model as loaded."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt2", n_inner=64))
+    widen(model, 0)
+    model.save_pretrained(d)
+    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+
+ITEMS = [([5, 17, 40, 41, 9], [[60, 33], [70, 12, 8], [3]]), ([22, 23, 24], [[90, 91], [44]])]
+
+
+def peft_choice_logprobs(model, items) -> list[list[float]]:
+    out = []
+    for ctx, conts in items:
+        row = []
+        for cont in conts:
+            with torch.no_grad():
+                lp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0].double(), -1)
+            row.append(float(sum(lp[len(ctx) - 1 + t, x] for t, x in enumerate(cont))))
+        out.append(row)
+    return out
+
+
+def test_conv1d_lora_against_peft(tmp_path):
+    """A peft LoRA on every Conv1D of GPT-2 (square attn.c_proj, non-square c_attn, c_fc, mlp.c_proj): applied
+    beside the frozen weights it gives peft's log-probabilities, and save_model gives peft's merge_and_unload."""
+    import copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from mergetool.adapters import RowAdapters
+    from mergetool.inputs import load_inputs
+    from mergetool.model import resolve_base, save_model
+    from mergetool.scoring import choice_loglikelihoods
+
+    base = gpt2_base(tmp_path / "base")
+    torch.manual_seed(1)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                        target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.mul_(2.0)
+    pm.save_pretrained(tmp_path / "lora")
+    u = load_inputs([str(tmp_path / "lora")])[0]
+    assert u.modules["base_model.model.transformer.h.0.attn.c_attn"].shape == (96, 32)
+    with RowAdapters(base, [u]) as ad:
+        got = choice_loglikelihoods(base, ITEMS, [(0, [0, 1])], ad)[0]
+    want = peft_choice_logprobs(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval(), ITEMS)
+    assert max(abs(g[0] - w) for gs, ws in zip(got, want) for g, w in zip(gs, ws)) <= 1e-4
+    save_model(resolve_base(str(tmp_path / "base")), tmp_path, iter(u.modules.items()), torch.device("cpu"))
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").merge_and_unload().state_dict()
+    saved = load_file(tmp_path / "model.safetensors")
+    for k, t in saved.items():
+        assert float((t - merged[k]).abs().max()) <= 1e-5 * max(1.0, float(merged[k].abs().max())), k
+    assert AutoModelForCausalLM.from_pretrained(tmp_path) is not None
+
+
+def test_gpt2_full_fine_tune_is_a_transposed_task_vector(tmp_path):
+    """A full fine-tune of GPT-2 as a task vector: its Conv1D deltas are held [out, in] (as a LoRA's), applied
+    beside the weights they give the fine-tune's log-probabilities, and save_model writes base + delta in the
+    base's [in, out] layout (a reshape instead of a transpose would scramble every non-square c_attn)."""
+    from safetensors.torch import load_file
+
+    from mergetool.adapters import RowAdapters
+    from mergetool.model import resolve_base, save_model, task_vector
+    from mergetool.scoring import choice_loglikelihoods
+
+    base = gpt2_base(tmp_path / "base")
+    ft = gpt2_base(tmp_path / "ft")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in ft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    ft.save_pretrained(tmp_path / "ft")
+    u = task_vector(tmp_path / "ft", resolve_base(str(tmp_path / "base")))
+    assert u.modules["base_model.model.transformer.h.0.attn.c_attn"].shape == (96, 32)
+    with RowAdapters(base, [u]) as ad:
+        got = choice_loglikelihoods(base, ITEMS, [(0, [0, 1])], ad)[0]
+    want = peft_choice_logprobs(ft, ITEMS)
+    assert max(abs(g[0] - w) for gs, ws in zip(got, want) for g, w in zip(gs, ws)) <= 1e-4
+    (tmp_path / "out").mkdir()
+    save_model(resolve_base(str(tmp_path / "base")), tmp_path / "out", iter(u.modules.items()), torch.device("cpu"))
+    saved, fts = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "ft" / "model.safetensors")
+    for k, t in saved.items():
+        assert float((t - fts[k]).abs().max()) <= 1e-5 * max(1.0, float(fts[k].abs().max())), k

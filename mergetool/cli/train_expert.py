@@ -159,7 +159,8 @@ def train_cmd(
         names = tr.target_modules(model, spec, default_middle=per_example)
         layer_ids = sorted({layer_of(n, decoder_layers(model)[0]) for n in names})
     peft_cfg = {"r": spec.rank, "lora_alpha": spec.alpha, "use_rslora": False,
-                "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}), "layers_to_transform": layer_ids}
+                "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}), "layers_to_transform": layer_ids,
+                "fan_in_fan_out": tr.fan_in_fan_out(layout if ray else model, names)}
     template = {"kind": "lora", "base_model": base, "base_fingerprint": fp, "peft_config": peft_cfg,
                 "training": {"lr": spec.lr, "epochs": spec.epochs, "seed": spec.seed,
                              "mode": "per-example" if per_example else "per-task"}}
