@@ -463,11 +463,31 @@ def load_model(base: Base, device: torch.device, dtype: torch.dtype | None = Non
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tok = load_tokenizer(base)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(base.dir), dtype=dtype, trust_remote_code=False,
-                                                     **base.load_kwargs()).to(device).eval()
+        model, info = AutoModelForCausalLM.from_pretrained(str(base.dir), dtype=dtype, trust_remote_code=False,
+                                                           output_loading_info=True, **base.load_kwargs())
     except OSError as e:
         raise MergetoolError(base.name, f"cannot load the model ({str(e)[:150]})", "pass a model directory") from None
-    return model, tok
+    except RuntimeError as e:
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        raise MergetoolError(base.name, "its weights hold tensors of other shapes than its config gives",
+                             "pass the model's own weights (its config.json and its weight files belong together)") from None
+    check_loaded(base, info)
+    return model.to(device).eval(), tok
+
+
+def check_loaded(base: Base, info: dict) -> None:
+    """A base whose weight files lack a tensor the model has, or hold one it has not, is an error naming it:
+    transformers would fill a missing one with random values (and drop an unexpected one), so every result
+    would change from run to run. Weights the config ties (the output layer to the embeddings) are not
+    missing, nor are the keys the model's class declares optional (transformers' own exceptions)."""
+    for kind, why, fix in (("missing_keys", "lack {n} of the model's tensors, such as",
+                            "pass a complete model directory (not an adapter, not a partial download)"),
+                           ("unexpected_keys", "hold {n} tensors the model does not have, such as",
+                            "pass the model's own weights (its config.json and its weight files belong together)")):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            raise MergetoolError(base.name, f"its weights {why.format(n=len(keys))} {keys[0]}", fix)
 
 
 def skeleton(base: Base):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,20 @@ def widen(model, seed: int) -> None:
         for p in model.parameters():
             noise = torch.randn(p.shape, generator=g)
             p.copy_(noise * 0.2 if p.dim() > 1 else 1 + noise * 0.1)
+
+
+def char_tokenizer(d: Path):
+    """A tokenizer of one token per printable ASCII character (ids 4-98) and <unk> <s> </s> <pad> (0-3)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>"] + [chr(c) for c in range(32, 127)])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+    tok.save_pretrained(d)
+    return tok
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -180,3 +195,36 @@ def test_gpt2_full_fine_tune_is_a_transposed_task_vector(tmp_path):
     saved, fts = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "ft" / "model.safetensors")
     for k, t in saved.items():
         assert float((t - fts[k]).abs().max()) <= 1e-5 * max(1.0, float(fts[k].abs().max())), k
+
+
+# ----------------------------------------------------------------------------- bases
+
+
+def test_a_base_missing_or_adding_a_tensor_is_refused(tmp_path):
+    """transformers fills a missing tensor with random values (eval would change from run to run): a base whose
+    files lack one of the model's tensors, or hold one it has not (a LoRA written over model.safetensors), is
+    refused, naming it; a tied output layer (GPT-2's) is not missing."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from mergetool.errors import MergetoolError
+    from mergetool.model import load_model, resolve_base
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", tie_word_embeddings=False)).save_pretrained(tmp_path / "ok")
+    files = load_file(tmp_path / "ok" / "model.safetensors")
+    lora = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32)}
+    for case, tensors, word in (("missing", {k: v for k, v in files.items() if k != "lm_head.weight"}, "lm_head.weight"),
+                                ("unexpected", {**files, "model.extra.weight": torch.zeros(2)}, "model.extra.weight"),
+                                ("adapter", lora, "lack")):
+        d = tmp_path / case
+        AutoModelForCausalLM.from_config(tiny_config("llama", tie_word_embeddings=False)).config.save_pretrained(d)
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+        char_tokenizer(d)
+        with pytest.raises(MergetoolError) as e:
+            load_model(resolve_base(str(d)), torch.device("cpu"))
+        assert word in str(e.value)
+    gpt2_base(tmp_path / "gpt2")
+    char_tokenizer(tmp_path / "gpt2")
+    assert "lm_head.weight" not in load_file(tmp_path / "gpt2" / "model.safetensors")
+    load_model(resolve_base(str(tmp_path / "gpt2")), torch.device("cpu"))  # tied: not missing
