@@ -202,6 +202,10 @@ def check_peft_config(cfg, what: str, label: str = "peft_config ") -> dict:
         return MergetoolError(what, f"{label}field {key!r} must be {must}, got {_shown(got)}",
                               "fix the LoRA config")
 
+    if cfg.get("target_parameters"):  # peft's LoRA on MoE experts' stacked 3-D weights (ParamWrapper)
+        raise MergetoolError(what, f"a LoRA on parameters ({label}target_parameters {_shown(cfg['target_parameters'])}:"
+                             " MoE experts' stacked weights) is not supported", "train the adapter on target_modules "
+                             "only (the attention, dense MLPs, shared experts)")
     if cfg.get("r") is not None and not (_is_int(cfg["r"]) and cfg["r"] >= 1):
         raise bad("r", "a positive integer", cfg["r"])
     if cfg.get("lora_alpha") is not None and not _is_amount(cfg["lora_alpha"]):
