@@ -3,13 +3,15 @@ lower layers computed once.
 
 :class:`RowAdapters` is the one rule by which every command applies an update to a model (``eval
 --adapter``, batched evaluation of many updates, ``train-expert``'s trainable experts, ``score``,
-``diagnose``). The weights are never rewritten: every adapted ``nn.Linear`` computes ``W x`` as usual and
-adds the update's Δ(x) beside it in fp32, ``(x Aᵀ) Bᵀ · scale`` for a LoRA module and ``x ΔWᵀ`` for a
+``diagnose``). The weights are never rewritten: every adapted linear map (an ``nn.Linear``, or a
+transformers ``Conv1D`` as in GPT-2, whose weight is stored transposed, [in, out]) computes ``W x`` as usual
+and adds the update's Δ(x) beside it in fp32, ``(x Aᵀ) Bᵀ · scale`` for a LoRA module and ``x ΔWᵀ`` for a
 dense one (a LoRA whose rank makes its factors larger than the matrix is stored dense), and rounds once to
-the model's dtype. A DoRA module adds (g − 1) W x + g · scale·B A x with g = m / ‖W + scale·B A‖ per output
-row (from the running weight W, the norm detached), so that the output is g (W + scale·B A) x + bias exactly
-as peft's forward computes it. Row b of a batch uses update ``rows[b]``, for any mix of LoRA and DoRA updates
-(any ranks, scales, rslora, target modules), dense deltas, and none (the base model), so one forward pass
+the model's dtype; an update holds ΔW as [out, in] for both kinds (PEFT's lora_A [r, in], lora_B [out, r]).
+A DoRA module adds (g − 1) W x + g · scale·B A x with g = m / ‖W + scale·B A‖ per output row (from the
+running weight W, the norm detached), so that the output is g (W + scale·B A) x + bias exactly as peft's
+forward computes it. Row b of a batch uses update ``rows[b]``, for any mix of LoRA and DoRA updates (any
+ranks, scales, rslora, target modules), dense deltas, and none (the base model), so one forward pass
 evaluates many updates. A LoRA on an ``nn.Embedding`` adds the rows x of B A (its embed_scale applied);
 dense deltas of embedding weights (with the output layer when the weights are tied), full tensors
 (``modules_to_save``: their value minus the running weight) and biases are applied the same way; other
@@ -33,7 +35,8 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import MergetoolError
-from .updates import PREFIX, Dora, LowRank, OnBase, Update, check_copy, lora_like, row_norms
+from .model import is_conv1d, linear_dims
+from .updates import PREFIX, Dora, Full, LowRank, OnBase, Update, check_copy, lora_like, row_norms
 
 # ----------------------------------------------------------------------------- decoder layers
 
@@ -142,11 +145,15 @@ class _Site:
     def _dora(self, out: torch.Tensor, lo: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return (g - 1) * self._frozen(out) + g * lo
 
+    def weight(self) -> torch.Tensor:
+        """The module's frozen weight as [out, in] (a ``Conv1D`` stores it transposed)."""
+        return self.module.weight.detach().T if is_conv1d(self.module) else self.module.weight.detach()
+
     def _magnitude_factor(self) -> torch.Tensor:
         """Trainable DoRA: g_e = m_e / ‖W + scale·B_e A_e‖ of every expert [E, out], the norm detached (DoRA,
         section 4.3, as peft trains it)."""
         with torch.no_grad():
-            n = row_norms(self.module.weight, self.A, self.B * self.scale)
+            n = row_norms(self.weight(), self.A, self.B * self.scale)
         return self.M / n
 
     def each(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -208,13 +215,20 @@ class RowAdapters:
             raise MergetoolError(u.name, f"module {name} is not in the base model", "use an update of this base")
         module = mods[path]
         param = getattr(module, attr)
-        if tuple(m.shape) != tuple(param.shape):
-            raise MergetoolError(u.name, f"module {name}: update {tuple(m.shape)} vs weight {tuple(param.shape)}",
+        linear = linear_dims(module) is not None  # nn.Linear or Conv1D: ΔW is [out, in] for both
+        flip = attr == "weight" and is_conv1d(module)  # stored [in, out]
+        weight = param.detach().T if flip else param.detach()  # [out, in]
+        if flip and isinstance(m, Full):
+            raise MergetoolError(u.name, f"module {name}: a full tensor (modules_to_save) of a Conv1D module is not "
+                                 "supported", "leave Conv1D modules out of modules_to_save")
+        shape = tuple(weight.shape)
+        if tuple(m.shape) != shape:
+            raise MergetoolError(u.name, f"module {name}: update {tuple(m.shape)} vs weight {shape}"
+                                 f"{' ([out, in]; stored transposed, as Conv1D)' if flip else ''}",
                                  "use an update of this base")
-        linear = isinstance(module, torch.nn.Linear)
 
         def delta():  # DoRA and full tensors against the running model's own weight
-            return (m.delta(self.dev, base=param.detach()) if isinstance(m, OnBase) else m.delta(self.dev))
+            return m.delta(self.dev, base=weight) if isinstance(m, OnBase) else m.delta(self.dev)
 
         if attr == "weight" and (linear or isinstance(module, torch.nn.Embedding)):
             if lora_like(m):  # a LoRA changes the module it names, as peft's forward does
@@ -224,13 +238,13 @@ class RowAdapters:
                 if lr.rank * sum(lr.shape) >= math.prod(lr.shape) or isinstance(m, Dora) and not linear:
                     site.dense[ui] = delta()  # factors larger than the matrix; DoRA on an embedding
                 elif isinstance(m, Dora):
-                    site.dora[ui] = (*factors, m.factor(self.dev, param.detach()))
+                    site.dora[ui] = (*factors, m.factor(self.dev, weight))
                 else:
                     site.lora[ui] = factors
                 return
             d = delta()
             for p2, mod2 in mods.items():  # every module holding this weight (tied embeddings and output layer)
-                if getattr(mod2, "weight", None) is param and isinstance(mod2, (torch.nn.Linear, torch.nn.Embedding)):
+                if getattr(mod2, "weight", None) is param and (linear_dims(mod2) or isinstance(mod2, torch.nn.Embedding)):
                     self._site(p2, mod2).dense[ui] = d
             return
         if attr == "bias" and linear:
@@ -248,17 +262,17 @@ class RowAdapters:
         mods = dict(model.named_modules())
         for path in paths:
             lin = mods[path]
-            A = torch.empty((n, rank, lin.in_features), device=self.dev)
-            bound = 1 / math.sqrt(lin.in_features)  # kaiming_uniform with a=sqrt(5)
+            fan_in, fan_out = linear_dims(lin)
+            A = torch.empty((n, rank, fan_in), device=self.dev)
+            bound = 1 / math.sqrt(fan_in)  # kaiming_uniform with a=sqrt(5)
             for e, s in enumerate(seeds):
                 g = torch.Generator(device="cpu").manual_seed(s * 1_000_003 + zlib.crc32(path.encode()) % 1_000_003)
-                A[e] = (torch.rand((rank, lin.in_features), generator=g) * 2 - 1).to(self.dev) * bound
+                A[e] = (torch.rand((rank, fan_in), generator=g) * 2 - 1).to(self.dev) * bound
             site = self._site(path, lin)
             site.A = torch.nn.Parameter(A)
-            site.B = torch.nn.Parameter(torch.zeros((n, lin.out_features, rank), device=self.dev))
+            site.B = torch.nn.Parameter(torch.zeros((n, fan_out, rank), device=self.dev))
             if dora:
-                norm = lin.weight.detach().float().norm(dim=1)
-                site.M = torch.nn.Parameter(norm.expand(n, -1).clone())
+                site.M = torch.nn.Parameter(site.weight().float().norm(dim=1).expand(n, -1).clone())
             site.scale = scale
         self._install()
         self.each()
@@ -327,6 +341,18 @@ class RowAdapters:
             self._mode = ("rows", _segments([per[r] for r in rows.tolist()]), len(rows))
         elif mode[0] == "each":
             self._mode = ("rows", _segments(rows.tolist()), len(rows))
+        try:
+            yield
+        finally:
+            self._mode = mode
+
+    @contextlib.contextmanager
+    def bare(self) -> Iterator[None]:
+        """While it runs, the hooks add nothing, to a batch of any number of rows (a probe of the model itself;
+        parameters patched in place for a shared update stay patched); the choice made before is restored
+        after."""
+        mode = self._mode
+        self._mode = ("use", None)
         try:
             yield
         finally:
@@ -443,26 +469,42 @@ def gathered(model, rows: torch.Tensor):
     return ad.gathered(rows) if ad is not None else contextlib.nullcontext()
 
 
+def bare(model):
+    """``RowAdapters.bare`` of the adapters installed on ``model`` (a no-op without any)."""
+    ad = getattr(model, "_mergetool_adapters", None)
+    return ad.bare() if ad is not None else contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------- the frozen prefix
 
 
-class _Skipped(torch.nn.Module):
-    """Stands in for a frozen decoder layer: passes its input through (as a tensor or a 1-tuple, like the
-    layer it replaces) and answers attribute reads with the replaced layer's."""
+class StandIn(torch.nn.Module):
+    """Stands in for ``module``: runs ``forward`` instead of it and answers attribute reads with the replaced
+    module's (so a caller that reads a setting off it still finds it)."""
 
-    def __init__(self, layer: torch.nn.Module, as_tuple: bool):
+    def __init__(self, module: torch.nn.Module, forward):
         super().__init__()
-        object.__setattr__(self, "_layer", layer)  # not a submodule: its weights are not ours
-        self._as_tuple = as_tuple
+        object.__setattr__(self, "_module", module)  # not a submodule: its weights are not ours
+        object.__setattr__(self, "_forward", forward)
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(object.__getattribute__(self, "_layer"), name)
+            return getattr(object.__getattribute__(self, "_module"), name)
 
-    def forward(self, hidden_states, *args, **kwargs):
-        return (hidden_states,) if self._as_tuple else hidden_states
+    def forward(self, *args, **kwargs):
+        return object.__getattribute__(self, "_forward")(*args, **kwargs)
+
+
+def _passing(as_tuple: bool):
+    """A frozen decoder layer's stand-in forward: its input passed through (as a tensor or a 1-tuple, like the
+    layer it replaces)."""
+
+    def forward(hidden_states, *args, **kwargs):
+        return (hidden_states,) if as_tuple else hidden_states
+
+    return forward
 
 
 class Prefix:
@@ -550,7 +592,7 @@ class Prefix:
         h = self.layers[self.first].register_forward_pre_hook(feed, with_kwargs=True)
         try:
             for i in range(self.first):
-                self.layers[i] = _Skipped(saved[i], self.as_tuple)
+                self.layers[i] = StandIn(saved[i], _passing(self.as_tuple))
             yield
         finally:
             for i, m in enumerate(saved):

@@ -13,7 +13,7 @@ import torch
 
 from .errors import MergetoolError, UsageError
 from .blobs import load_pickle_tensors, read_blobs
-from .model import Base, base_tensors, task_vector
+from .model import Base, base_tensors, layout, task_vector
 from .updates import PREFIX, LowRank, Update, bind, check_peft_config, from_blob, from_tensors
 
 MAX_CONFIG = 16 << 20  # bytes of adapter_config.json; PEFT's are a few hundred
@@ -91,19 +91,40 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 @dataclass(frozen=True)
 class BaseWeights:
-    """The base's tensors by parameter name, for DoRA and full-tensor modules (``updates.bind``): read through the
-    one shared reader of the base (``model.base_tensors``); only the base's path travels when pickled, so a Ray
-    worker reads its own copy."""
+    """The base's tensors by the model's parameter names, for DoRA and full-tensor modules (``updates.bind``) and
+    PEFT outputs: read through the one shared reader of the base (``model.base_tensors``), its files' keys
+    mapped to the parameters as transformers maps them (``model.layout``), a ``Conv1D`` weight as [out, in]
+    like every update. Only the base's path travels when pickled, so a Ray worker reads its own copy."""
 
     base: Base
     allow_pickle: bool = False
 
+    def _where(self, param: str) -> tuple[str, bool] | None:
+        """(the files' key, stored transposed) of a parameter; None when the base has none."""
+        key = (self.base.dir, self.base.gguf_file, self.allow_pickle)
+        if key not in _INDEX:
+            bt, lay = base_tensors(self.base, self.allow_pickle), layout(self.base)
+            _INDEX.clear()
+            _INDEX[key] = {bt.param_name(k, lay): (k, bt.param_name(k, lay) in lay.transposed) for k in bt.keys()}
+        return _INDEX[key].get(param)
+
     def read(self, param: str, device) -> torch.Tensor:
-        return base_tensors(self.base, self.allow_pickle).read_to(param, device)
+        key, flip = self._where(param)
+        t = base_tensors(self.base, self.allow_pickle).read_to(key, device)
+        return t.T if flip else t
 
     def shape(self, param: str) -> tuple[int, ...] | None:
-        specs = base_tensors(self.base, self.allow_pickle)._specs
-        return tuple(specs[param][1]) if param in specs else None
+        where = self._where(param)
+        if where is None:
+            return None
+        shape = tuple(base_tensors(self.base, self.allow_pickle).spec(where[0])[1])
+        return shape[::-1] if where[1] else shape
+
+    def transposed(self, param: str) -> bool:
+        return bool(self._where(param) and self._where(param)[1])
+
+
+_INDEX: dict[tuple, dict[str, tuple[str, bool]]] = {}
 
 
 def load_inputs(paths: list[str], base: Base | None = None, allow_pickle: bool = False) -> list[Update]:

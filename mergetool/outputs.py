@@ -66,6 +66,11 @@ def _output_target(dst: str) -> tuple[str, bool]:
     return target, False
 
 
+def is_stream(dst: str | None) -> bool:
+    """Whether ``-o DST`` is a stream (stdout, ``-``, a character device, a FIFO, a socket) rather than a file."""
+    return dst is None or dst == "-" or _output_target(dst)[1]
+
+
 def refuse_overwriting_inputs(out: str | Path | None, inputs) -> None:
     """A records file written as the run goes (eval, score) that is one of the inputs would destroy it before it
     is read: refused. (Outputs written whole and atomically at the end, such as merge's, may replace an input.)"""

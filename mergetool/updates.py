@@ -48,6 +48,8 @@ class BaseTensors(Protocol):
 
     def shape(self, param: str) -> tuple[int, ...] | None: ...  # None: the base has no such tensor
 
+    def transposed(self, param: str) -> bool: ...  # stored [in, out] (a Conv1D weight; read as [out, in])
+
 
 def module_of(param: str) -> str:
     """PEFT-style module key of a model parameter (``x.weight`` -> ``base_model.model.x``; ``x.bias`` stays)."""
@@ -246,6 +248,9 @@ def bind(u: "Update", base: BaseTensors) -> None:
     for mod, m in u.modules.items():
         if isinstance(m, OnBase):
             shape = base.shape(m.param)
+            if isinstance(m, Full) and base.transposed(m.param):
+                raise MergetoolError(u.name, f"module {_stripped(mod)}: a full tensor (modules_to_save) of a Conv1D "
+                                     "module is not supported", "leave Conv1D modules out of modules_to_save")
             if shape is None:
                 raise MergetoolError(u.name, f"module {_stripped(mod)} is not in the base model",
                                      "use an update of this base")
@@ -400,6 +405,10 @@ def check_peft_config(cfg, what: str, label: str = "peft_config ") -> dict:
         return MergetoolError(what, f"{label}field {key!r} must be {must}, got {_shown(got)}",
                               "fix the LoRA config")
 
+    if cfg.get("target_parameters"):  # peft's LoRA on MoE experts' stacked 3-D weights (ParamWrapper)
+        raise MergetoolError(what, f"a LoRA on parameters ({label}target_parameters {_shown(cfg['target_parameters'])}:"
+                             " MoE experts' stacked weights) is not supported", "train the adapter on target_modules "
+                             "only (the attention, dense MLPs, shared experts)")
     if cfg.get("r") is not None and not (_is_int(cfg["r"]) and cfg["r"] >= 1):
         raise bad("r", "a positive integer", cfg["r"])
     if cfg.get("lora_alpha") is not None and not _is_amount(cfg["lora_alpha"]):
@@ -633,7 +642,8 @@ def folded_peft_config(update: Update, base_model: str | None) -> dict:
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r,
         "rank_pattern": pattern, "alpha_pattern": dict(pattern), "use_rslora": False,
         "use_dora": any(isinstance(m, Dora) for m in update.modules.values()),
-        "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": bool((update.meta.get("peft_config") or {}).get("fan_in_fan_out", False)),
         "base_model_name_or_path": base_model, "inference_mode": True,
         "layers_to_transform": sorted({int(x[0]) for x in layers}) if all(layers) else None,
     }
@@ -680,7 +690,8 @@ def peft_state(update: Update, base: BaseTensors | None = None) -> tuple[dict, d
         else:
             b = base_of(mod, "a dense delta")
             param = name if b.shape(name) is not None and b.shape(name + ".weight") is None else name + ".weight"
-            dense[param] = b.read(param, "cpu").float() + m.delta("cpu")
+            value = b.read(param, "cpu").float() + m.delta("cpu")
+            dense[param] = value.T if b.transposed(param) else value  # as the module stores it
     owners = {p.rpartition(".")[0] for p in dense if not p.endswith(".bias")}
     for param, value in dense.items():
         owner = param.rpartition(".")[0]

@@ -202,6 +202,8 @@ def describe(updates: list[Update], method: Method, p: Params, *, rank: int | No
     tasks = [u.meta.get("task") for u in updates if u.meta.get("task")]
     if tasks:
         meta["tasks"] = tasks
+    if any((u.meta.get("peft_config") or {}).get("fan_in_fan_out") for u in updates):
+        meta["peft_config"] = {"fan_in_fan_out": True}  # Conv1D modules (GPT-2): the flag PEFT writers set
     return meta
 
 
