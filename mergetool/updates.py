@@ -219,7 +219,8 @@ def combine(terms: list[tuple[float, Module]], device) -> Module | None:
     Σ r_i (concatenated factors); LoRAs and DoRAs of a linear weight as one DoRA. With g_i the DoRA factor of
     term i (1 for a LoRA), W + Σ c_i (W'_i − W) = diag(G) (W + B'A') with G = 1 + Σ c_i (g_i − 1),
     B' = diag(1/G) [c_1 g_1 s_1 B_1 … c_n g_n s_n B_n], A' = [A_1; …; A_n], so the DoRA
-    (A', B', m' = G ‖W + B'A'‖) is the combination. None where the terms are not all LoRA and DoRA, mix layouts, or some G is near 0."""
+    (A', B', m' = G ‖W + B'A'‖) is the combination. None where the terms are not all LoRA and DoRA, mix layouts,
+    or some G is near 0."""
     loras = [lora_of(m) for _, m in terms]
     if any(lr is None for lr in loras) or len({lr.embedding for lr in loras}) != 1:
         return None

@@ -123,6 +123,8 @@ KINDS = [
          "under `base_layer`"),
     Kind("`lora_bias`", "Qwen2", dict(target_modules=["q_proj", "v_proj"], lora_bias=True),
          "the bias changes by scale·`lora_B.bias`"),
+    Kind("`modules_to_save` of a `Conv1D` module", "GPT-2",
+         dict(target_modules=["c_attn"], modules_to_save=["c_proj"]), "refused: its weight is saved [in, out]"),
     Kind("MoE expert parameters (`target_parameters`)", "Mixtral",
          dict(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
          "refused when read: LoRA on the experts' stacked 3-D weights"),
@@ -131,12 +133,15 @@ KINDS = [
 # (row, check) -> what the check must show when it is not "ok": "refused: <words of the one-line refusal>", or
 # "n/a" (not run: train-expert trains plain LoRAs on the model's default targets; see its own options)
 MOE = "MoE expert parameters (`target_parameters`)"
+CONV_SAVED = "`modules_to_save` of a `Conv1D` module"
 OUTCOMES: dict[tuple[str, str], str] = {
     (MOE, "eval LoRA"): "refused: target_parameters", (MOE, "merge --save-model"): "refused: target_parameters",
     (MOE, "merge --save-peft"): "refused: target_parameters", (MOE, "train-expert"): "n/a",
     ("LoRA on every `Conv1D`", "train-expert"): "n/a",
     # train-expert trains plain LoRAs here, and DoRA with --dora, checked against peft in tests/test_kinds.py
     **{(k.name, "train-expert"): "n/a" for k in KINDS if k.name not in (MOE, "LoRA on every `Conv1D`")},
+    **{(CONV_SAVED, c): "refused: of a Conv1D module is not supported"
+       for c in ("eval LoRA", "merge --save-model", "merge --save-peft")},
 }
 
 
