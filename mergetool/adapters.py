@@ -3,14 +3,21 @@ lower layers computed once.
 
 :class:`RowAdapters` is the one rule by which every command applies an update to a model (``eval
 --adapter``, batched evaluation of many updates, ``train-expert``'s trainable experts, ``score``,
-``diagnose``). The weights are never rewritten: every adapted ``nn.Linear`` computes ``W x`` as usual and
-adds the update's Δ(x) beside it in fp32, ``(x Aᵀ) Bᵀ · scale`` for a LoRA module and ``x ΔWᵀ`` for a
+``diagnose``). The weights are never rewritten: every adapted linear map (an ``nn.Linear``, or a
+transformers ``Conv1D`` as in GPT-2, whose weight is stored transposed, [in, out]) computes ``W x`` as usual
+and adds the update's Δ(x) beside it in fp32, ``(x Aᵀ) Bᵀ · scale`` for a LoRA module and ``x ΔWᵀ`` for a
 dense one (a LoRA whose rank makes its factors larger than the matrix is stored dense), and rounds once to
-the model's dtype. Row b of a batch uses update ``rows[b]``, for any mix of LoRA updates (any ranks,
-scales, rslora, target modules), dense deltas, and none (the base model), so one forward pass evaluates
-many updates. Dense deltas of ``nn.Embedding`` weights (with the output layer when the weights are tied)
-and of biases are applied the same way; other parameters (norm weights of a full model's task vector)
-are patched in place, which only an update that every row shares can do.
+the model's dtype; an update holds ΔW as [out, in] for both kinds (PEFT's lora_A [r, in], lora_B [out, r]).
+A DoRA module adds (g − 1) W x + g · scale·B A x with g = m / ‖W + scale·B A‖ per output row (from the
+running weight W, the norm detached), so that the output is g (W + scale·B A) x + bias exactly as peft's
+forward computes it. Row b of a batch uses update ``rows[b]``, for any mix of LoRA and DoRA updates (any
+ranks, scales, rslora, target modules), dense deltas, and none (the base model), so one forward pass
+evaluates many updates. A LoRA on an ``nn.Embedding`` adds the rows x of B A (its embed_scale applied);
+dense deltas of embedding weights (with the output layer when the weights are tied), full tensors
+(``modules_to_save``: their value minus the running weight) and biases are applied the same way; other
+parameters (norm weights of a full model's task vector) are patched in place, which only an update that
+every row shares can do. A LoRA changes the module it names, as peft's forward does, even where the input
+and output embeddings share one tensor; a dense delta changes the tensor, so every module holding it.
 
 :class:`Prefix`: when every update touches only decoder layers ≥ L, layers < L compute the same hidden
 states under every update. ``states`` runs them once; ``feeding`` then skips them and feeds the saved
@@ -28,7 +35,8 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import MergetoolError
-from .updates import PREFIX, LowRank, Update
+from .model import is_conv1d, linear_dims
+from .updates import PREFIX, Dora, Full, LowRank, OnBase, Update, check_copy, lora_like, row_norms
 
 # ----------------------------------------------------------------------------- decoder layers
 
@@ -88,37 +96,76 @@ class _Stop(Exception):
 
 @dataclass
 class _Site:
-    """What the updates add at one module: per update a LoRA (A [r, in], B·scale [out, r]) or a dense
-    delta (fp32, on the model's device); for a trainable site, stacked factors used row by row."""
+    """What the updates add at one module: per update a LoRA (A [r, in], B·scale [out, r]), a DoRA (A, B·scale,
+    and g = m / ‖W + scale·B A‖ per output row) or a dense delta (fp32, on the model's device); for a trainable
+    site, stacked factors (and DoRA magnitudes) used row by row."""
 
     module: torch.nn.Module
     embedding: bool
     lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    dora: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     dense: dict[int, torch.Tensor] = field(default_factory=dict)
     bias: dict[int, torch.Tensor] = field(default_factory=dict)
     A: torch.nn.Parameter | None = None  # trainable: [E, r, in]
     B: torch.nn.Parameter | None = None  # trainable: [E, out, r]
+    M: torch.nn.Parameter | None = None  # trainable DoRA magnitudes: [E, out]
     scale: float = 1.0
 
-    def delta(self, u: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Δ of update u on input x (fp32), or None where u does not touch this module."""
+    def _low(self, x: torch.Tensor, A: torch.Tensor, Bs: torch.Tensor) -> torch.Tensor:
+        """(Bs A) applied to x: (x Aᵀ) Bsᵀ for a linear module; for an embedding, the rows x of Bs A (Bs[x] A)."""
+        if self.embedding:
+            return torch.nn.functional.embedding(x, Bs) @ A * _embed_scale(self.module)
+        return (x.float() @ A.T) @ Bs.T
+
+    def _frozen(self, out: torch.Tensor) -> torch.Tensor:
+        """W x of the module's output (its bias taken off), in fp32."""
+        bias = getattr(self.module, "bias", None)
+        return out.float() - bias.float() if bias is not None else out.float()
+
+    def delta(self, u: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """Δ of update u on input x (fp32), given the frozen module's output ``out``; None where u does not touch
+        this module. DoRA: (g − 1) W x + g · scale·B A x, so that the output is g (W + scale·B A) x + bias, with
+        the norm in g detached, as peft computes it."""
         if self.A is not None:  # a trainable site: expert u
-            return ((x.to(self.A.dtype) @ self.A[u].T) @ self.B[u].T) * self.scale
+            lo = ((x.to(self.A.dtype) @ self.A[u].T) @ self.B[u].T) * self.scale
+            return lo if self.M is None else self._dora(out, lo, self._magnitude_factor()[u])
         d = None
         if u in self.lora:
-            A, B = self.lora[u]
-            d = (x.float() @ A.T) @ B.T
+            d = self._low(x, *self.lora[u])
+        elif u in self.dora:
+            A, Bs, g = self.dora[u]
+            d = self._dora(out, self._low(x, A, Bs), g)
         elif u in self.dense:
             D = self.dense[u]
-            d = torch.nn.functional.embedding(x, D) if self.embedding else x.float() @ D.T
+            d = torch.nn.functional.embedding(x, D) * _embed_scale(self.module) if self.embedding else x.float() @ D.T
         if u in self.bias:
             d = self.bias[u] if d is None else d + self.bias[u]
         return d
 
-    def each(self, x: torch.Tensor) -> torch.Tensor:
+    def _dora(self, out: torch.Tensor, lo: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return (g - 1) * self._frozen(out) + g * lo
+
+    def weight(self) -> torch.Tensor:
+        """The module's frozen weight as [out, in] (a ``Conv1D`` stores it transposed)."""
+        return self.module.weight.detach().T if is_conv1d(self.module) else self.module.weight.detach()
+
+    def _magnitude_factor(self) -> torch.Tensor:
+        """Trainable DoRA: g_e = m_e / ‖W + scale·B_e A_e‖ of every expert [E, out], the norm detached (DoRA,
+        section 4.3, as peft trains it)."""
+        with torch.no_grad():
+            n = row_norms(self.weight(), self.A, self.B * self.scale)
+        return self.M / n
+
+    def each(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Trainable site, row e uses expert e: batched matmuls over the stacked factors."""
-        lo = torch.bmm(torch.bmm(x.to(self.A.dtype), self.A.transpose(1, 2)), self.B.transpose(1, 2))
-        return lo * self.scale
+        lo = torch.bmm(torch.bmm(x.to(self.A.dtype), self.A.transpose(1, 2)), self.B.transpose(1, 2)) * self.scale
+        return lo if self.M is None else self._dora(out, lo, self._magnitude_factor().unsqueeze(1))
+
+
+def _embed_scale(module: torch.nn.Module):
+    """The factor an embedding module applies to its rows (Gemma's scaled embeddings), or 1."""
+    s = getattr(module, "embed_scale", None)
+    return 1.0 if s is None else s
 
 
 class RowAdapters:
@@ -144,6 +191,11 @@ class RowAdapters:
         for ui, u in enumerate(self.updates):
             for key, m in ([] if u is None else u.modules.items()):
                 self._add(ui, u, key, m, mods, params)
+            for name, t in ({} if u is None else u.copies).items():
+                if name not in params:
+                    raise MergetoolError(u.name, f"module {name} is not in the base model",
+                                         "use an update of this base")
+                check_copy(u.name, name, t, params[name].detach())
         self._install()
 
     # -- building
@@ -163,60 +215,90 @@ class RowAdapters:
             raise MergetoolError(u.name, f"module {name} is not in the base model", "use an update of this base")
         module = mods[path]
         param = getattr(module, attr)
-        if tuple(m.shape) != tuple(param.shape):
-            raise MergetoolError(u.name, f"module {name}: update {tuple(m.shape)} vs weight {tuple(param.shape)}",
+        linear = linear_dims(module) is not None  # nn.Linear or Conv1D: ΔW is [out, in] for both
+        flip = attr == "weight" and is_conv1d(module)  # stored [in, out]
+        weight = param.detach().T if flip else param.detach()  # [out, in]
+        if flip and isinstance(m, Full):
+            raise MergetoolError(u.name, f"module {name}: a full tensor (modules_to_save) of a Conv1D module is not "
+                                 "supported", "leave Conv1D modules out of modules_to_save")
+        shape = tuple(weight.shape)
+        if tuple(m.shape) != shape:
+            raise MergetoolError(u.name, f"module {name}: update {tuple(m.shape)} vs weight {shape}"
+                                 f"{' ([out, in]; stored transposed, as Conv1D)' if flip else ''}",
                                  "use an update of this base")
-        linear = isinstance(module, torch.nn.Linear)
+
+        def delta():  # DoRA and full tensors against the running model's own weight
+            return m.delta(self.dev, base=weight) if isinstance(m, OnBase) else m.delta(self.dev)
+
         if attr == "weight" and (linear or isinstance(module, torch.nn.Embedding)):
-            if isinstance(m, LowRank) and linear and m.rank * sum(m.shape) < math.prod(m.shape):
-                self._site(path, module).lora[ui] = (m.A.to(self.dev, torch.float32),
-                                                     (m.B.to(self.dev, torch.float32) * m.scale))
+            if lora_like(m):  # a LoRA changes the module it names, as peft's forward does
+                lr = m.lora if isinstance(m, Dora) else m
+                site = self._site(path, module)
+                factors = (lr.A.to(self.dev, torch.float32), lr.B.to(self.dev, torch.float32) * lr.scale)
+                if lr.rank * sum(lr.shape) >= math.prod(lr.shape) or isinstance(m, Dora) and not linear:
+                    site.dense[ui] = delta()  # factors larger than the matrix; DoRA on an embedding
+                elif isinstance(m, Dora):
+                    site.dora[ui] = (*factors, m.factor(self.dev, weight))
+                else:
+                    site.lora[ui] = factors
                 return
-            delta = m.delta(self.dev)
+            d = delta()
             for p2, mod2 in mods.items():  # every module holding this weight (tied embeddings and output layer)
-                if getattr(mod2, "weight", None) is param and isinstance(mod2, (torch.nn.Linear, torch.nn.Embedding)):
-                    self._site(p2, mod2).dense[ui] = delta
+                if getattr(mod2, "weight", None) is param and (linear_dims(mod2) or isinstance(mod2, torch.nn.Embedding)):
+                    self._site(p2, mod2).dense[ui] = d
             return
         if attr == "bias" and linear:
-            self._site(path, module).bias[ui] = m.delta(self.dev).view(-1)
+            self._site(path, module).bias[ui] = delta().view(-1)
             return
-        self.patches.setdefault(ui, []).append((param, m.delta(self.dev).reshape(param.shape)))
+        self.patches.setdefault(ui, []).append((param, delta().reshape(param.shape)))
 
     @classmethod
-    def trainable(cls, model, paths: list[str], n: int, rank: int, scale: float, seeds: list[int]) -> "RowAdapters":
+    def trainable(cls, model, paths: list[str], n: int, rank: int, scale: float, seeds: list[int],
+                  dora: bool = False) -> "RowAdapters":
         """``n`` trainable LoRA experts on the modules ``paths``: A kaiming-uniform (as peft), B zero, each
-        expert's initialisation seeded by ``seeds[e]`` and the module's name; row e uses expert e."""
+        expert's initialisation seeded by ``seeds[e]`` and the module's name; row e uses expert e. ``dora``: each
+        expert also trains a DoRA magnitude per output row, initialised to ‖W‖ (‖W + scale·B A‖ with B = 0)."""
         self = cls(model)
         mods = dict(model.named_modules())
         for path in paths:
             lin = mods[path]
-            A = torch.empty((n, rank, lin.in_features), device=self.dev)
-            bound = 1 / math.sqrt(lin.in_features)  # kaiming_uniform with a=sqrt(5)
+            fan_in, fan_out = linear_dims(lin)
+            A = torch.empty((n, rank, fan_in), device=self.dev)
+            bound = 1 / math.sqrt(fan_in)  # kaiming_uniform with a=sqrt(5)
             for e, s in enumerate(seeds):
                 g = torch.Generator(device="cpu").manual_seed(s * 1_000_003 + zlib.crc32(path.encode()) % 1_000_003)
-                A[e] = (torch.rand((rank, lin.in_features), generator=g) * 2 - 1).to(self.dev) * bound
+                A[e] = (torch.rand((rank, fan_in), generator=g) * 2 - 1).to(self.dev) * bound
             site = self._site(path, lin)
             site.A = torch.nn.Parameter(A)
-            site.B = torch.nn.Parameter(torch.zeros((n, lin.out_features, rank), device=self.dev))
+            site.B = torch.nn.Parameter(torch.zeros((n, fan_out, rank), device=self.dev))
+            if dora:
+                site.M = torch.nn.Parameter(site.weight().float().norm(dim=1).expand(n, -1).clone())
             site.scale = scale
         self._install()
         self.each()
         return self
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for s in self.sites.values() for p in (s.A, s.B) if p is not None]
+        return [p for s in self.sites.values() for p in (s.A, s.B, s.M) if p is not None]
 
     def expert(self, e: int, name: str, meta: dict) -> Update:
-        """Trainable expert ``e`` as an update (fp32 factors on the CPU)."""
-        mods = {PREFIX + path: LowRank(s.A[e].detach().float().cpu().clone(), s.B[e].detach().float().cpu().clone(),
-                                       s.scale) for path, s in self.sites.items() if s.A is not None}
+        """Trainable expert ``e`` as an update (fp32 factors, and DoRA magnitudes, on the CPU)."""
+        def own(t):
+            return t[e].detach().float().cpu().clone()
+
+        mods = {}
+        for path, s in self.sites.items():
+            if s.A is not None:
+                lora = LowRank(own(s.A), own(s.B), s.scale)
+                mods[PREFIX + path] = lora if s.M is None else \
+                    Dora(param=path + ".weight", source=name, lora=lora, magnitude=own(s.M))
         return Update(name, mods, meta)
 
     def paths(self, updates: Sequence[int] | None = None) -> list[str]:
         """The module paths the given updates (default: all) change."""
         keep = None if updates is None else set(updates)
         out = [p for p, s in self.sites.items()
-               if s.A is not None or keep is None or keep & (set(s.lora) | set(s.dense) | set(s.bias))]
+               if s.A is not None or keep is None or keep & (set(s.lora) | set(s.dora) | set(s.dense) | set(s.bias))]
         if any(keep is None or ui in keep for ui in self.patches):
             names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
             out += [names[id(p)].rpartition(".")[0] for ui, ps in self.patches.items()
@@ -264,6 +346,18 @@ class RowAdapters:
         finally:
             self._mode = mode
 
+    @contextlib.contextmanager
+    def bare(self) -> Iterator[None]:
+        """While it runs, the hooks add nothing, to a batch of any number of rows (a probe of the model itself;
+        parameters patched in place for a shared update stay patched); the choice made before is restored
+        after."""
+        mode = self._mode
+        self._mode = ("use", None)
+        try:
+            yield
+        finally:
+            self._mode = mode
+
     def _patch(self, u: int | None) -> None:
         """Parameters no hook can reach (norm weights of a full model's delta) are patched in place for the
         update every row shares, and restored when another is chosen."""
@@ -295,16 +389,16 @@ class RowAdapters:
             if mode[0] == "use":
                 if mode[1] is None:
                     return out
-                d = site.delta(mode[1], x)
+                d = site.delta(mode[1], x, out)
                 return out if d is None else (out.float() + d).to(out.dtype)
             if mode[0] == "each" and site.A is not None:
-                return (out.float() + site.each(x)).to(out.dtype)
+                return (out.float() + site.each(x, out)).to(out.dtype)
             segments, n = (_segments(list(range(x.shape[0]))), x.shape[0]) if mode[0] == "each" else mode[1:]
             if x.shape[0] != n:
                 raise RuntimeError(f"per-row adapters: a batch of {x.shape[0]} rows, {n} rows were set")
             pieces = []
             for u, s, e in segments:
-                d = None if u < 0 else site.delta(u, x[s:e])
+                d = None if u < 0 else site.delta(u, x[s:e], out[s:e])
                 pieces.append(out[s:e] if d is None else (out[s:e].float() + d).to(out.dtype))
             return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
 
@@ -326,12 +420,13 @@ class RowAdapters:
 
 
 def device_bytes(u: Update) -> int:
-    """What an update occupies on the device once applied: its LoRA factors, or the dense delta where the
-    factors would be larger (as ``RowAdapters`` stores it), in fp32."""
+    """What an update occupies on the device once applied: its LoRA (or DoRA) factors, or the dense delta where
+    the factors would be larger (as ``RowAdapters`` stores it), in fp32."""
     n = 0
     for m in u.modules.values():
-        if isinstance(m, LowRank) and m.rank * sum(m.shape) < math.prod(m.shape):
-            n += m.rank * sum(m.shape)
+        lr = m.lora if isinstance(m, Dora) else m
+        if lora_like(m) and lr.rank * sum(lr.shape) < math.prod(lr.shape):
+            n += lr.rank * sum(lr.shape) + (lr.shape[0] if isinstance(m, Dora) else 0)
         else:
             n += math.prod(m.shape)
     return 4 * n
@@ -374,26 +469,42 @@ def gathered(model, rows: torch.Tensor):
     return ad.gathered(rows) if ad is not None else contextlib.nullcontext()
 
 
+def bare(model):
+    """``RowAdapters.bare`` of the adapters installed on ``model`` (a no-op without any)."""
+    ad = getattr(model, "_mergetool_adapters", None)
+    return ad.bare() if ad is not None else contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------- the frozen prefix
 
 
-class _Skipped(torch.nn.Module):
-    """Stands in for a frozen decoder layer: passes its input through (as a tensor or a 1-tuple, like the
-    layer it replaces) and answers attribute reads with the replaced layer's."""
+class StandIn(torch.nn.Module):
+    """Stands in for ``module``: runs ``forward`` instead of it and answers attribute reads with the replaced
+    module's (so a caller that reads a setting off it still finds it)."""
 
-    def __init__(self, layer: torch.nn.Module, as_tuple: bool):
+    def __init__(self, module: torch.nn.Module, forward):
         super().__init__()
-        object.__setattr__(self, "_layer", layer)  # not a submodule: its weights are not ours
-        self._as_tuple = as_tuple
+        object.__setattr__(self, "_module", module)  # not a submodule: its weights are not ours
+        object.__setattr__(self, "_forward", forward)
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(object.__getattribute__(self, "_layer"), name)
+            return getattr(object.__getattribute__(self, "_module"), name)
 
-    def forward(self, hidden_states, *args, **kwargs):
-        return (hidden_states,) if self._as_tuple else hidden_states
+    def forward(self, *args, **kwargs):
+        return object.__getattribute__(self, "_forward")(*args, **kwargs)
+
+
+def _passing(as_tuple: bool):
+    """A frozen decoder layer's stand-in forward: its input passed through (as a tensor or a 1-tuple, like the
+    layer it replaces)."""
+
+    def forward(hidden_states, *args, **kwargs):
+        return (hidden_states,) if as_tuple else hidden_states
+
+    return forward
 
 
 class Prefix:
@@ -481,7 +592,7 @@ class Prefix:
         h = self.layers[self.first].register_forward_pre_hook(feed, with_kwargs=True)
         try:
             for i in range(self.first):
-                self.layers[i] = _Skipped(saved[i], self.as_tuple)
+                self.layers[i] = StandIn(saved[i], _passing(self.as_tuple))
             yield
         finally:
             for i, m in enumerate(saved):

@@ -328,11 +328,12 @@ class Cluster:
 
     def put_updates(self, updates) -> list:
         """Updates for the workers, their tensors in memory (a full model's task vector is read here, on the
-        driver, so nodes need not see its files)."""
+        driver, so nodes need not see its files; DoRA and full-tensor modules travel as they are and take the
+        base's tensors on the worker)."""
         from .updates import Dense, Update
 
-        return self.put([Update(u.name, {k: Dense(m.delta()) if isinstance(m, Dense) else m
-                                         for k, m in u.modules.items()}, u.meta, u.dtype) for u in updates])
+        return self.put([Update(u.name, {k: Dense(m.delta()) if type(m) is Dense else m
+                                         for k, m in u.modules.items()}, u.meta, u.dtype, u.copies) for u in updates])
 
     def run(self, method: str, jobs: list[tuple], deliver: Callable[[int, Any], None], ordered: bool = True) -> None:
         """Run ``actor.method(*job)`` for every job, at most two in flight per actor; ``deliver(index, result)`` once

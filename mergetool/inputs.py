@@ -6,13 +6,16 @@ updates share one base model."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .errors import MergetoolError, UsageError
 from .blobs import load_pickle_tensors, read_blobs
 from .streams import check_path, unreadable
-from .model import Base, task_vector
-from .updates import Update, check_peft_config, from_blob, from_tensors
+from .model import Base, base_tensors, layout, task_vector
+from .updates import PREFIX, LowRank, Update, bind, check_peft_config, from_blob, from_tensors
 
 MAX_CONFIG = 16 << 20  # bytes of adapter_config.json; PEFT's are a few hundred
 
@@ -42,7 +45,8 @@ def _read_config(path: Path) -> dict:
         raise MergetoolError(what, f"field 'peft_type' must be a string, got {json.dumps(kind)[:40]}",
                              "fix the LoRA config")
     if kind != "LORA":
-        raise MergetoolError(str(path), f"peft_type {kind} is not supported", "only LoRA adapters merge")
+        raise MergetoolError(str(path), f"{kind} adapters are not supported (peft_type {kind})",
+                             "mergetool reads LoRA adapters (plain, rsLoRA, DoRA)")
     base = cfg.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         raise MergetoolError(what, f"field 'base_model_name_or_path' must be a string, got {json.dumps(base)[:40]}",
@@ -86,10 +90,58 @@ def _is_model_dir(p: Path) -> bool:
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+@dataclass(frozen=True)
+class BaseWeights:
+    """The base's tensors by the model's parameter names, for DoRA and full-tensor modules (``updates.bind``) and
+    PEFT outputs: read through the one shared reader of the base (``model.base_tensors``), its files' keys
+    mapped to the parameters as transformers maps them (``model.layout``), a ``Conv1D`` weight as [out, in]
+    like every update. Only the base's path travels when pickled, so a Ray worker reads its own copy."""
+
+    base: Base
+    allow_pickle: bool = False
+
+    def _where(self, param: str) -> tuple[str, bool] | None:
+        """(the files' key, stored transposed) of a parameter; None when the base has none."""
+        key = (self.base.dir, self.base.gguf_file, self.allow_pickle)
+        if key not in _INDEX:
+            bt, lay = base_tensors(self.base, self.allow_pickle), layout(self.base)
+            _INDEX.clear()
+            _INDEX[key] = {bt.param_name(k, lay): (k, bt.param_name(k, lay) in lay.transposed) for k in bt.keys()}
+        return _INDEX[key].get(param)
+
+    def read(self, param: str, device) -> torch.Tensor:
+        key, flip = self._where(param)
+        t = base_tensors(self.base, self.allow_pickle).read_to(key, device)
+        return t.T if flip else t
+
+    def shape(self, param: str) -> tuple[int, ...] | None:
+        where = self._where(param)
+        if where is None:
+            return None
+        shape = tuple(base_tensors(self.base, self.allow_pickle).spec(where[0])[1])
+        return shape[::-1] if where[1] else shape
+
+    def transposed(self, param: str) -> bool:
+        return bool(self._where(param) and self._where(param)[1])
+
+
+_INDEX: dict[tuple, dict[str, tuple[str, bool]]] = {}
+
+
 def load_inputs(paths: list[str], base: Base | None = None, allow_pickle: bool = False) -> list[Update]:
-    """Load every input (file, ``-``, PEFT dir, full model dir, pool dir) into updates, in order. Pickles (a
-    ``.bin``/``.pt`` adapter, a PEFT directory's adapter_model.bin, a full model's ``*.bin``) load only with
-    ``allow_pickle``, as tensors (``torch.load(weights_only=True)``)."""
+    """Load every input (file, ``-``, PEFT dir, full model dir, pool dir) into updates, in order; with a ``base``,
+    DoRA and full-tensor modules are bound to its tensors (``updates.bind``). Pickles (a ``.bin``/``.pt`` adapter, a
+    PEFT directory's adapter_model.bin, a full model's ``*.bin``) load only with ``allow_pickle``, as tensors
+    (``torch.load(weights_only=True)``)."""
+    out = _load(paths, base, allow_pickle)
+    if base is not None:
+        weights = BaseWeights(base, allow_pickle)
+        for u in out:
+            bind(u, weights)
+    return out
+
+
+def _load(paths: list[str], base: Base | None, allow_pickle: bool) -> list[Update]:
     if sum(p == "-" for p in paths) > 1:
         raise UsageError("inputs", "'-' given more than once", "stdin can be read once")
     out: list[Update] = []
@@ -110,7 +162,7 @@ def load_inputs(paths: list[str], base: Base | None = None, allow_pickle: bool =
                 if not members:
                     raise MergetoolError(src, "directory holds no adapters",
                                          "a pool holds .safetensors files or PEFT directories")
-                out += load_inputs([str(m) for m in members], base, allow_pickle)
+                out += _load([str(m) for m in members], base, allow_pickle)
         elif p.suffix in PICKLE_SUFFIXES:
             if not allow_pickle:
                 raise _pickle_refused(src)
@@ -120,6 +172,17 @@ def load_inputs(paths: list[str], base: Base | None = None, allow_pickle: bool =
             stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.stem
             out += [from_blob(b, stem if len(blobs) == 1 else f"{stem}-{i + 1}") for i, b in enumerate(blobs)]
     return out
+
+
+def mark_embeddings(u: Update, base: Base) -> None:
+    """Lay out the LoRAs of ``u`` that change an ``nn.Embedding`` of the base as peft's embedding LoRAs
+    (lora_embedding_A/B): a LoRA made from a dense delta (``--rank``) does not know it changes an embedding."""
+    from .model import skeleton
+
+    embeddings = {PREFIX + n for n, m in skeleton(base).named_modules() if isinstance(m, torch.nn.Embedding)}
+    for mod, m in u.modules.items():
+        if isinstance(m, LowRank) and mod in embeddings:
+            m.embedding = True
 
 
 def check_compatible(updates: list[Update], base_fingerprint: str | None = None) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import shutil
 import threading
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from .device import keep_freed_memory
 from .errors import MergetoolError
 from .blobs import FLOAT_DTYPES, LazySafetensors, dtype_size, write_blob
 from .outputs import atomic_dir as _atomic_dir
-from .updates import PREFIX, Dense, LowRank, Update
+from .updates import Dense, LowRank, Update, module_of
 
 log = logging.getLogger("mergetool")
 
@@ -152,6 +153,7 @@ class ModelTensors:
         self._lock = threading.Lock()
         self._where: dict[str, Callable[[object], torch.Tensor]] = {}
         self._specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self.named_as_model = bool(base.gguf_file)  # keys are the model's parameter names, not a checkpoint's
         d = base.dir
         if base.gguf_file:
             self._from_state_dict(self._gguf_state_dict())
@@ -196,6 +198,11 @@ class ModelTensors:
 
     def keys(self) -> list[str]:
         return list(self._where)
+
+    def param_name(self, key: str, layout: "Layout") -> str:
+        """The model parameter a key of these files loads into (``layout.param``), the key itself where the
+        files are named as the model is (a dequantised GGUF) or where the key is one part of a fused parameter."""
+        return key if self.named_as_model else (layout.param(key) or key)
 
     def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         return self._specs[name]
@@ -254,9 +261,75 @@ def base_tensors(base: Base, allow_pickle: bool = False) -> ModelTensors:
     return _BASES[key]
 
 
-def module_of(param: str) -> str:
-    """PEFT-style module key of a model parameter (``x.weight`` -> ``base_model.model.x``)."""
-    return PREFIX + (param[: -len(".weight")] if param.endswith(".weight") else param)
+# ----------------------------------------------------------------------------- module kinds
+
+
+def is_conv1d(module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and kin): a linear map whose weight is stored transposed, [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def linear_dims(module) -> tuple[int, int] | None:
+    """(in, out) of a linear map: an ``nn.Linear`` or a ``Conv1D``; None for anything else."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return module.nx, module.nf
+    return None
+
+
+@dataclass
+class Layout:
+    """How a base's weight files meet the model's own parameters. ``transposed``: the parameters stored [in, out]
+    (``Conv1D`` weights; an update holds every linear map's ΔW as [out, in], so these meet it transposed).
+    ``param(key)``: the parameter a checkpoint key loads into, renamed as transformers renames it when it
+    loads the files (older GPT-2 checkpoints without the ``transformer.`` prefix, GPT-NeoX's ``embed_out``,
+    Mixtral's ``block_sparse_moe``); None for a key that is one part of a fused parameter (the per-expert
+    weights transformers stacks into one MoE tensor)."""
+
+    transposed: frozenset[str]
+    renamings: list
+    converters: list
+    prefix: str
+    params: dict
+
+    def param(self, key: str) -> str | None:
+        if not self.renamings and not self.converters and not self.prefix:
+            return key
+        try:
+            from transformers.core_model_loading import rename_source_key
+        except ImportError:  # a transformers without checkpoint conversions: only the base model's prefix
+            if key not in self.params and f"{self.prefix}.{key}" in self.params:
+                return f"{self.prefix}.{key}"
+            return key
+        name, fused = rename_source_key(key, self.renamings, self.converters, self.prefix or None, self.params)
+        return None if fused is not None else name
+
+
+_LAYOUTS: dict[tuple, Layout] = {}
+
+
+def layout(base: Base) -> Layout:
+    """The base's :class:`Layout`, from its skeleton and transformers' own checkpoint conversions; once per
+    base."""
+    key = (str(base.dir), base.gguf_file)
+    if key not in _LAYOUTS:
+        model = skeleton(base)
+        transposed = frozenset(f"{path}.weight" for path, m in model.named_modules() if is_conv1d(m))
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter
+
+            transforms = get_model_conversion_mapping(model)
+        except ImportError:
+            transforms, WeightConverter = [], ()
+        _LAYOUTS.clear()
+        _LAYOUTS[key] = Layout(transposed, [t for t in transforms if not isinstance(t, WeightConverter)],
+                               [t for t in transforms if isinstance(t, WeightConverter)],
+                               getattr(model, "base_model_prefix", "") or "", dict(model.state_dict()))
+    return _LAYOUTS[key]
 
 
 def task_vector(ft_dir: Path, base: Base | None, allow_pickle: bool = False) -> Update:
@@ -266,6 +339,7 @@ def task_vector(ft_dir: Path, base: Base | None, allow_pickle: bool = False) -> 
                              "pass --base MODEL")
     ft = ModelTensors(Base(str(ft_dir), Path(ft_dir)), allow_pickle)
     bt = base_tensors(base, allow_pickle)
+    lay = layout(base)
     modules: dict = {}
     for name in ft.keys():
         dt, shape = ft.spec(name)
@@ -278,14 +352,17 @@ def task_vector(ft_dir: Path, base: Base | None, allow_pickle: bool = False) -> 
             raise MergetoolError(str(ft_dir), f"tensor {name!r} has shape {shape}, the base has {bt.spec(name)[1]}",
                                  "pass the base this model was fine-tuned from")
 
-        def load(device, name=name):
+        param = ft.param_name(name, lay)
+        flip = param in lay.transposed  # a Conv1D weight: its ΔW is [out, in], as every linear map's
+
+        def load(device, name=name, flip=flip):
             a = ft.read(name, device)
             d = a.float() - bt.read_to(name, device).float()
             if not bool(torch.isfinite(d).all()):
                 raise MergetoolError(str(ft_dir), f"tensor {name!r} holds NaN or Inf", "the model is broken")
-            return d
+            return d.T.contiguous() if flip else d
 
-        modules[module_of(name)] = Dense(loader=load, shape_=shape)
+        modules[module_of(param)] = Dense(loader=load, shape_=tuple(reversed(shape)) if flip else shape)
     dtypes = {ft.spec(n)[0] for n in ft.keys() if ft.spec(n)[0] in FLOAT_DTYPES}
     meta = {"base_model": base.name, "kind": "dense", "content": content_digest(Base(str(ft_dir), Path(ft_dir)))}
     return Update(Path(ft_dir).name, modules, meta,
@@ -299,12 +376,13 @@ def save_model(base: Base, out_dir: Path, merged: Iterator[tuple[str, object]], 
     Floating tensors are written in ``dtype`` (default: the base's own)."""
     bt = base_tensors(base, allow_pickle)
     names = bt.keys()
+    lay = layout(base)
     pending: dict[str, object] = {}
     it = iter(merged)
     used = 0
 
     def delta_for(name: str):
-        mod = module_of(name)
+        mod = module_of(bt.param_name(name, lay))
         while mod not in pending:
             try:
                 k, v = next(it)
@@ -339,8 +417,8 @@ def save_model(base: Base, out_dir: Path, merged: Iterator[tuple[str, object]], 
                 d = delta_for(n)
                 if d is not None:
                     used += 1
-                    dd = d.delta(device) if isinstance(d, (LowRank, Dense)) else d
-                    t = t.to(device).float() + dd.reshape(t.shape)
+                    t = t.to(device).float() + _as_stored(n, d.delta(device) if isinstance(d, (LowRank, Dense)) else d,
+                                                          t.shape, bt.param_name(n, lay) in lay.transposed)
                 yield n, t.to(out_dtype(n))
 
         specs = [(n, out_dtype(n), bt.spec(n)[1]) for n in shard]
@@ -359,6 +437,19 @@ def save_model(base: Base, out_dir: Path, merged: Iterator[tuple[str, object]], 
     return {"tensors": len(names), "patched": used, "shards": total}
 
 
+def _as_stored(name: str, delta: torch.Tensor, shape: torch.Size, transposed: bool) -> torch.Tensor:
+    """A merged module's delta laid out as the base stores the weight: transposed for a ``Conv1D`` weight (ΔW
+    is [out, in], the weight [in, out]); a delta of another shape is refused, never reshaped into it (a vector
+    and a [1, n] row are one shape)."""
+    if transposed and delta.dim() == 2:
+        delta = delta.T
+    if tuple(delta.shape) != tuple(shape) and not (delta.numel() == math.prod(shape) and
+                                                   [x for x in delta.shape if x != 1] == [x for x in shape if x != 1]):
+        raise MergetoolError("--save-model", f"the merged delta of {name} has shape {tuple(delta.shape)}, the base's "
+                             f"weight {tuple(shape)}", "pass the base the adapters were trained on")
+    return delta.reshape(shape)
+
+
 def load_model(base: Base, device: torch.device, dtype: torch.dtype | None = None):
     """A base model and its tokenizer on ``device``, to run (bf16 on CUDA, fp32 on CPU unless ``dtype``)."""
     from transformers import AutoModelForCausalLM
@@ -367,11 +458,31 @@ def load_model(base: Base, device: torch.device, dtype: torch.dtype | None = Non
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tok = load_tokenizer(base)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(base.dir), dtype=dtype, trust_remote_code=False,
-                                                     **base.load_kwargs()).to(device).eval()
+        model, info = AutoModelForCausalLM.from_pretrained(str(base.dir), dtype=dtype, trust_remote_code=False,
+                                                           output_loading_info=True, **base.load_kwargs())
     except OSError as e:
         raise MergetoolError(base.name, f"cannot load the model ({str(e)[:150]})", "pass a model directory") from None
-    return model, tok
+    except RuntimeError as e:
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        raise MergetoolError(base.name, "its weights hold tensors of other shapes than its config gives",
+                             "pass the model's own weights (its config.json and its weight files belong together)") from None
+    check_loaded(base, info)
+    return model.to(device).eval(), tok
+
+
+def check_loaded(base: Base, info: dict) -> None:
+    """A base whose weight files lack a tensor the model has, or hold one it has not, is an error naming it:
+    transformers would fill a missing one with random values (and drop an unexpected one), so every result
+    would change from run to run. Weights the config ties (the output layer to the embeddings) are not
+    missing, nor are the keys the model's class declares optional (transformers' own exceptions)."""
+    for kind, why, fix in (("missing_keys", "lack {n} of the model's tensors, such as",
+                            "pass a complete model directory (not an adapter, not a partial download)"),
+                           ("unexpected_keys", "hold {n} tensors the model does not have, such as",
+                            "pass the model's own weights (its config.json and its weight files belong together)")):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            raise MergetoolError(base.name, f"its weights {why.format(n=len(keys))} {keys[0]}", fix)
 
 
 def skeleton(base: Base):

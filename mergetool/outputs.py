@@ -66,6 +66,11 @@ def _output_target(dst: str) -> tuple[str, bool]:
     return target, False
 
 
+def is_stream(dst: str | None) -> bool:
+    """Whether ``-o DST`` is a stream (stdout, ``-``, a character device, a FIFO, a socket) rather than a file."""
+    return dst is None or dst == "-" or _output_target(dst)[1]
+
+
 def _inside(path: str, d: str) -> bool:
     return path == d or path.startswith(d.rstrip(os.sep) + os.sep)
 

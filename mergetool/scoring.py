@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .adapters import Prefix, RowAdapters, first_layer, gathered
+from .adapters import Prefix, RowAdapters, StandIn, bare, first_layer, gathered
 
 log = logging.getLogger("mergetool")
 
@@ -231,17 +231,110 @@ def batch_tokens_for(device, batch_tokens: int | None = None) -> int:
     return BATCH_TOKENS.get(torch.device(device).type, BATCH_TOKENS["cuda"])
 
 
+# ----------------------------------------------------------------------------- the output head
+
+
+class _Given:
+    """What the decoder's stand-in returns: the given hidden states as ``last_hidden_state`` (and as ``[0]``);
+    every other output a decoder may have (caches, attentions, router logits) is None."""
+
+    def __init__(self, h: torch.Tensor):
+        self.last_hidden_state = h
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+    def __getitem__(self, i):
+        if i in (0, "last_hidden_state"):
+            return self.last_hidden_state
+        raise IndexError(i)
+
+
+def _decoder_slot(model) -> tuple[torch.nn.Module, str] | None:
+    """(parent, attribute) under which ``model`` holds its decoder (``model.get_decoder()``), or None; found
+    once per model."""
+    if "_mergetool_slot" not in model.__dict__:
+        decoder = getattr(model, "get_decoder", lambda: None)()
+        found = None
+        if decoder is not None and decoder is not model:
+            name = next((n for n, m in model.named_modules() if m is decoder), None)
+            if name is not None:
+                parent, _, attr = name.rpartition(".")
+                found = (model.get_submodule(parent) if parent else model), attr
+        model.__dict__["_mergetool_slot"] = found
+    return model.__dict__["_mergetool_slot"]
+
+
+def head(model, h: torch.Tensor) -> torch.Tensor:
+    """The model's own output head on hidden states ``h`` [n, hidden] (the decoder's last, after its final
+    norm): the model's ``forward`` runs with its decoder replaced by a stand-in that returns ``h`` as n
+    sequences of one token, so the logits [n, vocabulary] are computed as the model computes them: its output
+    projection and whatever it does before or after it (Gemma-2's soft-capping, Granite's ``logits_scaling``,
+    Cohere's ``logit_scale``, MiniCPM3's scaled hidden states, ...). Valid where ``own_head(model)``."""
+    parent, attr = _decoder_slot(model)
+    real = getattr(parent, attr)
+    setattr(parent, attr, StandIn(real, lambda *a, **k: _Given(h[:, None])))
+    try:
+        out = model(input_ids=torch.zeros((h.shape[0], 1), dtype=torch.long, device=h.device))
+    finally:
+        setattr(parent, attr, real)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits[:, 0]
+
+
+def own_head(model) -> bool:
+    """Whether ``head`` gives this model's logits: checked once per model (the answer is cached on it) on a
+    probe of 8 tokens, the model's own ``model(...).logits`` at four positions in another order against
+    ``head`` on the decoder's hidden states gathered there (fp32: to rounding, 1e-4 relative; bf16 and fp16:
+    2e-2). A model whose forward computes its logits from anything but the decoder's last hidden states,
+    position by position, or that rejects the stand-in (an error from its forward) takes the full route:
+    ``model(**inputs).logits``, then the positions. Decided before any row's update is chosen (the probe
+    runs with the adapters' hooks off, ``adapters.bare``) and outside a frozen prefix's feeding."""
+    cached = getattr(model, "_mergetool_head", None)
+    if cached is not None:
+        return cached
+    ok = False
+    if _decoder_slot(model) is not None:
+        dev = next(model.parameters()).device
+        ids = ((torch.arange(8, device=dev) * 7 + 3) % model.get_input_embeddings().weight.shape[0])[None]
+        mask = torch.ones_like(ids)
+        at = torch.tensor([5, 0, 7, 2], device=dev)
+        try:
+            with torch.no_grad(), bare(model):
+                full = model(input_ids=ids, attention_mask=mask).logits[0, at].float()
+                h = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[0, at]
+                fast = head(model, h).float()
+            dtype = next(model.parameters()).dtype
+            tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+            ok = fast.shape == full.shape and bool(((fast - full).abs().max() <= tol * full.abs().max().clamp_min(1)))
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, NotImplementedError, RuntimeError) as e:
+            if out_of_memory(e):
+                raise
+            log.info("the output head cannot run apart (%s): computing full logits", str(e)[:200])
+        if not ok:
+            log.info("this model's logits are not its head on the last hidden states: computing full logits")
+    model._mergetool_head = ok
+    return ok
+
+
+def _vocab(model) -> int:
+    """The width of the model's logits: its output embedding's rows (its input embedding's where the head holds
+    no plain output embedding)."""
+    emb = model.get_output_embeddings()
+    return int((emb if emb is not None else model.get_input_embeddings()).weight.shape[0])
+
+
 def logits_at(model, rows, pos, **inputs) -> torch.Tensor:
     """The logits at the given (row, position)s only: the decoder's hidden states are gathered first and the
-    output layer runs on those alone; models whose logits are post-processed (soft-capping) take the route
-    through the full logits."""
-    decoder = getattr(model, "get_decoder", lambda: None)()
-    head = model.get_output_embeddings()
-    if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+    model's own head (``head``) runs on those alone; a model whose head cannot run apart (``own_head``) takes
+    the route through the full logits."""
+    if not own_head(model):
         return model(**inputs).logits[rows, pos]
-    h = decoder(**inputs).last_hidden_state[rows, pos]
+    h = model.get_decoder()(**inputs).last_hidden_state[rows, pos]
     with gathered(model, rows):
-        return head(h)
+        return head(model, h)
 
 
 # scored positions per output-layer call in ``token_logprobs``: about 64 MiB of fp32 logits at a time, so a
@@ -250,25 +343,23 @@ HEAD_FLOATS = 1 << 24
 
 
 def token_logprobs(model, rows, pos, tgt, **inputs) -> torch.Tensor:
-    """log p(tgt | prefix) at the given (row, position)s, in fp32: the output layer runs once per distinct
-    position (a context's last position predicts every choice's first token), on chunks of positions, and
-    each chunk's logits give ``logit[tgt] - logsumexp(logits)`` without a full log-softmax."""
+    """log p(tgt | prefix) at the given (row, position)s, in fp32: the model's head (``head``) runs once per
+    distinct position (a context's last position predicts every choice's first token), on chunks of
+    positions, and each chunk's logits give ``logit[tgt] - logsumexp(logits)`` without a full log-softmax."""
     width = inputs["input_ids"].shape[1]
     key, inverse = torch.unique(rows * width + pos, return_inverse=True)
-    decoder = getattr(model, "get_decoder", lambda: None)()
-    head = model.get_output_embeddings()
-    if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+    if not own_head(model):
         logits = logits_at(model, key // width, key % width, **inputs)
         return torch.log_softmax(logits.float(), -1)[inverse, tgt]
     krows = key // width
-    h = decoder(**inputs).last_hidden_state[krows, key % width]
-    step = max(1, HEAD_FLOATS // max(1, getattr(head, "out_features", 0) or 65536))
+    h = model.get_decoder()(**inputs).last_hidden_state[krows, key % width]
+    step = max(1, HEAD_FLOATS // _vocab(model))
     out = torch.empty(len(tgt), dtype=torch.float32, device=h.device)
     order = torch.argsort(inverse)
     bounds = torch.searchsorted(inverse[order], torch.arange(0, len(key) + step, step, device=inverse.device))
     for c, s in enumerate(range(0, len(key), step)):
         with gathered(model, krows[s:s + step]):
-            logits = head(h[s:s + step]).float()
+            logits = head(model, h[s:s + step]).float()
         idx = order[bounds[c]:bounds[c + 1]]
         local = inverse[idx] - s
         picked = logits[local, tgt[idx]]
@@ -394,6 +485,7 @@ def choice_loglikelihoods(model, items: list[Item], jobs: list[Job] | None = Non
     ``cache`` (a dict kept by the caller across calls on the same ``items``) keeps the lower layers' states
     of the items, so each is computed once for a whole run."""
     items = truncate(items, model_max_len(model))
+    own_head(model)  # decided before a frozen prefix is fed
     jobs = jobs if jobs is not None else [(-1, range(len(items)))]
     jobs = [(u, list(idx)) for u, idx in jobs]
     lens = [_packed_len(x) for x in items]

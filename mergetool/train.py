@@ -12,35 +12,90 @@ and the decoder layers below the adapted ones run once per batch (:class:`~merge
 
 from __future__ import annotations
 
+import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .adapters import Prefix, RowAdapters, decoder_layers, first_layer, layer_of
+from .model import is_conv1d, linear_dims
 from .errors import MergetoolError
-from .scoring import logits_at, prefix_token
-from .updates import Update
+from .scoring import logits_at, own_head, prefix_token
+from .updates import Update, to_tensors
 
 
 @dataclass
 class LoraSpec:
     rank: int = 64
     alpha: float = 128.0
-    targets: list[str] = field(default_factory=lambda: ["mlp.up_proj"])
+    targets: list[str] | None = None  # None: the model's defaults (``default_targets``)
     layers: list[int] | None = None  # None: the middle layer (per example) or all layers (per task)
     lr: float = 4e-3
     epochs: int = 10
     batch_size: int = 64
     seed: int = 0
+    dora: bool = False  # DoRA: each expert also trains a magnitude per output row
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
 
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule for a target module name: the whole path, or its last dotted components."""
+    return name == target or name.endswith("." + target)
+
+
+def _peft_defaults(model_type: str | None):
+    """peft's own default LoRA targets for this model type (a list of names, or a regular expression), if any."""
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
+    except ImportError:  # a peft without the table: the attention's linear maps
+        return None
+    return mapping.get(model_type)
+
+
+def _in_attention(layer: torch.nn.Module, rel: str) -> bool:
+    """Whether the module at ``rel`` (a path inside a decoder layer) sits in the layer's attention: under a
+    module whose class is an attention (``LlamaAttention``, ``GPT2Attention``, ``FalconAttention``, ...)."""
+    parts = rel.split(".")
+    return any("attention" in type(layer.get_submodule(".".join(parts[:k]))).__name__.lower()
+               for k in range(1, len(parts)))
+
+
+def default_targets(model, default_middle: bool) -> tuple[list[str], str]:
+    """The target modules when none are named, as module-name suffixes inside a decoder layer, and where they
+    come from. Per task: peft's own default for the model type (``q_proj, v_proj`` on Llama, ``c_attn`` on
+    GPT-2, ``query_key_value`` on GPT-NeoX, Falcon and BLOOM), else (no default, or one that names nothing
+    here) every linear map of the attention (Phi-3: ``qkv_proj, o_proj``). Per example (the paper's recipe, the MLP's up projection): ``mlp.up_proj`` where the
+    layers have one, else the layer's linear maps outside the attention that widen the hidden size (``fc1``,
+    ``c_fc``, ``dense_h_to_4h``, Phi-3's fused ``gate_up_proj``), gates left out when others remain."""
+    lpath, layers = decoder_layers(model)
+    layer = layers[0]
+    rel = {n: m for n, m in layer.named_modules() if n and linear_dims(m) is not None}
+    if not default_middle:
+        peft = _peft_defaults(getattr(model.config, "model_type", None))
+        if isinstance(peft, str):  # a regular expression over whole module paths
+            found = [n for n in rel if re.fullmatch(peft, f"{lpath}.0.{n}")]
+        else:
+            found = [n for n in rel if any(_matches(n, t) for t in peft or ())]
+        if found:
+            return found, "peft's default for this model type"
+        return [n for n in rel if _in_attention(layer, n)], "the attention's linear maps"
+    up = [n for n in rel if _matches(n, "mlp.up_proj")]
+    if up:
+        return up, "the paper's recipe"
+    hidden = model.get_input_embeddings().weight.shape[1]
+    wide = [n for n, m in rel.items() if not _in_attention(layer, n) and linear_dims(m)[0] == hidden
+            and linear_dims(m)[1] > hidden]
+    plain = [n for n in wide if "gate" not in n.rsplit(".", 1)[-1] or "up" in n.rsplit(".", 1)[-1]]
+    return (plain or wide), "the MLP's up projection"
+
+
 def target_modules(model, spec: LoraSpec, default_middle: bool) -> list[str]:
-    """Names of the nn.Linear modules to adapt: ``targets`` suffixes in ``layers``."""
+    """Names of the linear maps (``nn.Linear`` or ``Conv1D``) to adapt: those whose name ends with one of
+    ``spec.targets`` (whole dotted components, as peft matches; default ``default_targets``) in ``layers``."""
     found = decoder_layers(model)
     if found is None:
         raise MergetoolError("--layers", "cannot find this model's decoder layers", "use a decoder-only model")
@@ -50,17 +105,26 @@ def target_modules(model, spec: LoraSpec, default_middle: bool) -> list[str]:
     bad = [x for x in layers if not 0 <= x < n_layers]
     if bad:
         raise MergetoolError("--layers", f"layer {bad[0]} is outside 0..{n_layers - 1}", "pick existing layers")
+    targets, source = (spec.targets, None) if spec.targets else default_targets(model, default_middle)
     names = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
+        if linear_dims(mod) is None:
             continue
         where = layer_of(name, lpath)
-        if where is not None and where in layers and any(name.endswith(t) for t in spec.targets):
+        if where is not None and where in layers and any(_matches(name, t) for t in targets):
             names.append(name)
     if not names:
-        raise MergetoolError("--target-modules", f"no linear module matches {','.join(spec.targets)} in layers "
-                             f"{layers}", "name modules such as mlp.up_proj or self_attn.q_proj")
+        exist = sorted({n for n, m in layer_list[layers[0]].named_modules() if n and linear_dims(m) is not None})
+        what = f"no linear module matches {','.join(targets)}" if targets else f"no default target ({source})"
+        raise MergetoolError("--target-modules", f"{what} in layers {layers}; the layers' linear modules are "
+                             f"{', '.join(exist) or 'none'}", "name some of them with --target-modules")
     return names
+
+
+def fan_in_fan_out(model, names: list[str]) -> bool:
+    """peft's ``fan_in_fan_out`` flag for these target modules: whether they are ``Conv1D`` (weights [in, out])."""
+    mods = dict(model.named_modules())
+    return any(is_conv1d(mods[n]) for n in names)
 
 
 def expert_meta(template: dict, name: str, task: str, **training) -> dict:
@@ -72,7 +136,7 @@ def expert_meta(template: dict, name: str, task: str, **training) -> dict:
 def check_finite(u: Update) -> None:
     """A trained expert holding NaN or Inf is an error (the learning rate was too high), never an output."""
     bad = next((k for k, m in u.modules.items()
-                if not (bool(torch.isfinite(m.A).all()) and bool(torch.isfinite(m.B).all()))), None)
+                if not all(bool(torch.isfinite(t).all()) for t in to_tensors(Update("", {k: m})).values())), None)
     if bad is not None:
         raise MergetoolError(u.name, f"training diverged: module {bad} holds NaN or Inf", "lower --lr")
 
@@ -138,7 +202,8 @@ def train_stacked(model, tok, items: list[tuple[str, str]], spec: LoraSpec, name
     dev = next(model.parameters()).device
     for p in model.parameters():
         p.requires_grad_(False)
-    ad = RowAdapters.trainable(model, names, len(items), spec.rank, spec.scale, seeds)
+    own_head(model)  # decided before a frozen prefix is fed
+    ad = RowAdapters.trainable(model, names, len(items), spec.rank, spec.scale, seeds, spec.dora)
     opt = torch.optim.AdamW(ad.parameters(), lr=spec.lr, weight_decay=0.0)
     ids, mask, lab = lm_batch(tok, items, dev)
     t = Targets(lab)
@@ -175,7 +240,7 @@ def train_task(model, tok, items: list[tuple[str, str]], spec: LoraSpec, names: 
     dev = next(model.parameters()).device
     for p in model.parameters():
         p.requires_grad_(False)
-    ad = RowAdapters.trainable(model, names, 1, spec.rank, spec.scale, [spec.seed])
+    ad = RowAdapters.trainable(model, names, 1, spec.rank, spec.scale, [spec.seed], spec.dora)
     ad.use(0)
     opt = torch.optim.AdamW(ad.parameters(), lr=spec.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(spec.seed)

@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "mergetool"
 # -> scoring -> evaluation -> the commands' libraries -> the CLI. A module may import from its own stage or
 # an earlier one.
 STAGES = [
-    ["mergetool", "mergetool.errors", "mergetool.device"],
+    ["mergetool", "mergetool.errors", "mergetool.device", "mergetool.zoo"],
     ["mergetool.streams"],
     ["mergetool.blobs", "mergetool.jsonl", "mergetool.outputs"],
     ["mergetool.updates"],

@@ -219,10 +219,11 @@ def eval_cmd(
         raise MergetoolError(data, "no examples to evaluate after the split filter", "check --split")
     if shots and not chat:  # demonstrations are drawn (and their count checked) before the model loads
         add_contexts(examples, pool, shots, seed)
-    updates = load_inputs(adapters, None, allow_pickle) if adapters else []
+    given = resolve_base(base, gguf_file) if base else None  # a full model's task vector is taken against it
+    updates = load_inputs(adapters, given, allow_pickle) if adapters else []
     if not base:
         base = _base_of(updates)
-    b = resolve_base(base, gguf_file)
+    b = given or resolve_base(base, gguf_file)
     for o in {out_path, rec_path} - {None}:  # before the model loads: no output may destroy what is read
         refuse_destroying_inputs(o, [data, shots_from, *adapters, base_input(b)])
     fp = fingerprint(b)

@@ -21,7 +21,8 @@ HELP = """Merge adapters into one adapter (safetensors on stdout), a PEFT direct
 Inputs are .safetensors adapters, PEFT adapter directories, full fine-tuned model directories (their
 task vectors against --base, streamed tensor by tensor), directories of adapters (a pool), or - (a
 stream of concatenated blobs on stdin). Every method merges the effective updates ΔW = scale·B@A in
-fp32; λ scales the result (θ = θ_base + λ·merged). Linear methods (mean, linear, task-arithmetic,
+fp32; λ scales the result (θ = θ_base + λ·merged). DoRA adapters, modules_to_save and trained biases are
+merged through their task vectors against --base (linear methods keep DoRAs exact DoRAs). Linear methods (mean, linear, task-arithmetic,
 weighted-base) keep LoRAs exact (concatenated factors); knots and the subspace merges (core-space, tsv,
 iso-c, iso-cts, star, cart) write an exact LoRA of rank ≤ Σ r_i from the factors; the others give dense
 deltas, or a LoRA by truncated SVD with --rank.
@@ -115,11 +116,11 @@ def merge_cmd(
     from ..blobs import write_blob
     from ..outputs import atomic_dir, atomic_output, check_output
     from ..streams import refuse_binary_to_tty
-    from ..inputs import check_compatible, load_inputs
+    from ..inputs import BaseWeights, check_compatible, load_inputs, mark_embeddings
     from ..methods import Params, check_inputs, get, merge as merge_updates, merge_stream
     from ..methods.engine import check_options, checked, describe, widest_dtype
     from ..model import fingerprint, resolve_base, save_model as write_model
-    from ..updates import LowRank, metadata_for, save_peft as write_peft, to_tensors
+    from ..updates import check_bound, lora_of, metadata_for, save_peft as write_peft, to_tensors
     from ..weights import base_accuracy, read_weights
 
     m = get(method)
@@ -144,6 +145,7 @@ def merge_cmd(
 
     b = resolve_base(base, gguf_file) if base else None
     updates = load_inputs(list(inputs), b, allow_pickle)
+    check_bound(updates)  # DoRA and full tensors are task vectors against the base
     base_fp = fingerprint(b) if b else None
     check_compatible(updates, base_fp)
     p.names = [u.name for u in updates]
@@ -157,7 +159,8 @@ def merge_cmd(
     out_dtype = out_dtype or widest_dtype(updates)
     keep_dtype = None if dtype == "auto" else out_dtype
     full_models = (rank is None and m.coefficients is None and "inner" not in m.options and not save_peft
-                   and all(u.kind == "dense" for u in updates) and bool(to_blob) != bool(save_model))
+                   and not any(lora_of(mm) for u in updates for mm in u.modules.values())
+                   and bool(to_blob) != bool(save_model))
     if full_models and save_model:  # one tensor at a time from the inputs into the merged model's shards
         with atomic_dir(save_model) as d:
             info = write_model(b, d, checked(merge_stream(updates, m, p, dev)), dev, allow_pickle, keep_dtype)
@@ -177,9 +180,11 @@ def merge_cmd(
         return
     merged = merge_updates(updates, m, p, dev, rank=rank, name=out_name, base_model=base, base_fingerprint=base_fp,
                            dtype=out_dtype)
-    if save_peft and merged.kind != "lora":
-        raise MergetoolError("--save-peft", f"{m.name} gives dense deltas, which PEFT cannot hold",
-                             "pass --rank R to write a LoRA by truncated SVD")
+    if save_peft and not any(lora_of(mm) for mm in merged.modules.values()):
+        raise MergetoolError("--save-peft", f"{m.name} gives only dense deltas here, and a PEFT adapter needs a LoRA "
+                             "module", "pass --rank R to write a LoRA by truncated SVD")
+    if save_peft and b is not None:
+        mark_embeddings(merged, b)
     with contextlib.ExitStack() as outputs:  # every output is built aside and lands only if all of them succeed
         if save_model:
             d = outputs.enter_context(atomic_dir(save_model))
@@ -187,11 +192,13 @@ def merge_cmd(
             log.info("wrote merged model to %s (%d tensors, %d patched, %d shards)", save_model, info["tensors"],
                      info["patched"], info["shards"])
         if save_peft:
-            write_peft(merged, outputs.enter_context(atomic_dir(save_peft)))
+            write_peft(merged, outputs.enter_context(atomic_dir(save_peft)),
+                       BaseWeights(b, allow_pickle) if b else None)
             log.info("wrote PEFT adapter to %s", save_peft)
         if to_blob:
             write_blob(outputs.enter_context(atomic_output(output)), to_tensors(merged), metadata_for(merged))
-    ranks = sorted({mm.rank for mm in merged.modules.values() if isinstance(mm, LowRank)})
+    ranks = sorted({lora_of(mm).rank for mm in merged.modules.values() if lora_of(mm)})
+    kinds = ([f"LoRA rank {ranks[0]}-{ranks[-1]}"] if ranks else []) + (["dense"] if merged.kind == "dense" else [])
     log.info("merged %d inputs with %s: %d modules, %s%s", len(updates), m.name, len(merged.modules),
-             f"LoRA rank {ranks[0]}-{ranks[-1]}" if merged.kind == "lora" and ranks else "dense",
+             " and ".join(kinds),
              f" -> {output}" if output and output != "-" else "")

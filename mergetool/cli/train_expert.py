@@ -23,8 +23,11 @@ the right choice (loss on the completion only). Per example, each expert trains 
 (a passage about the entity), many experts at once, one adapter per batch row, with the paper's
 recipe by default (r=64, alpha=128, mlp.up_proj of the middle layer, lr 4e-3, 10 epochs); --skip-known
 drops examples the base already answers, --keep-if-correct keeps only experts that answer their own
-question afterwards ("Will it Merge?" section 3.1). Adapters are written as a stream of blobs on
-stdout, to -o FILE, or one file each to --out-dir DIR (where --resume skips those already written).
+question afterwards ("Will it Merge?" section 3.1). The target modules default to the model's own:
+peft's default for its type per task (q_proj,v_proj on Llama, c_attn on GPT-2), the MLP's up projection per
+example. Adapters are written one file each to --out-dir DIR (where --resume skips those already written),
+as a stream of blobs on stdout (or a pipe), or, for a run that trains one expert, to -o FILE (a standard
+safetensors file).
 
 \b
 Examples:
@@ -34,9 +37,8 @@ Examples:
 """
 
 Opt = typer.Option
-PER_EXAMPLE = dict(rank=64, alpha=128.0, targets="mlp.up_proj", lr=4e-3, epochs=10, batch_size=64)
-PER_TASK = dict(rank=16, alpha=32.0, targets="self_attn.q_proj,self_attn.k_proj,self_attn.v_proj", lr=5e-4,
-                epochs=3, batch_size=8)
+PER_EXAMPLE = dict(rank=64, alpha=128.0, lr=4e-3, epochs=10, batch_size=64)
+PER_TASK = dict(rank=16, alpha=32.0, lr=5e-4, epochs=3, batch_size=8)
 
 
 @command("train-expert", help=HELP, short_help="Train LoRA experts per task or per example.",
@@ -48,8 +50,9 @@ def train_cmd(
     per_example: Annotated[bool, Opt("--per-example", help="One expert per example, trained on its text.")] = False,
     rank: Annotated[Optional[int], Opt("--rank", help="LoRA rank (per example 64, per task 16).")] = None,
     alpha: Annotated[Optional[float], Opt("--alpha", help="LoRA alpha (per example 128, per task 32).")] = None,
-    target_modules: Annotated[Optional[str], Opt("--target-modules", help="Comma-separated module suffixes "
-                                                 "(per example mlp.up_proj, per task self_attn.q/k/v_proj).")] = None,
+    target_modules: Annotated[Optional[str], Opt("--target-modules", help="Comma-separated module names or "
+                                                 "suffixes (default: the model's; per example mlp.up_proj, per task "
+                                                 "peft's default for the model type).")] = None,
     layers: Annotated[Optional[str], Opt("--layers", help="Comma-separated layer indices (per example: the middle "
                                          "layer; per task: all).")] = None,
     lr: Annotated[Optional[float], Opt("--lr", help="Learning rate (per example 4e-3, per task 5e-4).")] = None,
@@ -57,13 +60,15 @@ def train_cmd(
     batch_size: Annotated[Optional[int], Opt("--batch-size", help="Experts trained at once (per example, 64) "
                                              "or examples per step (per task, 8).")] = None,
     seed: Seed("Seed of the adapter initialisation and data order.") = 0,
+    dora: Annotated[bool, Opt("--dora", help="Train DoRA experts: LoRA factors and a magnitude per output row "
+                              "(peft's use_dora).")] = False,
     task_filter: Annotated[Optional[str], Opt("--task-filter", help="Only these tasks (comma-separated).")] = None,
     skip_known: Annotated[bool, Opt("--skip-known", help="Per example: drop examples the base already answers.")]
     = False,
     keep_if_correct: Annotated[bool, Opt("--keep-if-correct", help="Per example: keep only experts that answer "
                                          "their own question after training.")] = False,
-    output: Annotated[Optional[str], Opt("-o", "--output", help="Write all adapters to this file (a stream).",
-                                         metavar="FILE")] = None,
+    output: Annotated[Optional[str], Opt("-o", "--output", help="Write the one expert to this safetensors file "
+                                         "(-, a device or a FIFO: the stream of blobs).", metavar="FILE")] = None,
     out_dir: Annotated[Optional[str], Opt("--out-dir", help="Write one <name>.safetensors per expert here.",
                                           metavar="DIR")] = None,
     resume: Annotated[bool, Opt("--resume", help="With --out-dir: skip experts already written.")] = False,
@@ -90,7 +95,7 @@ def train_cmd(
         raise UsageError("--skip-known", "--skip-known and --keep-if-correct go with --per-example",
                          "add --per-example")
     from ..blobs import blob_bytes
-    from ..outputs import atomic_output, check_output
+    from ..outputs import atomic_output, check_output, is_stream
     from ..streams import refuse_binary_to_tty
 
     if not out_dir:
@@ -108,9 +113,11 @@ def train_cmd(
                                   "a finite number > 0")):
         if not ok:
             raise UsageError(opt, f"{value} is out of range", f"pass a value {rule}")
-    spec_kw.update(seed=seed, targets=[t.strip() for t in (target_modules or d["targets"]).split(",") if t.strip()])
-    if not spec_kw["targets"]:
-        raise UsageError("--target-modules", "names no module", "pass suffixes such as mlp.up_proj")
+    spec_kw.update(seed=seed, dora=dora, targets=None)
+    if target_modules is not None:
+        spec_kw["targets"] = [t.strip() for t in target_modules.split(",") if t.strip()]
+        if not spec_kw["targets"]:
+            raise UsageError("--target-modules", "names no module", "pass names such as mlp.up_proj")
     try:
         spec_kw["layers"] = [int(x) for x in layers.split(",")] if layers else None
     except ValueError:
@@ -144,6 +151,12 @@ def train_cmd(
                                  "give prompt, choices and answer")
     if out_dir:
         file_names(e.id for e in exs) if per_example else file_names(dict.fromkeys(e.task for e in exs))
+    elif not is_stream(output):  # a file holds one standard safetensors blob: refused before any training
+        n = len(exs) if per_example else len({e.task for e in exs})
+        if n > 1:
+            raise UsageError("-o", f"{output} would hold {n} experts ({'examples' if per_example else 'tasks'}), and a "
+                             "safetensors file holds one", "pass --out-dir DIR (one file each), or -o - for a stream "
+                             "of blobs")
     b = resolve_base(base, gguf_file)
     fp = fingerprint(b)
     spec = tr.LoraSpec(**spec_kw)
@@ -158,8 +171,9 @@ def train_cmd(
         model, tok = load_model(b, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
         names = tr.target_modules(model, spec, default_middle=per_example)
         layer_ids = sorted({layer_of(n, decoder_layers(model)[0]) for n in names})
-    peft_cfg = {"r": spec.rank, "lora_alpha": spec.alpha, "use_rslora": False,
-                "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}), "layers_to_transform": layer_ids}
+    peft_cfg = {"r": spec.rank, "lora_alpha": spec.alpha, "use_rslora": False, "use_dora": spec.dora,
+                "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}), "layers_to_transform": layer_ids,
+                "fan_in_fan_out": tr.fan_in_fan_out(layout if ray else model, names)}
     template = {"kind": "lora", "base_model": base, "base_fingerprint": fp, "peft_config": peft_cfg,
                 "training": {"lr": spec.lr, "epochs": spec.epochs, "seed": spec.seed,
                              "mode": "per-example" if per_example else "per-task"}}

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from ..errors import MergetoolError, UsageError
-from ..updates import Dense, LowRank, Update
+from ..updates import Dense, Dora, LowRank, Update, combine, lora_of
 from .base import Method, Params, TaskVectors
 from .registry import get
 
@@ -140,12 +140,10 @@ def merge_stream(updates: list[Update], method: Method | str, p: Params,
         if method.coefficients is not None:
             coef = method.coefficients(p, len(updates))
             for mod in tv.modules:
-                parts = [(c, u.modules[mod]) for c, u in zip(coef, updates) if mod in u.modules]
-                if all(isinstance(m, LowRank) for _, m in parts):
-                    # Σ c_i s_i B_i A_i = [c_1 s_1 B_1 … c_n s_n B_n] @ [A_1; …; A_n]: exact.
-                    B = torch.cat([m.B.to(device, torch.float32) * (c * m.scale * p.lam) for c, m in parts], 1)
-                    A = torch.cat([m.A.to(device, torch.float32) for _, m in parts], 0)
-                    yield mod, LowRank(A, B, 1.0)
+                parts = [(c * p.lam, u.modules[mod]) for c, u in zip(coef, updates) if mod in u.modules]
+                exact = combine(parts, device)  # LoRAs (and DoRAs) stay exact, in factors
+                if exact is not None:
+                    yield mod, exact
                 else:
                     stack = tv.stacked(mod)
                     c = torch.tensor(coef, dtype=torch.float32, device=device).view(-1, *([1] * (stack.dim() - 1)))
@@ -169,9 +167,11 @@ def to_rank(stream, rank: int):
     kept = total = 0.0
     worst = 1.0
     for mod, r in stream:
-        if isinstance(r, LowRank) and r.rank <= rank:
+        if lora_of(r) is not None and lora_of(r).rank <= rank:
             yield mod, r
             continue
+        if isinstance(r, Dora):  # a DoRA of higher rank: its effective ΔW, truncated as a plain LoRA
+            r = r.delta(r.lora.A.device)
         if isinstance(r, LowRank):  # exact SVD from the factors (QR + small core)
             U, S, Q = factor_coords([(r.B * r.scale).unsqueeze(0)], [r.A.unsqueeze(0)])
             U, S, coords = U[0], S[0], Q[0][0]
@@ -202,6 +202,8 @@ def describe(updates: list[Update], method: Method, p: Params, *, rank: int | No
     tasks = [u.meta.get("task") for u in updates if u.meta.get("task")]
     if tasks:
         meta["tasks"] = tasks
+    if any((u.meta.get("peft_config") or {}).get("fan_in_fan_out") for u in updates):
+        meta["peft_config"] = {"fan_in_fan_out": True}  # Conv1D modules (GPT-2): the flag PEFT writers set
     return meta
 
 
@@ -219,8 +221,8 @@ def merge(updates: list[Update], method: Method | str, p: Params, device: torch.
     check_inputs(method, len(updates), p)
     meta = describe(updates, method, p, rank=rank, base_model=base_model, base_fingerprint=base_fingerprint)
     merged = Update(name or f"{method.name}-merge", {}, meta, dtype or widest_dtype(updates))
-    for mod, r in checked(merge_stream(updates, method, p, device), rank):
-        merged.modules[mod] = r if isinstance(r, LowRank) else Dense(r)
+    for mod, r in laid_out(checked(merge_stream(updates, method, p, device), rank), updates):
+        merged.modules[mod] = r
     return merged
 
 
@@ -241,13 +243,23 @@ def merge_many(groups: list[list[Update]], method: Method | str, p: Params, devi
     try:
         for g, gp, n, stream in zip(groups, ps, names, method.many(tvs, q)):
             merged = Update(n, {}, describe(g, method, gp), widest_dtype(g))
-            for mod, r in checked((mod, _scaled(r, q.lam)) for mod, r in stream):
-                merged.modules[mod] = r if isinstance(r, LowRank) else Dense(r)
+            for mod, r in laid_out(checked((mod, _scaled(r, q.lam)) for mod, r in stream), g):
+                merged.modules[mod] = r
             out.append(merged)
     finally:
         for tv in tvs:
             tv.close()
     return out
+
+
+def laid_out(stream: Iterator[tuple[str, object]], updates: list[Update]) -> Iterator[tuple[str, object]]:
+    """The merged stream as modules: tensors as dense deltas, and a LoRA of a module that the inputs hold as an
+    embedding's LoRA (peft's lora_embedding_A/B) in that layout."""
+    embeddings = {mod for u in updates for mod, m in u.modules.items() if getattr(lora_of(m), "embedding", False)}
+    for mod, r in stream:
+        if isinstance(r, LowRank) and mod in embeddings:
+            r.embedding = True
+        yield mod, r if isinstance(r, (LowRank, Dense)) else Dense(r)
 
 
 def checked(stream: Iterator[tuple[str, object]], rank: int | None = None) -> Iterator[tuple[str, object]]:
@@ -263,7 +275,7 @@ def checked(stream: Iterator[tuple[str, object]], rank: int | None = None) -> It
 
 def check_finite(mod: str, r) -> None:
     """A merged module holding NaN or Inf is an error, never an output."""
-    parts = (r.A, r.B) if isinstance(r, LowRank) else (r,)
+    parts = (r.A, r.B) if isinstance(r, LowRank) else (r.lora.A, r.lora.B, r.magnitude) if isinstance(r, Dora) else (r,)
     if not all(bool(torch.isfinite(t).all()) for t in parts):
         raise MergetoolError(mod, "the merge produced NaN or Inf", "check the inputs and options (weights, λ)")
 

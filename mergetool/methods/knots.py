@@ -11,8 +11,9 @@ B_c = [B_1 … B_n] = Q_b R_b and A_iᵀ = Q_i R_i (thin QRs), so
 [ΔW_1 | … | ΔW_n] = Q_b · (R_b · blockdiag(R_iᵀ)) · blockdiag(Q_i)ᵀ, and the SVD of the small
 Σr × Σr core C = U_c S V_cᵀ gives U = Q_b U_c and V_iᵀ = V_c,iᵀ Q_iᵀ exactly, at a cost linear in the
 layer width. Modules of equal shapes and ranks are batched through one QR/SVD call; factorisations
-run in fp64. Dense inputs (full-model task vectors) take the plain route: the fp64 SVD of the dense
-side-by-side matrix, exactly what the paper's code does.
+run in fp64. Dense inputs (full-model task vectors, DoRA's effective updates) take the plain route: the
+fp64 SVD of the dense side-by-side matrix, exactly what the paper's code does. Vectors (biases, norms) have
+no basis to align: they go to the inner method as they are, in the same task vectors (as in Core Space).
 """
 
 from __future__ import annotations
@@ -82,17 +83,14 @@ def _signature(parts: list) -> tuple:
 
 
 def knots_basis(tv: TaskVectors, names_of=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per module: the shared basis U [out, k] and the stacked coordinates [n, k, in] (fp32). ``names_of(mod)``:
+    """Per 2-D module: the shared basis U [out, k] and the stacked coordinates [n, k, in] (fp32). ``names_of(mod)``:
     the names of the updates merged at ``mod`` (default ``tv.names``), for the line of a failed factorisation."""
     dev, n = tv.device, tv.n
     names_of = names_of or (lambda mod: tv.names)
     groups: dict[tuple, list[str]] = {}
     for mod in tv.modules:
-        parts = tv.parts(mod)
-        if len(tv.shape(mod)) != 2:
-            raise UsageError("knots", f"module {mod} has shape {tv.shape(mod)}, not a matrix",
-                             "KnOTS merges 2-D weight updates; use ties or mean for full models")
-        groups.setdefault((tv.shape(mod), _signature(parts)), []).append(mod)
+        if len(tv.shape(mod)) == 2:
+            groups.setdefault((tv.shape(mod), _signature(tv.parts(mod))), []).append(mod)
     bases: dict[str, torch.Tensor] = {}
     coords: dict[str, torch.Tensor] = {}
 
@@ -147,8 +145,8 @@ def knots_many(tvs: list[TaskVectors], p: Params):
                         get=lambda key: tvs[key[0]].stacked(key[1]), parts=lambda key: tvs[key[0]].parts(key[1]))
     bases, coords = knots_basis(union, lambda key: tvs[key[0]].names)
     for g, tv in enumerate(tvs):
-        ctv = TaskVectors.of_stacks(tv.names, {mod: coords.pop((g, mod)) for mod in tv.modules})
-        yield iter([(mod, LowRank(q, bases.pop((g, mod)), 1.0)) for mod, q in inner.fn(ctv, ip)])
+        yield iter(list(_merged(tv, {mod: bases.pop((g, mod)) for mod in tv.modules if (g, mod) in bases},
+                                {mod: coords.pop((g, mod)) for mod in tv.modules if (g, mod) in coords}, inner, ip)))
 
 
 def _inner(p: Params, n: int):
@@ -165,6 +163,11 @@ def _inner(p: Params, n: int):
 def knots_fn(tv: TaskVectors, p: Params):
     inner, ip = _inner(p, tv.n)
     bases, coords = knots_basis(tv)
-    ctv = TaskVectors.of_stacks(tv.names, coords)
-    for mod, q in inner.fn(ctv, ip):
-        yield mod, LowRank(q, bases[mod], 1.0)
+    yield from _merged(tv, bases, coords, inner, ip)
+
+
+def _merged(tv: TaskVectors, bases: dict, coords: dict, inner, ip: Params):
+    """The inner method over the aligned coordinates (and the vectors as they are), U · Q_merged as LoRAs."""
+    stacks = {mod: coords[mod] if mod in bases else tv.stacked(mod) for mod in tv.modules}
+    for mod, q in inner.fn(TaskVectors.of_stacks(tv.names, stacks), ip):
+        yield mod, LowRank(q, bases[mod], 1.0) if mod in bases else q
