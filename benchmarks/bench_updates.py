@@ -107,28 +107,30 @@ def main():
     ev.evaluate(model, tok, exs[:4], batch_tokens=args.batch_tokens)  # warm-up (and the packing check)
 
     sync(dev)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     with RowAdapters(model, ups) as ad:
         batched = ev.evaluate(model, tok, exs, "tokens", batch_tokens=args.batch_tokens, adapters=ad,
                               jobs=[(i, range(len(exs))) for i in range(len(ups))])
     sync(dev)
-    t_batched = time.perf_counter() - t
+    t_batched, c_batched = time.perf_counter() - t, time.process_time() - c
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     looped = loop(model, tok, exs, ups, args.batch_tokens)
     sync(dev)
-    t_loop = time.perf_counter() - t
+    t_loop, c_loop = time.perf_counter() - t, time.process_time() - c
 
     same = sum(a["prediction"] == b["prediction"] for x, y in zip(batched, looped) for a, b in zip(x, y))
     diff = max(abs(p - q) for x, y in zip(batched, looped) for a, b in zip(x, y)
                for p, q in zip(a["logprobs"], b["logprobs"]))
     n = len(ups) * len(exs)
     info.update({"batched_s": t_batched, "loop_s": t_loop, "speedup": t_loop / t_batched,
+                 "batched_cpu_s": c_batched, "loop_cpu_s": c_loop,  # CPU time of the process: less moved by a busy machine
                  "evaluations": n, "same_prediction": same, "max_logprob_diff": diff,
                  "changed_by_updates": sum(a["prediction"] != b["prediction"] for x in batched
                                            for a, b in zip(x, looped[0]))})
     print(f"{len(ups)} updates x {len(exs)} questions ({args.shots}-shot) on {model_dir.name}: batched {t_batched:.1f} s "
-          f"vs loop {t_loop:.1f} s = {info['speedup']:.2f}x; same prediction {same}/{n}; "
+          f"vs loop {t_loop:.1f} s = {info['speedup']:.2f}x (CPU {c_batched:.1f} s vs {c_loop:.1f} s); same prediction "
+          f"{same}/{n}; "
           f"max |Δ logprob| {diff:.2e}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2))
