@@ -25,7 +25,7 @@ STAGES = [
     ["mergetool.scoring"],
     ["mergetool.evaluate"],
     ["mergetool.stats", "mergetool.plots"],
-    ["mergetool.train", "mergetool.diagnose", "mergetool.diagnose.weightspace", "mergetool.diagnose.representation",
+    ["mergetool.train", "mergetool.diagnose", "mergetool.diagnose.weightspace", "mergetool.diagnose.spectral", "mergetool.diagnose.representation",
      "mergetool.diagnose.predict", "mergetool.diagnose.analysis", "mergetool.diagnose.gradients", "mergetool.score",
      "mergetool.diagnose.core", "mergetool.distributed"],
     ["mergetool.cli", "mergetool.cli.app", "mergetool.cli.common"],

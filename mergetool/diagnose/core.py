@@ -19,12 +19,13 @@ import torch
 
 from ..errors import MergetoolError
 from ..updates import Update, adapter_stats
-from . import analysis, predict, representation as rep, weightspace as ws
+from . import analysis, predict, representation as rep, spectral, weightspace as ws
 
 log = logging.getLogger("mergetool")
 
-PAIR_METRICS = ("magnitude_change_ratio", "sign_change_ratio", "sign_change_ratio_strict", "conflict_magnitude_ratio",
-                "conflict_magnitude_ratio_strict", "cosine", "cosine_global", "l2_distance")
+CONFLICTS = ("magnitude_change_ratio", "sign_change_ratio", "sign_change_ratio_strict", "conflict_magnitude_ratio",
+             "conflict_magnitude_ratio_strict", "cosine", "cosine_global", "l2_distance")
+PAIR_METRICS = CONFLICTS + spectral.NAMES
 HIDDEN_PAIR = ("hidden_distance", "hidden_distance2", "hidden_sim")
 GRAD_PAIR = ("grad_l2", "grad_cosine", "grad_dot")
 EXPLAIN = ("gap", "rank", "p_correct", "p_max", "delta_trained", "perplexity", "length", "base_accuracy", "finetuned")
@@ -71,6 +72,7 @@ def diagnose(updates: list[Update], s: Setup, candidates: Sequence[Update] = (),
     analysis.check_joins(scores, losses, names, names + [c.name for c in candidates if c.name not in set(names)],
                          s.model is not None)
     wsm = ws.pair_metrics(updates, s.device)
+    wsm.update(spectral.pair_spectra(updates, wsm, s.device))
     adapters = [{"kind": "adapter", "adapter": u.name, "task": task_of(u), **adapter_stats(u)} for u in updates]
     pairs = [{"kind": "pair", "a": names[i], "b": names[j], **{m: _f(wsm[m][i, j]) for m in PAIR_METRICS}}
              for i in range(n) for j in range(i + 1, n)]
