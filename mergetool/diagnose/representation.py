@@ -100,25 +100,34 @@ def mds(sim: torch.Tensor) -> list[float | None]:
     return out
 
 
-def meb(d2: torch.Tensor, iters: int = 20000, tol: float = 1e-12) -> tuple[float, list[float]]:
+def meb(d2: torch.Tensor, iters: int = 100000, tol: float = 1e-13) -> tuple[float, list[float]]:
     """r² = max_{α ∈ simplex} ½ αᵀ D₂ α and its α* (the smallest enclosing ball of the hidden maps): a concave
-    maximisation (D₂ is a Euclidean distance matrix), solved by Frank-Wolfe with exact line search."""
-    D = d2.double()
+    maximisation (D₂ is a Euclidean distance matrix), solved by pairwise Frank-Wolfe (mass moves from the
+    active vertex of the smallest gradient to the vertex of the largest) with exact line search, which converges
+    linearly on the simplex; it stops when the two gradients agree to ``tol`` (the KKT conditions)."""
+    import numpy as np
+
+    D = d2.double().cpu().numpy()
     n = D.shape[0]
     if n == 1:
         return 0.0, [1.0]
-    a = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    a = np.full(n, 1.0 / n)
+    g = D @ a  # gradient of ½ αᵀDα
     for _ in range(iters):
-        g = D @ a  # gradient of ½ αᵀDα
         j = int(g.argmax())
-        d = -a.clone()
-        d[j] += 1.0
-        gap = float(g @ d)
-        if gap <= tol * max(float(a @ g), 1e-300):
+        active = np.flatnonzero(a > 0)
+        i = int(active[g[active].argmin()])
+        gap = g[j] - g[i]
+        if i == j or gap <= tol * max(float(a @ g), 1e-300):
             break
-        curv = float(d @ D @ d)
-        step = 1.0 if curv >= 0 else min(1.0, gap / -curv)
-        a = a + step * d
+        curv = D[j, j] + D[i, i] - 2 * D[i, j]  # dᵀDd for d = e_j − e_i (≤ 0: the objective is concave there)
+        step = a[i] if curv >= 0 else min(a[i], gap / -curv)
+        a[j] += step
+        a[i] -= step
+        if a[i] <= 1e-18:
+            a[i] = 0.0
+        g += step * (D[:, j] - D[:, i])
+    a = a / a.sum()
     return 0.5 * float(a @ D @ a), a.tolist()
 
 
