@@ -79,7 +79,7 @@ def mergeability(out: Path) -> None:
         print()
     diag, model = out / "diagnose-pool.jsonl", out / "s-predictor.json"
     if diag.exists() and model.exists() and main.exists():
-        from mergetool.diagnose.predict import leave_one_task_out
+        from mergetool.diagnose.forecast import leave_one_task_out
 
         feats = json.loads(model.read_text())["features"]
         score = {r["adapter"]: r["score"] for r in jsonl(main)}

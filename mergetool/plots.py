@@ -1,6 +1,6 @@
 """Figures (matplotlib, PNG, no display needed): the score histogram against its binomial null with the
-explanatory fields binned by S ("Will it Merge?", Figures 2-3), and diagnose's HiddenSim heatmap,
-metric-against-loss scatters and binned bars (the collapse paper's Figures 1-3)."""
+explanatory fields binned by S ("Will it Merge?", Figures 2-3), and diagnose's heat maps, scatters, binned bars
+and lines (the collapse paper's Figures 1-6; ``diagnose.figures`` chooses what goes in them)."""
 
 from __future__ import annotations
 
@@ -59,34 +59,66 @@ def score_figure(records: list[dict], trials: int, level: str, fields: Sequence[
     _save(fig, path)
 
 
-def heatmap(names: list[str], matrix: list[list[float]], title: str, path: Path) -> None:
+def heatmaps(names: list[str], panels: list[tuple[str, list[list[float | None]]]], path: Path,
+             unit: tuple[float, float] | None = None) -> None:
+    """One heat map per (title, n×n matrix) over the same names, side by side (None cells blank); each panel
+    with its own colour range, or ``unit`` for all."""
+    import math
+
     plt = _plt()
     n = len(names)
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(3.5, 0.5 * n + 1.5)))
-    im = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1)
-    ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(n), names, fontsize=7)
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    side = min(4.5, max(2.6, 0.18 * n + 1.6))
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols + 0.6, side * rows), squeeze=False)
+    for ax, (title, m) in zip(axes.flat, panels):
+        data = [[math.nan if v is None else v for v in row] for row in m]
+        lo, hi = unit or (None, None)
+        im = ax.imshow(data, cmap="viridis", vmin=lo, vmax=hi)
+        fs = 7 if n <= 16 else 5
+        ax.set_xticks(range(n), names, rotation=70, ha="right", fontsize=fs)
+        ax.set_yticks(range(n), names, fontsize=fs)
+        ax.set_title(title, fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, dpi=90)
 
 
-def scatters(panels: list[tuple[str, list[float], list[float], str]], ylabel: str, path: Path) -> None:
-    """One scatter per (metric, x, y, caption)."""
+def lines(series: list[tuple[str, list[float], list[float]]], xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """One line per (label, x, y)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, x, y in series:
+        ax.plot(x, y, marker="o", markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path, dpi=90)
+
+
+def scatters(panels: list[tuple[str, list[float], list[float], str]], ylabel: str, path: Path,
+             refs: bool = False) -> None:
+    """One scatter per (metric, x, y, caption); ``refs`` adds y = x, for x against a bound."""
     plt = _plt()
     cols = min(4, max(1, len(panels)))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
     for ax, (name, x, y, caption) in zip(axes.flat, panels):
         ax.scatter(x, y, s=12)
+        if refs and x:
+            lo, hi = min(min(x), min(y)), max(max(x), max(y))
+            ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
         ax.set_xlabel(name)
         ax.set_ylabel(ylabel)
         ax.set_title(caption, fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, dpi=90)
 
 
 def bars(rows: list[dict], field: str, title: str, path: Path) -> None:
@@ -98,15 +130,15 @@ def bars(rows: list[dict], field: str, title: str, path: Path) -> None:
     ax.set_title(title)
     ax.set_ylabel(field)
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, dpi=90)
 
 
-def _save(fig, path) -> None:
+def _save(fig, path, dpi: int = 120) -> None:
     """Through the atomic writer, as every output: whole or not at all, with the mode a plain open gives."""
     from .outputs import atomic_output
 
     try:
         with atomic_output(str(path)) as fh:
-            fig.savefig(fh, format="png", dpi=120)
+            fig.savefig(fh, format="png", dpi=dpi)
     finally:
         _plt().close(fig)

@@ -146,6 +146,42 @@ def theorem1(d2: torch.Tensor, hidden_dim: int, names: Sequence[str]) -> dict:
             "jung_weights": dict(zip(names, alpha))}
 
 
+def group_record(geo: Geometry, members: Sequence[int], names: Sequence[str], tasks: Sequence[str], name: str) -> dict:
+    """A ``group`` record: the members' MDS within the group, and Theorem 1's quantities, over the validation
+    inputs of the group's own tasks."""
+    ts = [tasks[i] for i in members]
+    dist, d2 = geo.distances(members, ts)
+    sim, degenerate = hidden_sim(dist)
+    who = [names[i] for i in members]
+    return {"kind": "group", "group": name, "adapters": who, "tasks": sorted(set(ts)),
+            "n_inputs": sum(len(geo.blocks[t]) for t in set(ts)), "degenerate": degenerate,
+            "mds": dict(zip(who, mds(sim))), **theorem1(d2, geo.d, who)}
+
+
+BOUNDS = ("lower_bound", "meb_radius2", "upper_bound_jung", "upper_bound_paper")
+
+
+def merge_record(merged, group: dict, delta: dict[str, float], budget: float | None = None) -> dict:
+    """A ``merge`` record: the measured distortion δ_i of each member under one merge, δ_max, and whether each
+    bound of Theorem 1 holds for it: the lower bounds Δ²/4 and r² (δ_max ≥ them for every merge: a failure
+    would be an error of measurement) and the upper bounds of Jung and of the paper (δ_max ≤ them: what the
+    best convex merge achieves under linearity; an actual merge may or may not). ``holds`` compares with a
+    relative tolerance of 1e-9 of Δ²."""
+    worst = max(delta, key=delta.__getitem__)
+    dmax = delta[worst]
+    tol = 1e-9 * max(group["diameter2"], 1e-300)
+    out = {"kind": "merge", "merged": merged.name, "method": merged.meta.get("method"), "group": group["group"],
+           "adapters": group["adapters"], "tasks": group["tasks"], "n_inputs": group["n_inputs"], "distortion": delta,
+           "distortion_max": dmax, "distortion_argmax": worst, "distortion_excess": dmax - group["meb_radius2"],
+           **{k: group[k] for k in ("diameter2",) + BOUNDS},
+           "holds": {"lower_bound": dmax >= group["lower_bound"] - tol, "meb_radius2": dmax >= group["meb_radius2"] - tol,
+                     "upper_bound_jung": dmax <= group["upper_bound_jung"] + tol,
+                     "upper_bound_paper": dmax <= group["upper_bound_paper"] + tol}}
+    if budget is not None:
+        out.update(budget=budget, met=dmax <= budget)
+    return out
+
+
 def distortion(Hm: torch.Tensor, H: torch.Tensor) -> list[float]:
     """δ_i = mean_x ‖h_merged(x) − h_i(x)‖² for each expert (Hm [X, d], H [n, X, d])."""
     return (H.double() - Hm.double()[None]).pow(2).sum(-1).mean(-1).tolist()
