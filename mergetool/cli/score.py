@@ -13,7 +13,7 @@ import typer
 from ..errors import MergetoolError, UsageError
 from .app import begin, command
 from .common import (AllowPickle, BaseModel, BatchTokens, Chat, Debug, Device, GgufFile, ModelDtype, Norm, Quiet,
-                     Ray, Shots, ShotsFrom, Unordered, Workers, model_dtype, pick_device, progress_bar)
+                     Ray, Seed, Shots, ShotsFrom, Unordered, Workers, model_dtype, pick_device, progress_bar)
 
 log = logging.getLogger("mergetool")
 
@@ -73,7 +73,7 @@ def score_cmd(
     trials: Annotated[Optional[int], Opt("--trials", "-N", help="Trials per adapter (default 5).")] = None,
     partners: Annotated[Optional[int], Opt("--partners", "-M", help="Partners per merge (default 50 at example "
                                            "level, 10 at task level).")] = None,
-    seed: Annotated[int, Opt("--seed", help="Seed of the trial plan (and of random drops).")] = 0,
+    seed: Seed("Seed of the trial plan (and of random drops).") = 0,
     level: Annotated[str, Opt("--level", help="example (an adapter per example: its answer's correctness) or "
                               "task (an adapter per task: its accuracy).", metavar="example|task")] = "example",
     independent: Annotated[bool, Opt("--independent", help="One merge per adapter and trial (no sharing).")] = False,
