@@ -27,6 +27,7 @@ STAGES = [
     ["mergetool.stats", "mergetool.plots"],
     ["mergetool.train", "mergetool.diagnose", "mergetool.diagnose.weightspace", "mergetool.diagnose.representation",
      "mergetool.diagnose.predict", "mergetool.diagnose.analysis", "mergetool.diagnose.gradients", "mergetool.score",
+     "mergetool.score_run", "mergetool.score_summary",
      "mergetool.diagnose.core", "mergetool.distributed"],
     ["mergetool.cli", "mergetool.cli.app", "mergetool.cli.common"],
     ["mergetool.cli.merge", "mergetool.cli.eval", "mergetool.cli.train_expert", "mergetool.cli.score",
