@@ -29,6 +29,7 @@ STAGES = [
      "mergetool.diagnose.resample", "mergetool.diagnose.forecast", "mergetool.diagnose.compare", "mergetool.diagnose.records",
      "mergetool.diagnose.tables", "mergetool.diagnose.figures", "mergetool.diagnose.representation",
      "mergetool.diagnose.predict", "mergetool.diagnose.analysis", "mergetool.diagnose.gradients", "mergetool.score",
+     "mergetool.score_run", "mergetool.score_summary",
      "mergetool.diagnose.core", "mergetool.distributed"],
     ["mergetool.cli", "mergetool.cli.app", "mergetool.cli.common"],
     ["mergetool.cli.merge", "mergetool.cli.eval", "mergetool.cli.train_expert", "mergetool.cli.score",
