@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..stats import format_p
 from .analysis import pair_losses
 
 SCATTERED = ("magnitude_change_ratio", "sign_change_ratio", "conflict_magnitude_ratio", "cosine",
@@ -66,7 +67,7 @@ def write_figures(records: list[dict], losses: list[dict] | None, d: Path, metri
             mean = pair_losses(losses, None)
             keys = [x for x in mean if x in by]
             plots.scatters([(k, [by[x].get(k) for x in keys], [mean[x] for x in keys],
-                             f"{k} (Pearson p {_p(corr.get(k, {}).get('pearson_p'))})") for k in shown],
+                             f"{k} (Pearson p {format_p(corr.get(k, {}).get('pearson_p'))})") for k in shown],
                            "pair merging loss (%, mean over methods)", out("metrics_vs_loss.png"))
         worst = _group_worst_by_method(losses)
         if worst:
@@ -86,7 +87,8 @@ def write_figures(records: list[dict], losses: list[dict] | None, d: Path, metri
     if binned:
         for c in corr[:12]:
             if binned["bins"] and f"{c['x']}_mean" in binned["bins"][0]:
-                plots.bars(binned["bins"], c["x"], f"{c['x']} by S (Spearman {_p(c['spearman'])})", out(f"bins_{c['x']}.png"))
+                rho = "–" if c["spearman"] is None else f"{c['spearman']:.2f}"
+                plots.bars(binned["bins"], c["x"], f"{c['x']} by S (Spearman {rho})", out(f"bins_{c['x']}.png"))
     return written
 
 
@@ -102,7 +104,3 @@ def _group_worst_by_method(losses: list[dict]) -> dict[str, list[float]]:
         if len(vals) == size[g] and all(v is not None for v in vals):
             out.setdefault(m, []).append(min(vals))
     return out
-
-
-def _p(x) -> str:
-    return "–" if x is None else f"{x:.2g}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..stats import format_p
+
 
 @dataclass
 class Table:
@@ -28,13 +30,6 @@ def fmt(x) -> str:
     if isinstance(x, bool):
         return "yes" if x else "no"
     return f"{x:.3g}" if isinstance(x, float) else str(x)
-
-
-def fmt_p(p) -> str:
-    """A p-value with two significant digits, never rounded to 0."""
-    if p is None:
-        return "–"
-    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
 
 
 def fmt_ci(ci) -> str:
@@ -94,15 +89,17 @@ def tables(records: list[dict]) -> list[Table | str]:
         for s in basic:
             if s["test"] == "correlation":
                 t.rows.append(["corr", s["x"], s["y"], str(s.get("method") or s.get("group") or ""), fmt(s["pearson"]),
-                               fmt_p(s["pearson_p"]), "", fmt(s["spearman"]), fmt_p(s["spearman_p"]), str(s["n"])])
-            elif s["test"] == "anova1":
-                t.rows.append(["anova", s["factor"], "loss", "", fmt(s["F"]), fmt_p(s["p_value"]),
-                               fmt_p(s.get("p_permutation")), "", "", str(s["n"])])
+                               format_p(s["pearson_p"]), "", fmt(s["spearman"]), format_p(s["spearman_p"]), str(s["n"])])
+                continue
+            floor = 1 / (s["permutations"] + 1) if s.get("permutations") else None
+            if s["test"] == "anova1":
+                t.rows.append(["anova", s["factor"], "loss", "", fmt(s["F"]), format_p(s["p_value"]),
+                               format_p(s.get("p_permutation"), floor), "", "", str(s["n"])])
             else:
                 for f in s.get("factors", []):
                     if isinstance(s.get(f), dict):
-                        t.rows.append(["anova2", f, "loss", "given the other", fmt(s[f]["F"]), fmt_p(s[f]["p_value"]),
-                                       fmt_p(s[f].get("p_permutation")), "", "", str(s.get("n"))])
+                        t.rows.append(["anova2", f, "loss", "given the other", fmt(s[f]["F"]), format_p(s[f]["p_value"]),
+                                       format_p(s[f].get("p_permutation"), floor), "", "", str(s.get("n"))])
         t.note = "p (perm.): labels permuted within each merged group (the cells of a group are not independent)"
         out.append(t)
     bounds = [s for s in stats if s["test"] == "theorem1_bounds"]
