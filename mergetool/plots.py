@@ -119,7 +119,7 @@ def heatmaps(names: list[str], panels: list[tuple[str, list[list[float | None]]]
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    _save(fig, path, dpi=90)
+    _save(fig, path, dpi=72)
 
 
 def lines(series: list[tuple[str, list[float], list[float]]], xlabel: str, ylabel: str, title: str, path: Path) -> None:

@@ -464,7 +464,7 @@ def test_an_l1_the_optimiser_cannot_use_is_refused(tmp_path):
     pool, _ = pool_of(tmp_path, 3)
     lf = pair_losses_file(tmp_path, ["e0", "e1", "e2"])
     r = run_cli("diagnose", str(pool), "--losses", str(lf), "--fit", str(tmp_path / "m.json"), "--l1", "1e300")
-    assert r.returncode == 1 and b"--l1" in r.stderr and b"optimiser" in r.stderr and not (tmp_path / "m.json").exists()
+    assert r.returncode == 2 and b"--l1" in r.stderr and b"optimiser" in r.stderr and not (tmp_path / "m.json").exists()
 
 
 def test_predict_refuses_a_huge_model_file_without_reading_it(tmp_path):

@@ -245,7 +245,6 @@ def _same_file(a: str, b: str) -> bool:
 def _finish(out: list[dict], output, quiet: bool, fit, plot, losses, drawn: list[dict]) -> None:
     """Write the records (and the fitted model), print the tables, draw the figures."""
     from ..diagnose import tables
-    from ..diagnose.core import PAIR_METRICS, HIDDEN_PAIR, GRAD_PAIR
     from ..diagnose.figures import write_figures
     from ..jsonl import record_line
     from ..outputs import atomic_output
@@ -261,7 +260,7 @@ def _finish(out: list[dict], output, quiet: bool, fit, plot, losses, drawn: list
         _print(tables.tables(out))
     if plot:
         Path(plot).mkdir(exist_ok=True)
-        written = write_figures(drawn, losses, Path(plot), list(PAIR_METRICS + HIDDEN_PAIR + GRAD_PAIR))
+        written = write_figures(drawn, losses, Path(plot))
         log.info("wrote %d figures into %s", len(written), plot)
 
 

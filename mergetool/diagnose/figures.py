@@ -2,7 +2,8 @@
 
 - ``hidden_sim.png``: HiddenSim of every pair of adapters (Figure 1);
 - ``pair_metrics.png``: a heat map per pair metric, adapters × adapters (the weight-space conflicts and the
-  "Demystifying Mergeability" family, the hidden and gradient metrics where computed);
+  "Demystifying Mergeability" family, the hidden and gradient metrics where computed; the strict readings and
+  the global cosine, near copies of others, are left out);
 - ``pair_loss.png``: the measured loss of each merged pair, a heat map per method (Table 18 as a picture);
 - ``metrics_vs_loss.png``: each pair metric against the pair's loss (Figure 2);
 - ``collapse_limits.png``: how many merged groups keep their worst loss within a limit, per method (Figure 6);
@@ -17,14 +18,17 @@ from pathlib import Path
 from ..stats import format_p
 from .analysis import pair_losses
 
+MAPPED = ("magnitude_change_ratio", "sign_change_ratio", "conflict_magnitude_ratio", "cosine", "l2_distance",
+          "dot_product", "weight_space_angle", "magnitude_ratio", "pair_effective_rank", "pair_stable_rank",
+          "spectral_gap", "subspace_overlap_col", "subspace_overlap_row", "singular_value_overlap", "hidden_sim",
+          "grad_cosine", "grad_l2")
 SCATTERED = ("magnitude_change_ratio", "sign_change_ratio", "conflict_magnitude_ratio", "cosine",
              "subspace_overlap_col", "subspace_overlap_row", "singular_value_overlap", "pair_effective_rank",
              "hidden_sim", "grad_cosine")
 
 
-def write_figures(records: list[dict], losses: list[dict] | None, d: Path, metrics: list[str]) -> list[Path]:
-    """Every figure the records allow, into ``d`` (which exists); the paths written. ``metrics``: the pair
-    metrics to draw, in order."""
+def write_figures(records: list[dict], losses: list[dict] | None, d: Path) -> list[Path]:
+    """Every figure the records allow, into ``d`` (which exists); the paths written."""
     from .. import plots
 
     written: list[Path] = []
@@ -50,7 +54,7 @@ def write_figures(records: list[dict], losses: list[dict] | None, d: Path, metri
         for i in range(len(names)):
             m[i][i] = 1.0
         plots.heatmaps(names, [("HiddenSim", m)], out("hidden_sim.png"), unit=(0, 1))
-    drawn = [k for k in metrics if any(p.get(k) is not None for p in pairs)]
+    drawn = [k for k in MAPPED if any(p.get(k) is not None for p in pairs)]
     if drawn and names:
         plots.heatmaps(names, [(k, matrix(lambda p, k=k: p.get(k))) for k in drawn], out("pair_metrics.png"))
     if losses:

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import MergetoolError
+from ..errors import MergetoolError, UsageError
 
 
 @dataclass
@@ -144,7 +144,7 @@ def check_lam(lam: float) -> None:
     """Refuse a λ the optimiser cannot use: negative, not finite, or so large that its square (Adam's second
     moment of the penalty's gradient) overflows, which would leave the weights where they started."""
     if not (math.isfinite(lam) and 0 <= lam <= LAM_MAX):
-        raise MergetoolError("--l1", f"{lam} is not a λ the optimiser can use (a finite λ in [0, {LAM_MAX:g}]: "
+        raise UsageError("--l1", f"{lam} is not a λ the optimiser can use (a finite λ in [0, {LAM_MAX:g}]: "
                              "Adam squares the penalty's gradient)", "pass --l1 1 (the authors' λ)")
 
 
