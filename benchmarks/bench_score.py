@@ -15,6 +15,12 @@ layer, one per multiple-choice question (the capitals and currencies of examples
 Then the measured cost per merge and per evaluated question is carried to the paper's scale (639 experts,
 a Llama-3.2-3B-shaped model, 8 options with 4 shots, M=50, N=5) by FLOP counts, as an estimate.
 
+The control (issue 18), side by side in the same run: the score's work without it (what explains S, then the
+shared trials) against the same with the control (each adapter's question also evaluated under one merge
+without it per trial: the same merges, twice the evaluations) and the off-target sample (each adapter alone on
+--off-target other questions). The run with the control must give the same S; its time over the run without
+is the figure (target: at most 1.5x). ``--repeat`` alternates the two runs to even out a shared machine.
+
     python benchmarks/bench_score.py [--model DIR] [--pool 200] [--partners 50] [--trials 5] [--json out.json]
 """
 
@@ -49,7 +55,10 @@ def main():
     ap.add_argument("--pool", type=int, default=200)
     ap.add_argument("--partners", type=int, default=50)
     ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--plain-pairs", type=int, default=40)
+    ap.add_argument("--plain-pairs", type=int, default=40, help="0: skip the plain loop")
+    ap.add_argument("--off-target", type=int, default=None, help="score's --off-target K (default: N, as score)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs without and with the control, alternated")
+    ap.add_argument("--control-only", action="store_true", help="only the control's cost (not the plain loop)")
     ap.add_argument("--merge-chunk", type=int, default=8)
     ap.add_argument("--batch-tokens", type=int, default=None, help="default: mergetool's for the device")
     ap.add_argument("--device", default="auto")
@@ -73,6 +82,7 @@ def main():
     for u, e in zip(pool, exs):
         u.name = u.meta["name"] = e.id
     P, M, N = args.pool, args.partners, args.trials
+    args.off_target = N if args.off_target is None else args.off_target
     groups = plan(P, M, N, seed=0)
     method, p = get("knots"), Params()
     info = {"machine": machine(dev), "model": model_dir.name, "device": str(dev), "pool": P, "partners": M,
@@ -80,6 +90,12 @@ def main():
             "merges_plain": P * N}
     print(f"machine: {json.dumps(info['machine'])}", flush=True)
     ev.evaluate(model, tok, exs[:4], batch_tokens=args.batch_tokens)  # warm-up (and the packing check)
+
+    if args.control_only:
+        info.update(control(model, tok, pool, exs, P, M, N, method, p, dev, args))
+        if args.json:
+            Path(args.json).write_text(json.dumps(info, indent=2))
+        return
 
     # shared: the score trials
     scorer = Scorer(model, tok, pool, exs, [[i] for i in range(P)], method, p, dev, batch_tokens=args.batch_tokens,
@@ -93,8 +109,22 @@ def main():
     t_shared = time.perf_counter() - t
     t_merge = scorer.seconds["merge"]
     S = {a: sum(per[(a, k)] for k in range(N)) / N for a in range(P)}
+    info.update({"shared_s": t_shared, "shared_merge_s": t_merge, "shared_eval_s": t_shared - t_merge,
+                 "mean_S": sum(S.values()) / P})
+    if args.plain_pairs:
+        info.update(plain(model, tok, pool, exs, groups, per, method, p, dev, P, N, t_shared, args))
+    per_merge = t_merge / len(groups)
+    per_question = (t_shared - t_merge) / (P * N)
+    info.update({"s_per_merge": per_merge, "s_per_evaluated_question": per_question})
+    info["paper_scale_estimate"] = paper_scale(model, per_merge, per_question, M, args)
+    info.update(control(model, tok, pool, exs, P, M, N, method, p, dev, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=2))
 
-    # plain: one merge and one evaluation per (adapter, trial), the same partners as the shared plan
+
+def plain(model, tok, pool, exs, groups, per, method, p, dev, P, N, t_shared, args) -> dict:
+    """The paper's loop: one merge and one evaluation per (adapter, trial), the same partners as the shared plan,
+    timed on --plain-pairs pairs and carried to all N·P."""
     pairs = [(a, g) for g in groups for a in g.counted][:: max(1, (P * N) // args.plain_pairs)][:args.plain_pairs]
     same = 0
     t_plain_merge = 0.0
@@ -111,20 +141,53 @@ def main():
     sync(dev)
     t_pair = (time.perf_counter() - t) / len(pairs)
     t_plain = t_pair * P * N
-    info.update({"shared_s": t_shared, "shared_merge_s": t_merge, "shared_eval_s": t_shared - t_merge,
-                 "plain_pairs_timed": len(pairs), "plain_s_per_pair": t_pair,
-                 "plain_merge_s_per_pair": t_plain_merge / len(pairs), "plain_s_estimated": t_plain,
-                 "speedup": t_plain / t_shared, "same_outcome_on_timed_pairs": same, "mean_S": sum(S.values()) / P})
-    per_merge = t_merge / len(groups)
-    per_question = (t_shared - t_merge) / (P * N)
-    info.update({"s_per_merge": per_merge, "s_per_evaluated_question": per_question})
-    print(f"P={P} M={M} N={N} on {model_dir.name}: shared {t_shared:.1f} s ({len(groups)} merges: {t_merge:.1f} s; "
-          f"{P * N} evaluations: {t_shared - t_merge:.1f} s) vs plain {t_pair:.2f} s/pair x {P * N} = "
-          f"{t_plain:.0f} s (timed on {len(pairs)} pairs) = {info['speedup']:.1f}x; "
-          f"same outcome on {same}/{len(pairs)} timed pairs; mean S {info['mean_S']:.3f}", flush=True)
-    info["paper_scale_estimate"] = paper_scale(model, per_merge, per_question, M, args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(info, indent=2))
+    print(f"P={P} N={N}: shared {t_shared:.1f} s vs plain {t_pair:.2f} s/pair x {P * N} = {t_plain:.0f} s (timed on "
+          f"{len(pairs)} pairs) = {t_plain / t_shared:.1f}x; same outcome on {same}/{len(pairs)} timed pairs",
+          flush=True)
+    return {"plain_pairs_timed": len(pairs), "plain_s_per_pair": t_pair,
+            "plain_merge_s_per_pair": t_plain_merge / len(pairs), "plain_s_estimated": t_plain,
+            "speedup": t_plain / t_shared, "same_outcome_on_timed_pairs": same}
+
+
+def control(model, tok, pool, exs, P, M, N, method, p, dev, args) -> dict:
+    """The score's work (explain, then the shared trials) without the control and with it, alternated
+    --repeat times on the same resident model; the S of both must agree."""
+    runs = {"without": [], "with": []}
+    parts = {"without": [], "with": []}
+    scores = {}
+    for _ in range(args.repeat):
+        for kind in ("without", "with"):
+            on = kind == "with"
+            groups = plan(P, M, N, seed=0, control=on)
+            scorer = Scorer(model, tok, pool, exs, [[i] for i in range(P)], method, p, dev,
+                            batch_tokens=args.batch_tokens, merge_chunk=args.merge_chunk,
+                            off_target=args.off_target if on else 0)
+            per = {}
+            sync(dev)
+            t = time.perf_counter()
+            explained = scorer.explain(list(range(P)), [None] * P)
+            t_explain = time.perf_counter() - t
+            scorer.run_groups(groups, list(range(len(groups))),
+                              lambda g, res: per.update({(a, g): v for a, v in res.items() if a in groups[g].counted}))
+            sync(dev)
+            total = time.perf_counter() - t
+            runs[kind].append(total)
+            parts[kind].append({"explain_s": t_explain, "merge_s": scorer.seconds["merge"],
+                                "evaluate_s": scorer.seconds["evaluate"]})
+            scores[kind] = {a: sum(v for (b, _), v in per.items() if b == a) / N for a in range(P)}
+            if on:
+                ot = [e["off_target"] for e in explained.values() if e["off_target"] is not None]
+                print(f"  off_target measured on {explained[0]['off_target_n']} questions each; mean "
+                      f"{sum(ot) / max(1, len(ot)):.3f}", flush=True)
+            print(f"  {kind} the control: {total:.1f} s (explain {t_explain:.1f} s, merges "
+                  f"{scorer.seconds['merge']:.1f} s, evaluations {scorer.seconds['evaluate']:.1f} s)", flush=True)
+    same = scores["without"] == scores["with"]
+    best = {k: min(v) for k, v in runs.items()}
+    ratio = best["with"] / best["without"]
+    print(f"control: {best['with']:.1f} s with it vs {best['without']:.1f} s without = {ratio:.2f}x (fastest of "
+          f"{args.repeat}); the same S: {same}", flush=True)
+    return {"control": {"off_target": args.off_target, "repeat": args.repeat, "runs_s": runs, "parts": parts,
+                        "ratio": ratio, "same_S": same}}
 
 
 def paper_run(args, dev, tok_dir: Path) -> None:

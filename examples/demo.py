@@ -9,7 +9,9 @@
    full model.
 4. ``mergetool eval``: each country's capital question under the base, each expert and every merge, all in
    one batched run (multiple choice, length-normalised log-probability, eq. 4 of "Will it Merge?").
-5. ``mergetool score``: each expert's mergeability score S (shared trials, KnOTS).
+5. ``mergetool score``: each expert's mergeability score S (shared trials, KnOTS) beside its control (the same
+   question under merges without the expert), its contribution S − control, and what it does alone to the
+   other questions (off_target).
 6. ``mergetool weight --by score`` | ``mergetool merge --weights -``: less mergeable experts weigh more.
 7. ``mergetool diagnose``: conflicts, HiddenSim, MDS, Theorem 1's bounds, and the metrics against S.
 """
@@ -113,9 +115,17 @@ def main() -> None:
         cells = " ".join(f"{by[i]['rank']:>8}" for i in ids)
         say(f"{label:<{width}}  {cells}  {sum(by[i]['correct'] for i in ids) / len(ids):.2f}")
 
-    say("[5/7] mergeability: each expert merged (KnOTS) with 4 random partners, 3 trials, on its own question")
-    mergetool("score", "--base", str(base), "--data", str(data), "--partners", "4", "--trials", "3",
+    say("[5/7] mergeability: each expert merged (KnOTS) with 4 random partners, 3 trials, on its own question;")
+    say("  the control: the same question under a merge of 5 other experts, without it, in each trial")
+    mergetool("score", "--base", str(base), "--data", str(data), "--partners", "4", "--trials", "3", "--off-target", "9",
               *experts, "-o", str(out / "scores.jsonl"), "--plot", str(out / "scores.png"))
+    scores = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+    say("  per expert: S (its question answered by merges with it), control (by merges without it),")
+    say("  contribution = S - control, and off_target (the share of the other questions it answers alone):")
+    say(f"    {'expert':<24} {'S':>5} {'control':>8} {'contribution':>13} {'off_target':>11}")
+    for r in sorted(scores, key=lambda r: r["adapter"]):
+        cells = [f"{r[k]:.2f}" if r[k] is not None else "-" for k in ("score", "control", "contribution", "off_target")]
+        say(f"    {r['adapter']:<24} {cells[0]:>5} {cells[1]:>8} {cells[2]:>13} {cells[3]:>11}")
 
     say("[6/7] weights from the scores (less mergeable weighs more), piped into a weighted merge, evaluated")
     w = mergetool("weight", "--by", "score", "--records", str(out / "scores.jsonl"), "--tau", "0.5", *experts)

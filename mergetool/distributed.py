@@ -244,7 +244,8 @@ class Worker:
         def build():
             pool = self._updates(spec["key"], pool_ref)
             return Scorer(self.model, self.tok, pool, self._examples(spec), spec["data_of"], get(spec["method"]),
-                          spec["params"], self.dev, spec["norm"], spec["batch_tokens"], spec["merge_chunk"])
+                          spec["params"], self.dev, spec["norm"], spec["batch_tokens"], spec["merge_chunk"],
+                          spec["level"], spec["off_target"], spec["seed"])
 
         return self._cached(f"scorer:{spec['key']}", build)
 

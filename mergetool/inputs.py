@@ -128,6 +128,21 @@ class BaseWeights:
 _INDEX: dict[tuple, dict[str, tuple[str, bool]]] = {}
 
 
+def pool_members(src: str) -> list[str]:
+    """The adapters of a pool directory, sorted by name: its ``.safetensors`` files and PEFT directories."""
+    members = sorted(x for x in Path(src).iterdir()
+                     if x.suffix == ".safetensors" or (x.is_dir() and (x / "adapter_config.json").exists()))
+    if not members:
+        raise MergetoolError(src, "directory holds no adapters", "a pool holds .safetensors files or PEFT directories")
+    return [str(m) for m in members]
+
+
+def is_pool(src: str) -> bool:
+    """A directory that is neither a PEFT adapter nor a full model: a pool of adapters."""
+    p = Path(src)
+    return p.is_dir() and not (p / "adapter_config.json").exists() and not _is_model_dir(p)
+
+
 def load_inputs(paths: list[str], base: Base | None = None, allow_pickle: bool = False) -> list[Update]:
     """Load every input (file, ``-``, PEFT dir, full model dir, pool dir) into updates, in order; with a ``base``,
     DoRA and full-tensor modules are bound to its tensors (``updates.bind``). Pickles (a ``.bin``/``.pt`` adapter, a
@@ -157,12 +172,7 @@ def _load(paths: list[str], base: Base | None, allow_pickle: bool) -> list[Updat
             elif _is_model_dir(p):
                 out.append(task_vector(p, base, allow_pickle=allow_pickle))
             else:
-                members = sorted(x for x in p.iterdir()
-                                 if x.suffix == ".safetensors" or (x.is_dir() and (x / "adapter_config.json").exists()))
-                if not members:
-                    raise MergetoolError(src, "directory holds no adapters",
-                                         "a pool holds .safetensors files or PEFT directories")
-                out += _load([str(m) for m in members], base, allow_pickle)
+                out += _load(pool_members(src), base, allow_pickle)
         elif p.suffix in PICKLE_SUFFIXES:
             if not allow_pickle:
                 raise _pickle_refused(src)

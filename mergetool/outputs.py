@@ -283,3 +283,9 @@ def atomic_dir(dst: str) -> Iterator[Path]:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def written_straight(dst: str) -> bool:
+    """Whether ``-o DST`` is written straight (a device, a FIFO, a socket, a link the kernel resolves itself such
+    as /proc/self/fd/1) rather than as a regular file: such an output keeps no progress file beside it."""
+    return _output_target(dst)[1]

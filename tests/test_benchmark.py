@@ -51,13 +51,16 @@ def test_small_updates_benchmark(tiny_lm, tmp_path):
 
 
 def test_small_diagnose_benchmark(tmp_path):
-    """All pairs at once vs a per-pair loop over dense ΔW, at toy size: the same values."""
+    """All pairs at once vs a per-pair loop over dense ΔW, at toy size: the same values, the spectral family's
+    Gram metrics included."""
     out = tmp_path / "d.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_diagnose.py"), "--small", "--plain-pairs", "4",
                         "--device", "cpu", "--json", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["pairs"] == 28 and res["max_rel_diff"] < 1e-5
+    assert {"spectral_gap", "weight_space_angle", "pair_effective_rank"} <= set(res["max_rel_diff_by_metric"])
+    assert res["with_spectra_ratio"] > 1
 
 
 def test_small_score_benchmark(tiny_lm, tmp_path):

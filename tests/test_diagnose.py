@@ -148,7 +148,8 @@ def test_a_copy_of_an_adapter_is_identical_in_every_metric(tiny_lm, tmp_path):
 def test_predictor_recovers_a_planted_sparse_weight_vector():
     import random
 
-    from mergetool.diagnose.predict import fit, leave_one_task_out
+    from mergetool.diagnose.forecast import leave_one_task_out
+    from mergetool.diagnose.predict import fit
 
     g = torch.Generator().manual_seed(0)
     tasks = [f"t{i}" for i in range(6)]
@@ -176,13 +177,15 @@ def test_anova_against_scipy_on_a_planted_effect():
     for t, effect in zip("abcd", (0, -30, -5, -60)):
         for m in ("mean", "ties", "knots"):
             for rep_ in range(3):
-                cells.append({"method": m, "task": t, "loss": effect + float(torch.randn(1, generator=g)) * 3})
+                cells.append({"method": m, "task": t, "group": f"g{rep_}",
+                              "loss": effect + float(torch.randn(1, generator=g)) * 3})
     out = {(r["test"], r.get("factor")): r for r in anovas(cells)}
     by_task = [[c["loss"] for c in cells if c["task"] == t] for t in "abcd"]
     assert out[("anova1", "task")]["p_value"] == pytest.approx(stats.f_oneway(*by_task).pvalue)
     assert out[("anova1", "task")]["p_value"] < 1e-10 and out[("anova1", "method")]["p_value"] > 0.05
     two = out[("anova2", None)]
     assert two["task"]["p_value"] < 1e-10 and two["method"]["p_value"] > 0.01
+    assert two["task"]["p_permutation"] == pytest.approx(1 / 1000) and two["method"]["p_permutation"] > 0.01
 
 
 # ----------------------------------------------------------------------------- the command
@@ -209,22 +212,32 @@ def records(text):
 
 def test_representations_and_an_actual_merge(tiny_lm, tmp_path):
     """The measured distortion of any merge is at least r², which is at least Δ²/4; a 'merge' equal to an
-    expert has distortion 0 for that expert."""
+    expert has distortion 0 for that expert; a merge of some of the adapters is measured against its parents,
+    on their tasks' inputs."""
     pool, data = pool_of(tmp_path, 4)
     merged = tmp_path / "m.safetensors"
     run_cli("merge", "-m", "ties", str(pool), "-o", str(merged), check=True)
+    two = tmp_path / "two.safetensors"
+    run_cli("merge", "-m", "mean", str(pool / "e0.safetensors"), str(pool / "e2.safetensors"), "-o", str(two),
+            check=True)
     out = records(run_cli("diagnose", "--base", str(tiny_lm), "--data", str(data), "--merged", str(merged),
-                          "--budget", "1e9", str(pool), check=True).stdout.decode())
-    (g,) = [r for r in out if r["kind"] == "group"]
-    assert g["distortion_max"] >= g["meb_radius2"] - 1e-6 >= g["lower_bound"] - 2e-6
-    assert g["n_inputs"] == 10 and g["hidden_dim"] == 64 and g["verdict"] == "yes_if_linear" and g["met"]
+                          "--merged", str(two), "--budget", "1e9", str(pool), check=True).stdout.decode())
+    (g,) = [r for r in out if r["kind"] == "group" and len(r["adapters"]) == 4]
+    m = {r["merged"]: r for r in out if r["kind"] == "merge"}
+    assert set(m) == {"m", "two"} and m["m"]["method"] == "ties" and m["two"]["adapters"] == ["e0", "e2"]
+    assert m["m"]["distortion_max"] >= m["m"]["meb_radius2"] - 1e-6 >= m["m"]["lower_bound"] - 2e-6
+    assert m["m"]["meb_radius2"] == g["meb_radius2"] and all(m["m"]["holds"][b] for b in ("lower_bound", "meb_radius2"))
+    assert set(m["two"]["distortion"]) == {"e0", "e2"} and m["two"]["met"]
+    (g2,) = [r for r in out if r["kind"] == "group" and r["adapters"] == ["e0", "e2"]]
+    assert m["two"]["lower_bound"] == g2["lower_bound"] == g2["meb_radius2"]  # two points: r² = Δ²/4
+    assert g["n_inputs"] == 10 and g["hidden_dim"] == 64 and g["verdict"] == "yes_if_linear"
     ads = [r for r in out if r["kind"] == "adapter"]
-    assert all(r["mds"] >= 1 for r in ads) and all("distortion" in r for r in ads)
+    assert all(r["mds"] >= 1 for r in ads) and g["mds"] == {r["adapter"]: r["mds"] for r in ads}
     pairs = [r for r in out if r["kind"] == "pair"]
     assert len(pairs) == 6 and max(p["hidden_sim"] for p in pairs) == 1 and min(p["hidden_sim"] for p in pairs) == 0
     same = records(run_cli("diagnose", "--base", str(tiny_lm), "--data", str(data), "--merged",
                            str(pool / "e1.safetensors"), str(pool), check=True).stdout.decode())
-    d = {r["adapter"]: r["distortion"] for r in same if r["kind"] == "adapter"}
+    (d,) = [r["distortion"] for r in same if r["kind"] == "merge"]  # no parents: a merge of all the adapters
     assert d["e1"] == pytest.approx(0, abs=1e-6) and min(v for k, v in d.items() if k != "e1") > 0
 
 
@@ -353,3 +366,171 @@ def test_bad_inputs(args, code, needle, tiny_lm, tmp_path, capsys):
     got = capsys.readouterr()
     assert rc == code and needle in got.err and "Traceback" not in got.err, got.err
     assert len(got.err.strip().splitlines()) == 1 and not got.out
+
+
+# ----------------------------------------------------------------------------- records, fits compared, hardening
+
+
+def pair_losses_file(tmp_path, names, methods=(("mean", -10), ("ties", -5)), alone=None):
+    rows = []
+    for method, shift in methods:
+        for a, b in itertools.combinations(range(len(names)), 2):
+            for x in (a, b):
+                r = {"adapters": [names[a], names[b]], "method": method, "adapter": names[x], "task": names[x]}
+                if alone is None:
+                    r["loss"] = shift - 3 * (a + b) - x
+                else:
+                    r.update(merged=0.5, alone=alone)
+                rows.append(r)
+    f = tmp_path / "l.jsonl"
+    f.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    return f
+
+
+def test_records_rebuild_the_statistics_fits_and_figures_without_the_adapters(tmp_path):
+    """diagnose --records on its own output gives the same statistics and the same fitted model as the run that
+    measured them; a fit per method, then --compare-fits on the two models."""
+    names = [f"e{i}" for i in range(5)]
+    pool, _ = pool_of(tmp_path, 5, tasks=names)
+    lf = pair_losses_file(tmp_path, names)
+    common = ["--losses", str(lf), "--fit-method", "ties", "--resamples", "50", "--permutations", "49", "-q"]
+    first = records(run_cli("diagnose", str(pool), *common, "--fit", str(tmp_path / "a.json"), "-o",
+                            str(tmp_path / "diag.jsonl"), check=True).stdout.decode() or
+                    (tmp_path / "diag.jsonl").read_text())
+    again = records(run_cli("diagnose", "--records", str(tmp_path / "diag.jsonl"), *common, "--fit",
+                            str(tmp_path / "b.json"), "--plot", str(tmp_path / "figs"), check=True).stdout.decode())
+    assert {r["kind"] for r in again} == {"stat", "model"}
+    assert [r for r in first if r["kind"] == "stat"] == [r for r in again if r["kind"] == "stat"]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a == b and a["method"] == "ties" and a["baselines"]
+    figs = {p.name for p in (tmp_path / "figs").iterdir()}
+    assert {"pair_metrics.png", "pair_loss.png", "metrics_vs_loss.png"} <= figs, figs
+    run_cli("diagnose", "--records", str(tmp_path / "diag.jsonl"), "--losses", str(lf), "--fit-method", "mean",
+            "--fit", str(tmp_path / "c.json"), "--resamples", "0", "--permutations", "0", "-q", check=True)
+    r = run_cli("diagnose", "--compare-fits", str(tmp_path / "a.json"), str(tmp_path / "c.json"), check=True)
+    (c,) = records(r.stdout.decode())
+    assert b"mean top-5 overlap" in r.stderr and b"(paper 64.0%)" in r.stderr
+    assert c["kind"] == "comparison" and [f["label"] for f in c["fits"]] == ["ties", "mean"]
+    assert 0 <= c["mean_top5_overlap"] <= 1 and len(c["pairs"]) == 1
+
+
+def test_records_of_two_runs_that_disagree_are_refused(tmp_path):
+    pool, _ = pool_of(tmp_path, 3)
+    one = run_cli("diagnose", str(pool), "-q", check=True).stdout.decode()
+    other = [json.loads(x) for x in one.splitlines()]
+    for r in other:
+        if r["kind"] == "pair":
+            r["cosine"] = 0.5
+    (tmp_path / "one.jsonl").write_text(one)
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in other))
+    ok = run_cli("diagnose", "--records", str(tmp_path / "one.jsonl"), "--records", str(tmp_path / "one.jsonl"))
+    assert ok.returncode == 0, ok.stderr
+    r = run_cli("diagnose", "--records", str(tmp_path / "one.jsonl"), "--records", str(tmp_path / "two.jsonl"))
+    assert r.returncode == 1 and b"appears again with other values" in r.stderr and not r.stdout
+
+
+def test_fit_onto_the_records_file_is_refused(tmp_path):
+    """--fit F -o F once wrote the model, then the records over it (issue 22)."""
+    pool, _ = pool_of(tmp_path, 4)
+    lf = pair_losses_file(tmp_path, [f"e{i}" for i in range(4)])
+    same = tmp_path / "m.json"
+    r = run_cli("diagnose", str(pool), "--losses", str(lf), "--fit", str(same), "-o", str(same))
+    assert r.returncode == 2 and b"--fit" in r.stderr and b"overwrite each other" in r.stderr
+    assert not same.exists() and not r.stdout
+
+
+@pytest.mark.parametrize("where", ["file", "missing", "readonly"])
+def test_plot_is_checked_before_the_run(tmp_path, where):
+    """--plot onto a file, into a missing parent, or into a directory that cannot be written: one line before
+    any work, and no records written (they were written first, then the figures failed)."""
+    import os
+
+    pool, _ = pool_of(tmp_path, 3)
+    target = {"file": tmp_path / "f.png", "missing": tmp_path / "no" / "figs", "readonly": tmp_path / "ro"}[where]
+    if where == "file":
+        target.write_bytes(b"x")
+    if where == "readonly":
+        target.mkdir()
+        target.chmod(0o500)
+        if os.access(target, os.W_OK):  # root writes anywhere
+            pytest.skip("running as a user who can write into a read-only directory")
+    out = tmp_path / "out.jsonl"
+    r = run_cli("diagnose", str(pool), "--plot", str(target), "-o", str(out))
+    assert r.returncode == 2 and b"--plot" in r.stderr and not out.exists(), r.stderr
+
+
+def test_an_l1_the_optimiser_cannot_use_is_refused(tmp_path):
+    """--l1 1e300 once returned the random initial weights (Adam's second moment overflowed)."""
+    pool, _ = pool_of(tmp_path, 3)
+    lf = pair_losses_file(tmp_path, ["e0", "e1", "e2"])
+    r = run_cli("diagnose", str(pool), "--losses", str(lf), "--fit", str(tmp_path / "m.json"), "--l1", "1e300")
+    assert r.returncode == 2 and b"--l1" in r.stderr and b"optimiser" in r.stderr and not (tmp_path / "m.json").exists()
+
+
+def test_predict_refuses_a_huge_model_file_without_reading_it(tmp_path):
+    """--predict read a model file whole (1 GB: 2.2 GB of memory); a file larger than any model is refused
+    from its size."""
+    pool, _ = pool_of(tmp_path, 3)
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)  # sparse: no disk, but a whole read would take a gigabyte of memory
+    import subprocess
+    import sys
+
+    # a fresh parent whose only child is the command: its peak memory, in KiB
+    probe = ("import resource, subprocess, sys; r = subprocess.run([sys.executable, '-m', 'mergetool', 'diagnose', "
+             f"{str(pool)!r}, '--predict', {str(big)!r}], capture_output=True); sys.stderr.buffer.write(r.stderr); "
+             "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True)
+    code, peak = map(int, r.stdout.split())
+    assert code == 1 and b"is not a diagnose model" in r.stderr and b"bytes" in r.stderr, r.stderr
+    assert peak < 900 * 1024  # far below the gigabyte a whole read takes
+
+
+def test_losses_whose_alone_is_zero_say_so(tmp_path):
+    """'alone': 0 makes the loss undefined; the error once blamed missing records."""
+    pool, _ = pool_of(tmp_path, 3)
+    lf = pair_losses_file(tmp_path, ["e0", "e1", "e2"], alone=0)
+    r = run_cli("diagnose", str(pool), "--losses", str(lf))
+    assert r.returncode == 1 and b"'alone' is 0" in r.stderr and b"records" not in r.stderr.split(b":")[-1], r.stderr
+
+
+def test_theorem1_across_merges_from_records(tmp_path):
+    """The Theorem 1 analysis runs from committed records: merge and group records (as a model run writes them)
+    with the loss records give how often each bound holds and the group correlations, and the figures."""
+    import random
+
+    rng = random.Random(3)
+    names = [f"t{i}" for i in range(6)]
+    recs = [{"kind": "adapter", "adapter": n, "task": n} for n in names]
+    recs += [{"kind": "pair", "a": a, "b": b, "cosine": rng.uniform(-0.1, 0.1)} for a, b in itertools.combinations(names, 2)]
+    losses = []
+    for g in range(8):
+        members = sorted(rng.sample(names, 3))
+        d2 = rng.uniform(1, 3)
+        recs.append({"kind": "group", "group": f"g{g}", "adapters": members, "mds": {m: rng.uniform(1, 2) for m in members},
+                     "diameter2": d2, "lower_bound": d2 / 4, "meb_radius2": d2 / 3, "upper_bound_paper": d2 * 0.49,
+                     "upper_bound_jung": d2 / 3})
+        dmax = d2 / 3 * rng.uniform(1, 2)
+        recs.append({"kind": "merge", "merged": f"ties-g{g}", "method": "ties", "group": f"g{g}", "adapters": members,
+                     "tasks": members, "distortion_max": dmax, "distortion_excess": dmax - d2 / 3, "diameter2": d2,
+                     "lower_bound": d2 / 4, "meb_radius2": d2 / 3, "upper_bound_paper": d2 * 0.49,
+                     "upper_bound_jung": d2 / 3, "holds": {"lower_bound": True, "meb_radius2": True,
+                                                          "upper_bound_jung": dmax <= d2 / 3,
+                                                          "upper_bound_paper": dmax <= d2 * 0.49}})
+        losses += [{"group": f"g{g}", "adapters": members, "adapter": m, "task": m, "method": "ties",
+                    "loss": -20 * dmax + rng.gauss(0, 1)} for m in members]
+    rf, lf = tmp_path / "r.jsonl", tmp_path / "l.jsonl"
+    rf.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    lf.write_text("".join(json.dumps(r) + "\n" for r in losses))
+    r = run_cli("diagnose", "--records", str(rf), "--losses", str(lf), "--resamples", "100", "--permutations", "19",
+                "--plot", str(tmp_path / "figs"), check=True)
+    out = records(r.stdout.decode())
+    (b,) = [x for x in out if x["test"] == "theorem1_bounds" and x["method"] == "all"]
+    assert b["n"] == 8 and b["holds"]["lower_bound"] == 8
+    corr = {(x["x"], x["y"]): x for x in out if x["test"] == "group_correlation"}
+    assert corr[("distortion_max", "mean_loss")]["pearson"] < -0.8 and ("pairs_mean_cosine", "worst_loss") in corr
+    assert any(x["test"] == "theorem1_vs_weights" for x in out)
+    assert any(x["test"] == "correlation" and x["x"] == "mds" for x in out)  # Table 5 from the group records
+    assert b"how often each bound holds" in r.stderr
+    assert {"theorem1.png", "collapse_limits.png"} <= {p.name for p in (tmp_path / "figs").iterdir()}

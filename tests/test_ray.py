@@ -1,6 +1,6 @@
-"""--ray: score, eval and per-example training on a local Ray instance and on a two-node cluster give the
-records of the single-process run; a worker killed mid-run changes nothing; without --ray, Ray is never
-imported."""
+"""--ray: score (its control and off-target included), eval and per-example training on a local Ray instance and
+on a two-node cluster give the records of the single-process run; a worker killed mid-run changes nothing;
+without --ray, Ray is never imported."""
 
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ def test_score_eval_and_training_on_local_ray_equal_one_process(tiny_lm, pool, t
     data, d = pool
     args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "3", "-N", "2", "--merge-chunk", "2", str(d)]
     one = records(run_cli(*args, check=True).stdout)
+    assert all(r["control_trials"] == 2 and len(r["control_merges"]) == 2 and "off_target" in r for r in one)
     p2 = run_cli(*args, "--ray", "--workers", "2", check=True)
     assert b"lowered priority" not in p2.stderr  # a local instance runs its workers at the driver's priority
     same_records(one, records(p2.stdout), lambda r: r["adapter"])

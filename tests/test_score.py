@@ -68,6 +68,41 @@ def test_shared_and_independent_plans_agree_in_expectation():
         assert abs(shared[a] - M / (P - 1)) < 0.07 and abs(indep[a] - M / (P - 1)) < 0.07
 
 
+@pytest.mark.parametrize("P,M", [(104, 50), (13, 4), (60, 50)])
+def test_control_trials_are_merges_without_the_adapter(P, M):
+    """With the control, each adapter's data is evaluated under one merge per trial that does not hold it (a
+    group of the same partition, uniform among those), and the score's groups are those of the plan without it.
+    Where every group of a partition holds an adapter (P < 2(M+1): it is a topped-up member), that trial has no
+    control."""
+    from scipy import stats
+
+    N = 300 if P == 13 else 5
+    with_control, without = plan(P, M, N, seed=4, control=True), plan(P, M, N, seed=4)
+    assert [(g.members, g.counted, g.trial) for g in with_control] == [(g.members, g.counted, g.trial) for g in without]
+    by_trial = {}
+    for gi, g in enumerate(with_control):
+        assert not set(g.control) & set(g.members) and len(set(g.control)) == len(g.control)
+        for a in g.control:
+            by_trial.setdefault((a, g.trial), []).append(gi)
+    for a in range(P):
+        for t in range(N):
+            others = [gi for gi, g in enumerate(with_control) if g.trial == t and a not in g.members]
+            assert len(by_trial.get((a, t), [])) == min(1, len(others))
+    if P == 13:  # three groups per partition: where two do not hold the adapter, each is drawn half the time
+        two = [[gi for gi, g in enumerate(with_control) if g.trial == t and 0 not in g.members] for t in range(N)]
+        first = [by_trial[(0, t)][0] == c[0] for t, c in enumerate(two) if len(c) == 2]
+        assert len(first) > 100 and stats.binomtest(sum(first), len(first), 0.5).pvalue > 1e-3
+
+
+def test_independent_control_merges_the_partners_alone():
+    groups = plan(10, 3, 4, seed=1, independent=True, control=True)
+    assert [(g.members, g.counted, g.trial) for g in groups[::2]] == \
+        [(g.members, g.counted, g.trial) for g in plan(10, 3, 4, seed=1, independent=True)]
+    for trial, ctl in zip(groups[::2], groups[1::2]):
+        assert ctl.members == trial.members[1:] and ctl.counted == [] and ctl.control == trial.counted
+        assert ctl.trial == trial.trial
+
+
 def test_partners_from_draws_only_from_that_set():
     groups = plan(10, 3, 5, seed=0, scored=[0, 1], partner_pool=[5, 6, 7, 8, 9])
     assert len(groups) == 10 and all(set(g.members[1:]) <= {5, 6, 7, 8, 9} and g.watched == g.members[1:]
@@ -113,17 +148,31 @@ def test_planted_pool_scores_are_the_base_correctness(tiny_lm, tmp_path):
                     *extra, str(pool), check=True)
         got = records(r.stdout.decode())
         assert set(got) == set(base)
+        missed = sum(1 for v in base.values() if v == 0)
         for a, rec in got.items():
             assert rec["score"] == base[a] and rec["per_trial"] == [base[a]] * 2
+            assert rec["control"] == base[a] and rec["contribution"] == 0 and rec["control_trials"] == 2
+            assert rec["off_target"] in (0, None) and rec["off_target_n"] == missed - (base[a] == 0)
             assert rec["trials"] == 2 and rec["partners"] == 3 and rec["method"] == "mean"
             assert rec["finetuned"] == base[a] and rec["base_accuracy"] == base[a]
             assert rec["delta_trained"] == pytest.approx(0, abs=1e-6) and rec["norm_f"] == 0
             assert {"p_correct", "p_max", "gap", "rank", "perplexity", "length", "sigma_max", "seed"} <= set(rec)
 
 
-def test_shared_trials_equal_merging_each_group_by_hand(tiny_lm, tmp_path):
-    """Each per_trial value is the adapter's correctness under the merge of its trial's group, as merge + eval
-    compute it one by one (KnOTS)."""
+def by_hand(tiny_lm, tmp_path, pool, data, names, members) -> dict[str, int]:
+    """Each question's correctness under the merge (KnOTS) of ``members``, by merge and eval."""
+    merged = tmp_path / "m.safetensors"
+    run_cli("merge", "-m", "knots", *[str(pool / f"{names[i]}.safetensors") for i in members], "-o", str(merged),
+            check=True)
+    return {x["id"]: x["correct"] for x in map(json.loads, run_cli(
+        "eval", "--base", str(tiny_lm), "--adapter", str(merged), str(data), check=True).stdout.decode().splitlines())}
+
+
+def test_shared_trials_and_controls_equal_merging_each_group_by_hand(tiny_lm, tmp_path):
+    """Each per_trial value is the adapter's correctness under the merge of its trial's group, and each control
+    value its correctness under the merge its control trial names (a group without it), as merge + eval compute
+    them one by one (KnOTS); contribution = score − control exactly; off_target is, over the other questions the
+    base misses, the share each adapter answers alone (eval of the adapters alone)."""
     from mergetool.inputs import load_inputs
 
     data, pool, rows = make_pool(tmp_path, 8)
@@ -131,15 +180,46 @@ def test_shared_trials_equal_merging_each_group_by_hand(tiny_lm, tmp_path):
                 str(pool), check=True)
     got = records(r.stdout.decode())
     names = sorted(u.name for u in load_inputs([str(pool)]))
-    groups = plan(len(names), 3, 2, seed=3)
-    for g in groups[:3]:
-        merged = tmp_path / "m.safetensors"
-        run_cli("merge", "-m", "knots", *[str(pool / f"{names[i]}.safetensors") for i in g.members], "-o",
-                str(merged), check=True)
-        ev = {x["id"]: x["correct"] for x in map(json.loads, run_cli(
-            "eval", "--base", str(tiny_lm), "--adapter", str(merged), str(data), check=True).stdout.decode().splitlines())}
+    groups = plan(len(names), 3, 2, seed=3, control=True)
+    for gi, g in enumerate(groups[:3]):
+        ev = by_hand(tiny_lm, tmp_path, pool, data, names, g.members)
         for a in g.counted:
             assert got[names[a]]["per_trial"][g.trial] == ev[names[a]]
+            assert got[names[a]]["trial_merges"][g.trial] == gi
+        for a in g.control:
+            rec = got[names[a]]
+            assert rec["control_per_trial"][rec["control_merges"].index(gi)] == ev[names[a]]
+    for rec in got.values():
+        assert rec["contribution"] == rec["score"] - rec["control"]
+        assert rec["control"] == sum(rec["control_per_trial"]) / rec["control_trials"]
+    flags = [x for n in names for x in ("--adapter", str(pool / f"{n}.safetensors"))]
+    alone = {(x["adapter"], x["id"]): x["correct"] for x in map(json.loads, run_cli(
+        "eval", "--base", str(tiny_lm), *flags, str(data), check=True).stdout.decode().splitlines())}
+    base = {x["id"]: x["correct"] for x in map(json.loads, run_cli(
+        "eval", "--base", str(tiny_lm), str(data), check=True).stdout.decode().splitlines())}
+    for n in names:
+        others = [alone[(n, q)] for q in names if q != n and base[q] == 0]
+        assert got[n]["off_target_n"] == len(others)
+        assert got[n]["off_target"] == (sum(others) / len(others) if others else None)
+
+
+def test_independent_control_merges_the_partners_alone_by_hand(tiny_lm, tmp_path):
+    """--independent: the control of a trial is the merge of that trial's partners without the adapter."""
+    from mergetool.inputs import load_inputs
+
+    data, pool, rows = make_pool(tmp_path, 6)
+    r = run_cli("score", "--base", str(tiny_lm), "--data", str(data), "-M", "2", "-N", "2", "--seed", "1",
+                "--independent", str(pool), check=True)
+    got = records(r.stdout.decode())
+    names = sorted(u.name for u in load_inputs([str(pool)]))
+    groups = plan(len(names), 2, 2, seed=1, independent=True, control=True)
+    for gi in (1, 3):
+        g = groups[gi]
+        (a,) = g.control
+        assert g.members == groups[gi - 1].members[1:]
+        ev = by_hand(tiny_lm, tmp_path, pool, data, names, g.members)
+        assert got[names[a]]["control_per_trial"][g.trial] == ev[names[a]]
+        assert got[names[a]]["control_merges"][g.trial] == gi
 
 
 def test_resume_after_kill_gives_the_uninterrupted_records(tiny_lm, tmp_path):
@@ -150,8 +230,8 @@ def test_resume_after_kill_gives_the_uninterrupted_records(tiny_lm, tmp_path):
     out = tmp_path / "s.jsonl"
     side = tmp_path / "s.jsonl.trials"
     p = subprocess.Popen([sys.executable, "-m", "mergetool", *args, "-o", str(out)], stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    deadline = time.time() + 1800  # a guard against a hang only: the run's pace on a busy machine does not matter
+    while time.time() < deadline and p.poll() is None:
         if side.exists() and sum(1 for x in side.read_text().splitlines() if '"group"' in x) >= 5:
             break
         time.sleep(0.05)
@@ -167,7 +247,10 @@ def test_resume_after_kill_gives_the_uninterrupted_records(tiny_lm, tmp_path):
     again = records(out.read_text())
     assert not side.exists() and set(again) == set(whole)
     for a, rec in whole.items():
-        assert again[a]["per_trial"] == rec["per_trial"] and again[a]["score"] == rec["score"]
+        for k in ("per_trial", "score", "trial_merges", "control", "control_per_trial", "control_merges",
+                  "contribution", "off_target", "off_target_n"):
+            assert again[a][k] == rec[k], k
+        assert rec["control_trials"] == 4
         for k in ("p_correct", "gap", "delta_trained", "perplexity", "norm_f"):
             assert again[a][k] == pytest.approx(rec[k], rel=1e-4, abs=1e-6)
 
@@ -365,3 +448,154 @@ def test_weight_bad_inputs(args, stdin, needle, tmp_path, capsys):
     rc = run(["weight", *args, "--records", str(src)])
     got = capsys.readouterr()
     assert rc in (1, 2) and needle in got.err and "Traceback" not in got.err and not got.out, got.err
+
+
+# ----------------------------------------------------------------------------- hardening (issue 22)
+
+
+def test_outputs_on_inputs_are_refused_before_anything_is_written(tiny_lm, tmp_path):
+    """-o inside the pool directory or the base model's directory, and an input named like the progress file
+    (-o X with an input X.trials), are refused before any work: the inputs stay as they were."""
+    data, pool, rows = make_pool(tmp_path, 4)
+    victim = pool / f"{rows[0]['id']}.safetensors"
+    before, weights = victim.read_bytes(), (tiny_lm / "model.safetensors").read_bytes()
+    args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "2", "-N", "1", str(pool)]
+    for out in (victim, pool / "new.jsonl", tiny_lm / "model.safetensors"):
+        r = run_cli(*args, "-o", str(out))
+        assert r.returncode == 2 and b"inside the input directory" in r.stderr, r.stderr
+    assert victim.read_bytes() == before and (tiny_lm / "model.safetensors").read_bytes() == weights
+    assert not (pool / "new.jsonl").exists()
+    side_named = tmp_path / "q.jsonl.trials"
+    side_named.write_bytes(data.read_bytes())
+    r = run_cli("score", "--base", str(tiny_lm), "--data", str(side_named), "-M", "2", "-N", "1", str(pool),
+                "-o", str(tmp_path / "q.jsonl"))
+    assert r.returncode == 2 and b"is the input" in r.stderr and side_named.read_bytes() == data.read_bytes()
+    alien = tmp_path / "s.jsonl.trials"
+    alien.write_text("my notes\n")
+    r = run_cli(*args, "-o", str(tmp_path / "s.jsonl"))
+    assert r.returncode == 1 and b"not a score progress file" in r.stderr and alien.read_text() == "my notes\n"
+
+
+def test_a_failed_rerun_leaves_the_earlier_records_and_names_the_merge(tiny_lm, tmp_path):
+    """A complete -o file survives a rerun (without --resume) that fails midway: the new records replace it
+    only when the new run completes. The failure, a merge that overflows to Inf, names the adapters of the
+    group, not a module."""
+    data, pool, rows = make_pool(tmp_path, 6)
+    out = tmp_path / "s.jsonl"
+    args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "2", "-N", "2", "--method", "mean",
+            str(pool), "-o", str(out)]
+    run_cli(*args, check=True)
+    before = out.read_text()
+    r = run_cli(*args, "--lambda", "1e39")
+    err = [x for x in r.stderr.decode().splitlines() if "error:" in x]
+    assert r.returncode == 1 and len(err) == 1 and "Traceback" not in r.stderr.decode(), r.stderr
+    what = err[0].split("error: ", 1)[1].split(": ")[0]  # mergetool score: error: WHAT: WHY; FIX
+    assert what.startswith("the merge of ") and "NaN or Inf" in err[0] and "base_model.model" not in what, err
+    assert sum(x["id"] in what for x in rows) == 3  # the group's three adapters, by name
+    assert out.read_text() == before
+    again = run_cli(*args, "--seed", "7", check=True)  # a good rerun does replace them
+    assert out.read_text() != before and not (tmp_path / "s.jsonl.trials").exists(), again.stderr
+
+
+def test_resume_key_holds_the_data_content_and_the_dtype(tiny_lm, tmp_path):
+    """--resume of an interrupted run refuses data whose ids are the same but whose contents differ, and another
+    --dtype: both change the numbers."""
+    data, pool, rows = make_pool(tmp_path, 6)
+    out = tmp_path / "s.jsonl"
+    side = tmp_path / "s.jsonl.trials"
+    args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "2", "-N", "2", str(pool), "-o", str(out)]
+    run_cli(*args, check=True)
+    lines = out.read_text().splitlines()
+    key = json.loads(lines[0])["run"]
+    out.write_text(lines[0] + "\n")  # as if interrupted after one record, its progress beside it
+    side.write_text(json.dumps({"kind": "plan", "key": key}) + "\n")
+    edited = [dict(r, choices=list(reversed(r["choices"])), answer=len(r["choices"]) - 1 - r["answer"]) for r in rows]
+    other = tmp_path / "q2.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    for extra in (["--data", str(other)], ["--dtype", "bfloat16"]):
+        cmd = list(args)
+        if extra[0] == "--data":
+            cmd[cmd.index("--data") + 1] = extra[1]
+        else:
+            cmd += extra
+        r = run_cli(*cmd, "--resume")
+        assert r.returncode == 1 and b"other adapters, data or options" in r.stderr, r.stderr
+    r = run_cli(*args, "--resume", check=True)
+    assert len(out.read_text().splitlines()) == 6
+
+
+def test_partners_named_like_the_pool_are_refused_unless_the_same(tiny_lm, tmp_path):
+    data, pool, rows = make_pool(tmp_path, 6)
+    partners = tmp_path / "partners"
+    partners.mkdir()
+    same = pool / f"{rows[1]['id']}.safetensors"
+    (partners / same.name).write_bytes(same.read_bytes())  # the same adapter: drawn as itself
+    u = random_lora(77, rank=8, targets={"up_proj": (128, 64)}, layers=[1], name=rows[2]["id"])
+    (partners / "impostor.safetensors").write_bytes(lora_blob(u))  # a pool adapter's name, other weights
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    for r in rows[:3]:
+        (scored / f"{r['id']}.safetensors").write_bytes((pool / f"{r['id']}.safetensors").read_bytes())
+    args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "1", "-N", "1", str(scored)]
+    r = run_cli(*args, "--partners-from", str(partners))
+    assert r.returncode == 1 and b"other contents" in r.stderr and rows[2]["id"].encode() in r.stderr, r.stderr
+    (partners / "impostor.safetensors").unlink()
+    for r_ in rows[3:]:
+        (partners / f"{r_['id']}.safetensors").write_bytes((pool / f"{r_['id']}.safetensors").read_bytes())
+    got = records(run_cli(*args, "--partners-from", str(partners), check=True).stdout.decode())
+    assert set(got) == {r["id"] for r in rows[:3]} and all(g["control_trials"] == 1 for g in got.values())
+
+
+def test_task_level_with_two_adapters_of_one_task(tiny_lm, tmp_path):
+    """Two adapters of one task in one merge group (and as each other's control) once gave 'internal: TypeError':
+    each is scored on its task's examples, evaluated once per merge. Adapters that change nothing score the base's
+    accuracy, and their control is the same."""
+    rows = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()]
+    tasks = sorted({r["task"] for r in rows})[:2]
+    mine = [r for t in tasks for r in [x for x in rows if x["task"] == t][:5]]
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in mine))
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i, t in enumerate([tasks[0], tasks[0], tasks[1], tasks[1]]):
+        u = random_lora(i, rank=4, targets={"up_proj": (128, 64)}, layers=[1], name=f"e{i}", task=t)
+        for m in u.modules.values():
+            m.B *= 0.0
+        (pool / f"e{i}.safetensors").write_bytes(lora_blob(u))
+    base = {x["task"]: x["accuracy"] for x in map(json.loads, run_cli(
+        "eval", "--base", str(tiny_lm), "--summary", str(data), check=True).stdout.decode().splitlines())}
+    r = run_cli("score", "--base", str(tiny_lm), "--data", str(data), "--level", "task", "-M", "1", "-N", "3",
+                str(pool), check=True)
+    got = records(r.stdout.decode())
+    assert len(got) == 4
+    for rec in got.values():
+        assert rec["score"] == pytest.approx(base[rec["task"]]) and rec["control"] == pytest.approx(base[rec["task"]])
+        assert rec["off_target"] == pytest.approx(0) and rec["off_target_n"] == 1
+
+
+def test_device_and_fifo_outputs_keep_no_progress(tiny_lm, tmp_path):
+    """-o /proc/self/fd/1 writes the records through to stdout; a device or FIFO keeps no progress file and
+    --resume into one is refused."""
+    data, pool, _ = make_pool(tmp_path, 4)
+    args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "1", "-N", "1", str(pool)]
+    r = run_cli(*args, "-o", "/proc/self/fd/1", check=True)
+    assert len(r.stdout.splitlines()) == 4
+    r = run_cli(*args, "-o", "/dev/null", "--resume")
+    assert r.returncode == 2 and b"device or a FIFO" in r.stderr and not Path("/dev/null.trials").exists()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    p = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    run_cli(*args, "-o", str(fifo), check=True)
+    assert len(p.communicate(timeout=60)[0].splitlines()) == 4
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["pipe", "pool", "q.jsonl"]
+
+
+def test_plot_checked_before_the_run(tiny_lm, tmp_path, capsys):
+    from mergetool.cli.main import run
+
+    data, pool, _ = make_pool(tmp_path, 4)
+    for plot in (str(tmp_path / "missing" / "s.png"), str(tmp_path)):
+        rc = run(["score", "--base", str(tiny_lm), "--data", str(data), "-M", "1", "-N", "1", str(pool),
+                  "--plot", plot, "-o", str(tmp_path / "s.jsonl")])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--plot" in err and not (tmp_path / "s.jsonl").exists(), err

@@ -1,11 +1,9 @@
-"""``mergetool score``: the mergeability score of every adapter in a pool, with what explains it."""
+"""``mergetool score``: the mergeability score of every adapter in a pool, with its control and what explains
+it. Parses and checks the options, calls the library (``score_run``, ``score_summary``), prints the summary."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -13,11 +11,13 @@ import typer
 from ..errors import MergetoolError, UsageError
 from .app import begin, command
 from .common import (AllowPickle, BaseModel, BatchTokens, Chat, Debug, Device, GgufFile, ModelDtype, Norm, Quiet,
-                     Ray, Seed, Shots, ShotsFrom, Unordered, Workers, model_dtype, pick_device, progress_bar)
+                     Ray, Seed, Shots, ShotsFrom, Unordered, Workers, base_input, model_dtype, pick_device,
+                     progress_bar)
 
 log = logging.getLogger("mergetool")
 
-HELP = """Score how mergeable each adapter of a pool is: S, the fraction of random merges it survives.
+HELP = """Score how mergeable each adapter of a pool is: S, the fraction of random merges it survives, beside a
+control.
 
 In each of N trials an adapter is merged with M partners drawn from the pool without replacement, and the
 merge is evaluated on the adapter's own data: the multiple-choice question of the example it was trained
@@ -25,13 +25,19 @@ on (--level example; defaults M=50, N=5) or its task's held-out examples (--leve
 the mean over trials ("Will it Merge?", eq. 1-2). Trials are shared: N random partitions of the pool into
 groups of M+1, each group merged once and evaluated on every member's data, so each adapter still gets N
 trials with uniformly random partners at about N·P/(M+1) merges (--independent: one merge per adapter and
-trial). Adapters are matched to DATA by the example id (metadata training.example, else the name) or task.
-One JSONL record per adapter, written as it completes: the score and its trials, and what explains it
-(the base model's p_correct, p_max, gap and rank on the data, the adapter's accuracy alone and Δ_trained,
-the training text's perplexity and length, ‖ΔW‖_F and σ_max, the merging loss). A summary goes to stderr:
-the histogram of S against Binomial(N, p) with a χ² test, and Spearman correlations of S with each
-explanatory field, binned by S; --plot draws them. With -o FILE, --resume continues a run that was
-interrupted (Ctrl-C, kill -9, a crash) with nothing lost or redone.
+trial). The control: in each trial the adapter's data is also evaluated under a merge without it (another
+group of the same partition; with --independent or --partners-from its partners merged alone), so
+contribution = S − control is what the adapter itself adds; off_target is what it does alone to other
+adapters' data (--off-target of them); --no-control runs neither. Adapters are matched to DATA by the
+example id (metadata training.example, else the name) or task. One JSONL record per adapter, written as it
+completes: the score, control and contribution with their trials and merges, and what explains S (the base
+model's p_correct, p_max, gap and rank on the data, the adapter's accuracy alone and Δ_trained, the training
+text's perplexity and length, ‖ΔW‖_F and σ_max, the merging loss). A summary goes to stderr: S, control and
+contribution with intervals that resample merges and adapters, the histogram of S against Binomial(N, p)
+with a permutation test within merges, and the Spearman correlations of S and of the contribution with each
+explanatory field, binned by S; --plot draws them; --summary prints them again from a records file. With
+-o FILE, --resume continues a run that was interrupted (Ctrl-C, kill -9, a crash) with nothing lost or
+redone.
 
 \b
 Examples:
@@ -39,13 +45,11 @@ Examples:
   mergetool score --base BASE --data qa.jsonl --trials 5 --partners 10 --method ties pool/ -o s.jsonl --resume
   mergetool score --base BASE --data tasks.jsonl --level task experts/ --plot s.png > task-scores.jsonl
   mergetool score --base BASE --data qa.jsonl --partners-from low-bin/ high/ > locality.jsonl
+  mergetool score --summary scores.jsonl --plot scores.png > summary.json
   mergetool score --base BASE --data qa.jsonl pool/ | mergetool weight --by score --tau 0.2 pool/ > w.jsonl
 """
 
 Opt = typer.Option
-EXPLAIN = ("gap", "rank", "p_correct", "p_max", "delta_trained", "perplexity", "length", "norm_f", "sigma_max",
-           "effective_rank",
-           "base_accuracy", "finetuned")
 
 
 @command("score", help=HELP, short_help="Mergeability score of each adapter in a pool: JSONL records.",
@@ -76,7 +80,13 @@ def score_cmd(
     seed: Seed("Seed of the trial plan (and of random drops).") = 0,
     level: Annotated[str, Opt("--level", help="example (an adapter per example: its answer's correctness) or "
                               "task (an adapter per task: its accuracy).", metavar="example|task")] = "example",
-    independent: Annotated[bool, Opt("--independent", help="One merge per adapter and trial (no sharing).")] = False,
+    independent: Annotated[bool, Opt("--independent", help="One merge per adapter and trial (no sharing); the "
+                                      "control merges its partners alone.")] = False,
+    no_control: Annotated[bool, Opt("--no-control", help="No control trials and no off-target evaluation (the "
+                                    "paper's S alone, at about half the evaluations).")] = False,
+    off_target: Annotated[Optional[int], Opt("--off-target", help="Other adapters' data each adapter is evaluated "
+                                             "on alone for off_target (a seeded sample; default N, as many as its "
+                                             "trials; 0: none).", metavar="K", show_default=False)] = None,
     partners_from: Annotated[Optional[list[str]], Opt("--partners-from", help="Draw partners only from these "
                                                       "adapters (files or directories; repeatable): the locality "
                                                       "experiment; their own accuracy is reported too.",
@@ -90,8 +100,12 @@ def score_cmd(
     output: Annotated[Optional[str], Opt("-o", "--output", help="Write records here as they complete.",
                                          metavar="FILE")] = None,
     resume: Annotated[bool, Opt("--resume", help="With -o: continue an interrupted run of the same plan.")] = False,
-    plot: Annotated[Optional[str], Opt("--plot", help="Draw the histogram against the binomial and the binned "
-                                       "explanatory fields to this PNG.", metavar="FILE.png")] = None,
+    plot: Annotated[Optional[str], Opt("--plot", help="Draw S, control and contribution, the histogram against the "
+                                       "binomial, the Spearman table and the binned explanatory fields to this PNG.",
+                                       metavar="FILE.png")] = None,
+    summary: Annotated[Optional[str], Opt("--summary", help="Run nothing: summarise these score records (one run's) "
+                                          "on stderr, --plot them, and write the summary as JSON to stdout or -o.",
+                                          metavar="RECORDS.jsonl")] = None,
     ray: Ray = None,
     workers: Workers = None,
     unordered: Unordered = False,
@@ -102,6 +116,8 @@ def score_cmd(
     debug: Debug = False,
 ):
     begin("score", quiet, debug)
+    if summary is not None:
+        return _summary_only(summary, pool, data, base, output, plot, seed, quiet)
     from ..methods import Params, check_options, get
     from ..score import DEFAULTS, check_level
 
@@ -121,8 +137,10 @@ def score_cmd(
     N = N if trials is None else trials
     if M < 1 or N < 1:
         raise UsageError("--partners", "--partners and --trials must be at least 1", "pass positive counts")
-    if shots < 0 or (batch_tokens is not None and batch_tokens < 16) or merge_chunk < 1:
-        raise UsageError("options", "--shots ≥ 0, --batch-tokens ≥ 16, --merge-chunk ≥ 1", "fix the values")
+    off_target = N if off_target is None else off_target
+    if shots < 0 or (batch_tokens is not None and batch_tokens < 16) or merge_chunk < 1 or off_target < 0:
+        raise UsageError("options", "--shots ≥ 0, --batch-tokens ≥ 16, --merge-chunk ≥ 1, --off-target ≥ 0",
+                         "fix the values")
     if "-" in pool and data == "-":
         raise UsageError("-", "stdin is named twice", "read the adapters or the examples from stdin, not both")
     if ray:
@@ -131,64 +149,61 @@ def score_cmd(
         check_address(ray)
     if workers is not None and workers < 1:
         raise UsageError("--workers", f"{workers} workers", "pass at least 1")
-    if plot and not plot.endswith(".png"):
-        raise UsageError("--plot", f"{plot!r} is not a .png file", "pass --plot scores.png")
+    _check_plot(plot)
     m = get(method)
     p = Params(lam=lam, density=density, trim_scope=trim_scope, rescale=rescale, seed=seed, gamma=gamma,
                epsilon=epsilon, inner=inner)
     check_options(m, p)
     torch_dtype = model_dtype(dtype)
-    from ..outputs import check_output, refuse_overwriting_inputs
+    from ..outputs import check_output, refuse_destroying_inputs
 
     check_output(output)
-    refuse_overwriting_inputs(output, [data, shots_from, *pool, *(partners_from or [])])
     if m.max_inputs is not None and m.max_inputs < M + 1:
         raise UsageError("--method", f"{m.name} merges at most {m.max_inputs} adapters, a trial merges {M + 1}",
                          "choose a method for many inputs (knots, ties, mean, ...)")
 
+    from .. import score_run as run
     from ..examples import add_contexts, check_examples
     from ..inputs import check_compatible, load_inputs
     from ..jsonl import read_jsonl
     from ..model import content_digest, fingerprint, load_model, load_tokenizer, resolve_base
-    from .. import score as sc
 
+    b = resolve_base(base, gguf_file)
+    inputs = [data, shots_from, *pool, *(partners_from or []), base_input(b)]
+    for o in (output, output + ".trials" if output and output != "-" else None):
+        refuse_destroying_inputs(o, inputs)
+    if plot:
+        refuse_destroying_inputs(plot, inputs, "--plot")
     src = "<stdin>" if data == "-" else data
     everything = check_examples(read_jsonl(data), src)
     examples = [e for e in everything if e.rec.get("split") != "train"]
     train_pool = [e for e in everything if e.rec.get("split") == "train"]
     if not examples:
         raise MergetoolError(src, "has no examples to score on (all are split=train)", "give held-out examples")
-    b = resolve_base(base, gguf_file)
+    demos = check_examples(read_jsonl(shots_from), shots_from) if shots_from else train_pool
     fp = fingerprint(b)
-    updates = sorted(load_inputs(list(pool), b, allow_pickle), key=lambda u: u.name)
-    extra = load_inputs(list(partners_from), b, allow_pickle) if partners_from else []
-    check_compatible(updates + extra, fp)
-    names = [u.name for u in updates]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup is not None:
-        raise MergetoolError(dup, "two adapters of the pool share this name", "rename one (metadata 'name')")
-    everyone = updates + sorted((u for u in extra if u.name not in set(names)), key=lambda u: u.name)
-    scored = list(range(len(updates)))
-    partner_pool = ([i for i, u in enumerate(everyone) if u.name in {x.name for x in extra}] if partners_from
-                    else None)
-    data_of = sc.match(everyone, examples, level)
-    groups = sc.plan(len(everyone), M, N, seed, independent or bool(partners_from),
-                     scored if partners_from else None, partner_pool)
-    key = _plan_key(everyone, examples, level, m, p, M, N, seed, independent, norm, shots, chat,
-                    f"{fp}:{content_digest(b)}", partner_pool)
-
-    out_path = Path(output) if output and output != "-" else None
-    state = _State(out_path, key, resume)
-    written = state.written
-    todo_groups = [g for g in range(len(groups)) if g not in state.groups]
-    need_explain = [a for a in scored if names[a] not in written and a not in state.explained]
-    if state.finished and all(names[a] in written for a in scored):  # resumed after its end: nothing to do
+    updates = load_inputs(list(pool), b, allow_pickle)
+    extra = load_inputs(list(partners_from), b, allow_pickle) if partners_from else None
+    check_compatible(updates + (extra or []), fp)
+    the_pool = run.compose(updates, extra, examples, level)
+    control = not no_control
+    groups = run.plan_groups(the_pool, M, N, seed, independent, control)
+    key = run.run_key(the_pool, examples, demos if shots else [], m, p, f"{fp}:{content_digest(b)}", level=level,
+                      M=M, N=N, seed=seed, independent=independent, control=control,
+                      off_target=off_target if control else 0, norm=norm, shots=shots, chat=chat, dtype=dtype,
+                      device=device)
+    progress = run.Progress(output, key, resume)
+    names = the_pool.names
+    if progress.finished and all(names[a] in progress.written for a in the_pool.scored):  # nothing to do
         log.info("%s holds the records of this run, finished: nothing to do", output)
-        _report([written[names[a]] for a in scored], N, level, quiet, plot)
+        _report([progress.written[names[a]] for a in the_pool.scored], seed, quiet, plot)
         return
-    log.info("%d adapters, %d trials each with %d partners: %d merges (%d done before)%s", len(updates), N, M,
-             len(groups), len(groups) - len(todo_groups),
-             "" if independent or partners_from else f", shared (independent: {len(updates) * N})")
+    shared = not (independent or partners_from)
+    log.info("%d adapters, %d trials each with %d partners: %d merges (%d done before)%s%s", len(updates), N, M,
+             len(groups), sum(1 for g in range(len(groups)) if g in progress.groups),
+             f", shared (independent: {len(updates) * N})" if shared else "",
+             "; the control evaluates each adapter's data under a merge without it per trial"
+             + ("" if shared else " (its partners merged alone)") if control else "")
 
     dev = pick_device(device)
     if ray:
@@ -198,215 +213,149 @@ def score_cmd(
     else:
         model, tok = load_model(b, dev, torch_dtype)
     if shots or chat:
-        pool_demo = check_examples(read_jsonl(shots_from), shots_from) if shots_from else train_pool
-        add_contexts(examples, pool_demo, shots, seed, tok, chat)
+        add_contexts(examples, demos, shots, seed, tok, chat)
     else:
         for e in examples:
             e.context = e.rec.get("prompt", "")
+    scoring = dict(norm=norm, batch_tokens=batch_tokens, merge_chunk=merge_chunk, level=level,
+                   off_target=off_target if control else 0, seed=seed)
     if ray:  # the same jobs, on the cluster's workers (each with the model resident)
         cluster = dist.connect(ray, workers, base, gguf_file, fp, device, dtype if dtype != "auto" else None)
-        spec = dist.examples_spec(examples, key, data_of=data_of, method=m.name, params=p, norm=norm,
-                                  batch_tokens=batch_tokens, merge_chunk=merge_chunk)
-        scorer = dist.RayScorer(cluster, spec, cluster.put_updates(everyone), merge_chunk, not unordered)
+        spec = dist.examples_spec(examples, key, data_of=the_pool.data_of, method=m.name, params=p, **scoring)
+        scorer = dist.RayScorer(cluster, spec, cluster.put_updates(the_pool.everyone), merge_chunk, not unordered)
     else:
-        scorer = sc.Scorer(model, tok, everyone, examples, data_of, m, p, dev, norm, batch_tokens, merge_chunk)
-    from ..streams import StdoutText
+        from ..score import Scorer
 
-    sink = state.open(StdoutText())
-    try:
-        if need_explain:
-            texts = [sc.training_text(everyone[a], examples, data_of[a], level, train_pool) for a in need_explain]
-            for a, rec in scorer.explain(need_explain, texts).items():
-                state.explained[a] = rec
-                state.log({"kind": "explain", "adapter": a, "fields": rec})
-        per: dict[int, list] = {a: [None] * N for a in scored}
-        watched: dict[int, list[float]] = {a: [] for a in scored}
-        for g, res in state.groups.items():
-            _collect(groups[g], res, per, watched)
-        records: list[dict] = []
-
-        def emit_ready():
-            for a in scored:
-                if names[a] in written or any(v is None for v in per[a]):
-                    continue
-                e = examples[data_of[a][0]]
-                rec = sc.record(names[a], e.task, level, e.id if level == "example" else None, per[a], M, m, p,
-                                seed, state.explained[a], watched[a] if partners_from else None)
-                rec["run"] = key  # the plan's key: --resume tells this run's records from another's
-                sink.write(json.dumps(rec) + "\n")
-                sink.flush()
-                written[names[a]] = rec
-
-        def done(g, res):
-            state.groups[g] = res
-            state.log({"kind": "group", "group": g, "results": {str(a): v for a, v in res.items()}})
-            _collect(groups[g], res, per, watched)
-            emit_ready()
-
-        emit_ready()
-        bar = progress_bar(len(todo_groups), quiet, "score", "merges")
-        try:
-            scorer.run_groups(groups, todo_groups, done, bar)
-        finally:
-            bar(None)
-        records = [written[n] for n in names if n in written]
-    finally:
-        state.close(sink)
-    state.finish()
-    _report(records, N, level, quiet, plot)
+        scorer = Scorer(model, tok, the_pool.everyone, examples, the_pool.data_of, m, p, dev, **scoring)
+    settings = run.Settings(level, M, N, m, p, seed, control)
+    records = run.run(scorer, the_pool, groups, examples, train_pool, settings, progress,
+                      lambda total: progress_bar(total, quiet, "score", "merges"))
+    _report(records, seed, quiet, plot)
 
 
-def _report(records: list[dict], N: int, level: str, quiet: bool, plot: str | None) -> None:
-    """The summary table on stderr, and the figure with --plot."""
-    _summary(records, N, level, quiet)
-    if plot:
+def _check_plot(plot: str | None) -> None:
+    from ..outputs import check_figure_output
+
+    if plot and not plot.endswith(".png"):
+        raise UsageError("--plot", f"{plot!r} is not a .png file", "pass --plot scores.png")
+    check_figure_output(plot)
+
+
+def _summary_only(path: str, pool, data, base, output, plot, seed: int, quiet: bool) -> None:
+    """--summary RECORDS: the summary of committed records, on stderr, in --plot, and as JSON on stdout or -o."""
+    if pool or data or base:
+        raise UsageError("--summary", "summarises records and runs nothing", "drop the adapters, --data and --base")
+    _check_plot(plot)
+    from ..jsonl import read_jsonl, record_line
+    from ..outputs import atomic_output, check_output, refuse_destroying_inputs
+
+    check_output(output)
+    refuse_destroying_inputs(output, [path])
+    records = read_jsonl(path)
+    for i, r in enumerate(records, 1):
+        if not isinstance(r.get("adapter"), str) or not isinstance(r.get("score"), (int, float)):
+            raise MergetoolError(f"{path}:{i}", "is not a score record (no 'adapter' and 'score')",
+                                 "pass the records score wrote")
+    summ = _report(records, seed, quiet, plot)
+    with atomic_output(output) as fh:
+        fh.write(record_line(_jsonable(summ), "the summary").encode("utf-8"))
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item"):  # numpy scalars
+        return x.item()
+    return x
+
+
+def _report(records: list[dict], seed: int, quiet: bool, plot: str | None) -> dict:
+    """The summary (``score_summary``) on stderr, and the figure with --plot; returns it."""
+    from ..score_summary import summarize
+
+    summ = summarize(records, seed) if records else {"n": 0}
+    if not quiet and records:
+        _print_summary(summ)
+    if plot and records:
         from ..plots import score_figure
 
-        score_figure(records, N, level, EXPLAIN, plot)
+        score_figure(records, summ, plot)
         log.info("wrote %s", plot)
+    return summ
 
 
-def _collect(group, res: dict[int, float], per: dict[int, list], watched: dict[int, list[float]]) -> None:
-    for a in group.counted:
-        per[a][group.trial] = res[a]
-    if group.watched:
-        watched[group.counted[0]].append(sum(res[w] for w in group.watched) / len(group.watched))
-
-
-def _plan_key(everyone, examples, level, m, p, M, N, seed, independent, norm, shots, chat, fp, partner_pool) -> str:
-    """What a run's results depend on (the adapters' contents and the base's weights included); --resume refuses
-    a file written by a run with another."""
-    from ..methods import effective_params
-
-    doc = {"adapters": [[u.name, u.meta, u.digest()] for u in everyone], "examples": [e.id for e in examples], "level": level,
-           "method": m.name, "params": effective_params(m, p), "M": M, "N": N, "seed": seed,
-           "independent": independent, "norm": norm, "shots": shots, "chat": chat, "base": fp,
-           "partners_from": partner_pool}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class _State:
-    """A run's progress beside its output: ``FILE.trials`` holds the plan's key, then one line per finished
-    merge group and per explained adapter, flushed as they finish; ``FILE`` holds the finished records, each
-    with the plan's key (``run``). --resume reads both, refuses another plan's files, drops a last line cut by
-    a crash, and finds a finished run (its records, no ``.trials`` file) with nothing left to do."""
-
-    def __init__(self, out: Path | None, key: str, resume: bool):
-        self.out, self.key = out, key
-        self.side = out.with_name(out.name + ".trials") if out else None
-        self.groups: dict[int, dict[int, float]] = {}
-        self.explained: dict[int, dict] = {}
-        self.written: dict[str, dict] = {}
-        self.finished = False
-        self.fh = None
-        if out is None:
-            return
-        if out.parent and not out.parent.exists():
-            raise MergetoolError(str(out), "its directory does not exist", "create it first")
-        if not resume:
-            return
-        from ..jsonl import resume_records
-
-        cuts = []
-        if self.side.exists():
-            lines, cut = resume_records(self.side, "score")
-            cuts.append(cut)
-            if not lines or lines[0].get("key") != key:
-                raise MergetoolError(str(self.side), "was written by a run with other adapters, data or options",
-                                     "resume with the same command, or start afresh without --resume")
-            for i, r in enumerate(lines[1:], 2):
-                try:
-                    if r["kind"] == "group":
-                        self.groups[int(r["group"])] = {int(a): float(v) for a, v in r["results"].items()}
-                    else:
-                        self.explained[int(r["adapter"])] = dict(r["fields"])
-                except (KeyError, TypeError, ValueError, AttributeError):
-                    raise MergetoolError(f"{self.side}:{i}", "is not a line score wrote", "start afresh without "
-                                         "--resume") from None
-        if out.exists():
-            recs, cut = resume_records(out, "score")
-            cuts.append(cut)
-            for i, r in enumerate(recs, 1):
-                if not isinstance(r.get("adapter"), str):
-                    raise MergetoolError(f"{out}:{i}", "is not a score record (no 'adapter')",
-                                         "resume into a file score wrote")
-                self.written[r["adapter"]] = r
-            if any(r.get("run") != key for r in self.written.values()):
-                raise MergetoolError(str(out), "holds records of a run with other adapters, data or options",
-                                     "resume with the same command, or start afresh without --resume")
-            # a finished run removes its .trials file: its records, all of this plan, are complete
-            self.finished = bool(self.written) and not self.side.exists()
-        for cut in cuts:  # accepted: lines cut by a crash are dropped (and redone)
-            cut()
-
-    def open(self, stdout):
-        if self.out is None:
-            return stdout
-        fresh = not self.side.exists() or not (self.groups or self.explained)
-        self.fh = open(self.side, "w" if fresh else "a")
-        if fresh:
-            self.log({"kind": "plan", "key": self.key})
-        return open(self.out, "a" if self.written else "w")
-
-    def log(self, obj: dict) -> None:
-        if self.fh is not None:
-            self.fh.write(json.dumps(obj) + "\n")
-            self.fh.flush()
-
-    def close(self, sink) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            sink.close()
-
-    def finish(self) -> None:
-        if self.side is not None and self.side.exists():
-            self.side.unlink()
-
-
-
-
-def _summary(records: list[dict], trials: int, level: str, quiet: bool) -> None:
-    """The histogram of S against the binomial null, and S's correlations with each explanatory field, binned."""
-    if quiet or not records:
-        return
+def _print_summary(s: dict) -> None:
+    """The tables on stderr: S, control and contribution; the histogram and the existence test (example level);
+    the Spearman table of S and of the contribution; the fields per bin of S."""
     from rich.console import Console
     from rich.table import Table
 
-    from ..stats import binned, binomial_fit, correlate
+    from ..stats import format_p
 
     con = Console(stderr=True)
-    scores = [r["score"] for r in records]
-    if level == "example":
-        fit = binomial_fit(scores, trials)
-        t = Table(title=f"S of {fit['n']} adapters against Binomial(N={trials}, p={fit['p']:.3f})")
+    level_pct = f"{round(100 * s['level_ci'])}%" if s.get("level_ci") else None
+    t = Table(title=f"S, control and contribution of {s['n']} adapters"
+              + (f" ({level_pct} intervals: adapters and the {s['merges']} merges resampled)" if level_pct else ""))
+    for c in ("", "mean", "interval", "adapters"):
+        t.add_column(c, justify="right" if c else "left")
+    for m, v in s["means"].items():
+        t.add_row(m, _fmt(v["mean"]), _interval(v["ci"]), str(v["n"]))
+    con.print(t)
+    N = s["trials"]
+    if s.get("binomial") and s["binomial"].get("n"):
+        fit = s["binomial"]
+        t = Table(title=f"S of {fit['n']} adapters against Binomial(N={N}, p={fit['p']:.3f})")
         t.add_column("S")
         t.add_column("adapters", justify="right")
         t.add_column("binomial", justify="right")
         for j, (o, e) in enumerate(zip(fit["observed"], fit["expected"])):
-            t.add_row(f"{j / trials:.2f}", str(o), f"{e:.1f}")
+            t.add_row(f"{j / N:.2f}", str(o), f"{e:.1f}")
         con.print(t)
-        test = (f"χ²={fit['chi2']:.2f}, dof={fit['dof']}, p={fit['p_value']:.3g}" if fit["chi2"] is not None
-                else "χ² test: too few bins")
         disp = f"{fit['dispersion']:.2f}" if fit["dispersion"] is not None else "n/a"
-        con.print(f"mean S {fit['mean']:.3f}; {test}; dispersion var(S)/binomial var = {disp}")
-    else:
-        con.print(f"mean S {sum(scores) / len(scores):.3f} over {len(scores)} adapters")
-    fields = [f for f in EXPLAIN if any(r.get(f) is not None for r in records)]
-    t = Table(title="Spearman correlation of S with each field")
-    for c in ("field", "rho", "p", "n"):
-        t.add_column(c, justify="right" if c != "field" else "left")
-    for f in fields:
-        c = correlate(scores, [r.get(f) for r in records])
-        t.add_row(f, _fmt(c["spearman"]), _fmt(c["spearman_p"]), str(c["n"]))
+        con.print(f"mean S {fit['mean']:.3f}; dispersion var(S)/binomial var = {disp}")
+    ex = s.get("existence")
+    if ex and ex.get("p") is not None:
+        how = (f"outcomes shuffled among the members of each of {ex['merges']} merges" if ex["within"] else
+               "outcomes shuffled across all merges (each merge holds one trial)")
+        con.print(f"do adapters differ beyond their merges? permutation test ({how}, B={ex['permutations']}): "
+                  f"p {_eq(format_p(ex['p'], ex['floor']))}")
+    elif not s.get("design"):
+        con.print("these records carry no merge ids (written before 2026-12): no test or interval that respects "
+                  "the plan")
+    t = Table(title="Spearman correlation with each field (p: permutation of the field; interval: adapters and "
+              "merges resampled)")
+    t.add_column("field")
+    measures = list(dict.fromkeys(r["measure"] for r in s["spearman"]))
+    for m in measures:
+        t.add_column(f"ρ({m}) [interval]", justify="right")
+        t.add_column("p", justify="right")
+    t.add_column("n", justify="right")
+    by = {(r["measure"], r["field"]): r for r in s["spearman"]}
+    for f in s["fields"]:
+        cells = []
+        for m in measures:
+            r = by[(m, f)]
+            cells += [f"{_fmt(r['rho'])} {_interval(r['ci'])}", format_p(r["p"], r["floor"])]
+        t.add_row(f, *cells, str(by[(measures[0], f)]["n"]) if measures else "")
     con.print(t)
-    rows = binned(records, "score", fields, trials)
     t = Table(title="mean ± standard error per bin of S")
     t.add_column("field")
-    for row in rows:
+    for row in s["bins"]:
         t.add_column(f"S {row['bin']} (n={row['n']})", justify="right")
-    for f in fields:
-        t.add_row(f, *[f"{_fmt(row[f + '_mean'])} ± {_fmt(row[f + '_se'])}" for row in rows])
+    for f in s["bin_fields"]:
+        t.add_row(f, *[f"{_fmt(row[f + '_mean'])} ± {_fmt(row[f + '_se'])}" for row in s["bins"]])
     con.print(t)
+
+
+def _eq(p: str) -> str:
+    """``= 0.083``, but ``≤ 0.0001`` as it stands."""
+    return p if p[:1] in "<≤" else f"= {p}"
+
+
+def _interval(ci) -> str:
+    return "–" if not ci else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
 
 def _fmt(x) -> str:

@@ -1,11 +1,14 @@
-"""diagnose as a library call: from updates (and a base model with data) to records of kind ``pair``,
-``adapter``, ``group``, ``stat``, ``model``, ``prediction`` and ``selection``.
+"""diagnose as a library call: ``measure`` goes from updates (and a base model with data) to records of kind
+``pair``, ``adapter``, ``group`` and ``merge``; ``analyze`` goes from such records (measured now, or read back
+from a file) and measured mergeability to records of kind ``stat``, ``model`` and ``prediction``; ``diagnose``
+does both, and task selection (``selection``).
 
 Which parts run depends on what is given: the weight-space metrics always; the representation metrics with
-a model and data (``Setup.model``); gradients with ``gradients``; what explains S with ``explain``; the
-statistics with scores or losses; the predictor with ``fit`` or ``predict``; task selection with
-``select``. Everything a record holds is computed over the adapters given, so HiddenSim and MDS (relative to
-their group) are those of that group.
+a model and data (``Setup.model``): the group of all the adapters, each merged group of the loss records and
+of the merges given (``Setup.merged``), and each merge's distortion; gradients with ``gradients``; what
+explains S with ``explain``; the statistics with scores or losses; the predictor with ``fit`` or ``predict``;
+task selection with ``select``. HiddenSim and MDS are relative to the adapters they are computed over: those
+of ``pair`` and ``adapter`` records to all the adapters given, a ``group`` record's to its members.
 """
 
 from __future__ import annotations
@@ -13,18 +16,19 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
 from ..errors import MergetoolError
 from ..updates import Update, adapter_stats
-from . import analysis, predict, representation as rep, weightspace as ws
+from . import analysis, forecast, predict, representation as rep, spectral, weightspace as ws
 
 log = logging.getLogger("mergetool")
 
-PAIR_METRICS = ("magnitude_change_ratio", "sign_change_ratio", "sign_change_ratio_strict", "conflict_magnitude_ratio",
-                "conflict_magnitude_ratio_strict", "cosine", "cosine_global", "l2_distance")
+CONFLICTS = ("magnitude_change_ratio", "sign_change_ratio", "sign_change_ratio_strict", "conflict_magnitude_ratio",
+             "conflict_magnitude_ratio_strict", "cosine", "cosine_global", "l2_distance")
+PAIR_METRICS = CONFLICTS + spectral.NAMES
 HIDDEN_PAIR = ("hidden_distance", "hidden_distance2", "hidden_sim")
 GRAD_PAIR = ("grad_l2", "grad_cosine", "grad_dot")
 EXPLAIN = ("gap", "rank", "p_correct", "p_max", "delta_trained", "perplexity", "length", "base_accuracy", "finetuned")
@@ -33,7 +37,8 @@ EXPLAIN = ("gap", "rank", "p_correct", "p_max", "delta_trained", "perplexity", "
 @dataclass
 class Setup:
     """What diagnose may use beyond the updates: a model with data (representations, gradients, what explains
-    S), and the options of each part."""
+    S), and the options of each part. ``merged``: merges of some of the updates, in chunks (each chunk is loaded,
+    measured and dropped before the next, so many merges fit in memory a chunk at a time)."""
 
     model: object = None
     tok: object = None
@@ -47,9 +52,81 @@ class Setup:
     gradients: bool = False
     grad_samples: int = 10
     explain: bool = False
-    merged: Update | None = None
+    merged: Iterable[list[Update]] = ()
     budget: float | None = None
+    resamples: int = 1000
+    permutations: int = 999
     device: torch.device = torch.device("cpu")
+
+
+@dataclass
+class Records:
+    """The measured records of one diagnosis: what ``analyze`` reads."""
+
+    pairs: list[dict] = field(default_factory=list)
+    adapters: list[dict] = field(default_factory=list)
+    groups: list[dict] = field(default_factory=list)
+    merges: list[dict] = field(default_factory=list)
+
+    def all(self) -> list[dict]:
+        return self.pairs + self.adapters + self.groups + self.merges
+
+
+def load_model_data(s: Setup, base, data: str, chat: bool, dtype) -> None:
+    """Fill ``s`` with the base model and the examples of DATA: the held-out ones (hidden states, gradients,
+    what explains S) and the split=train ones (training texts), each with its context (the prompt, or the chat
+    template around it)."""
+    from ..examples import add_contexts, check_examples
+    from ..jsonl import read_jsonl
+    from ..model import load_model
+
+    exs = check_examples(read_jsonl(data), "<stdin>" if data == "-" else data)
+    s.examples = [e for e in exs if e.rec.get("split") != "train"]
+    s.train_pool = [e for e in exs if e.rec.get("split") == "train"]
+    if not s.examples:
+        raise MergetoolError(data, "has no held-out examples (all are split=train)", "give held-out examples")
+    s.model, s.tok = load_model(base, s.device, dtype)
+    if chat:
+        add_contexts(s.examples, s.train_pool, 0, s.seed, s.tok, chat)
+    else:
+        for e in s.examples:
+            e.context = e.rec.get("prompt", "")
+
+
+MERGED_BYTES = 1 << 30  # bytes of merged files loaded at once
+
+
+def merged_files(paths: list[str]) -> list[str]:
+    """The files (or PEFT directories, or ``-``) of ``--merged``: a pool stands for its members."""
+    from ..inputs import is_pool, pool_members
+
+    return [m for p in paths for m in (pool_members(p) if p != "-" and is_pool(p) else [p])]
+
+
+def merged_chunks(files: list[str], base=None, fingerprint: str | None = None, allow_pickle: bool = False,
+                  budget: int = MERGED_BYTES) -> Iterator[list[Update]]:
+    """The merges in ``files`` (``merged_files``), loaded a chunk at a time: files are taken in order until
+    they pass ``budget`` bytes, so hundreds of dense merges are measured without holding them all. Each chunk is
+    checked against the base's fingerprint."""
+    import os
+
+    from ..inputs import check_compatible, load_inputs
+
+    def load(chunk):
+        got = load_inputs(chunk, base, allow_pickle)
+        check_compatible(got, fingerprint)
+        return got
+
+    chunk, size = [], 0
+    for f in files:
+        n = os.path.getsize(f) if f != "-" and os.path.isfile(f) else budget
+        if chunk and size + n > budget:
+            yield load(chunk)
+            chunk, size = [], 0
+        chunk.append(f)
+        size += n
+    if chunk:
+        yield load(chunk)
 
 
 def _f(x) -> float | None:
@@ -64,13 +141,32 @@ def task_of(u: Update) -> str:
 def diagnose(updates: list[Update], s: Setup, candidates: Sequence[Update] = (), scores: dict | None = None,
              losses: list[dict] | None = None, fit: dict | None = None, model: predict.Model | None = None,
              select: int | None = None, progress=None) -> list[dict]:
-    """Every record diagnose writes (see the module docstring). ``fit``: {"target": "score" (S per adapter) or
-    "pair" (a merged pair's normalized accuracy 1 + L/100), "method": ..., "features": [...] or None, "lam": ...}."""
+    """Every record diagnose writes (see the module docstring): ``measure``, then ``analyze``, then ``select``."""
     names = [u.name for u in updates]
-    n = len(updates)
     analysis.check_joins(scores, losses, names, names + [c.name for c in candidates if c.name not in set(names)],
                          s.model is not None)
+    rec, geo, everyone = measure(updates, s, candidates, losses, progress)
+    out = rec.all() + analyze(rec, scores, losses, fit, model, seed=s.seed, resamples=s.resamples,
+                              permutations=s.permutations)
+    if select is not None:
+        if geo is None:
+            raise MergetoolError("--select", "needs hidden states", "pass --base and --data")
+        n = len(updates)
+        res = rep.select(geo, list(range(n)), list(range(n, len(everyone))), [task_of(u) for u in everyone],
+                         select, [u.name for u in everyone])
+        out.append({"kind": "selection", **res})
+    return out
+
+
+def measure(updates: list[Update], s: Setup, candidates: Sequence[Update] = (), losses: list[dict] | None = None,
+            progress=None) -> tuple[Records, rep.Geometry | None, list[Update]]:
+    """The metric records of ``updates``: every pair (weight space; with a model, hidden states and gradients),
+    every adapter, and with a model the groups and merges (see the module docstring). Also the hidden-state
+    geometry (None without a model) and the updates it covers (the candidates after the updates)."""
+    names = [u.name for u in updates]
+    n = len(updates)
     wsm = ws.pair_metrics(updates, s.device)
+    wsm.update(spectral.pair_spectra(updates, wsm, s.device))
     adapters = [{"kind": "adapter", "adapter": u.name, "task": task_of(u), **adapter_stats(u)} for u in updates]
     pairs = [{"kind": "pair", "a": names[i], "b": names[j], **{m: _f(wsm[m][i, j]) for m in PAIR_METRICS}}
              for i in range(n) for j in range(i + 1, n)]
@@ -78,70 +174,50 @@ def diagnose(updates: list[Update], s: Setup, candidates: Sequence[Update] = (),
         for m in ("cosine", "sign_change_ratio", "magnitude_change_ratio", "conflict_magnitude_ratio"):
             vals = [float(wsm[m][i, j]) for j in range(n) if j != i and not math.isnan(float(wsm[m][i, j]))]
             a[f"mean_{m}"] = sum(vals) / len(vals) if vals else None
-    groups: list[dict] = []
+    rec = Records(pairs, adapters)
     geo, everyone = None, list(updates) + [c for c in candidates if c.name not in set(names)]
     if s.model is not None:
-        geo, group = _representations(everyone, n, s, adapters, pairs, progress)
-        groups.append(group)
+        geo = _representations(everyone, n, s, rec, losses, progress)
         if s.gradients:
             _gradients(updates, s, pairs)
         if s.explain:
             _explain(updates, s, adapters)
-    out = pairs + adapters + groups
+    return rec, geo, everyone
+
+
+def analyze(rec: Records, scores: dict | None = None, losses: list[dict] | None = None, fit: dict | None = None,
+            model: predict.Model | None = None, seed: int = 0, resamples: int = 1000,
+            permutations: int = 999) -> list[dict]:
+    """The statistics, the fitted predictor and the predictions over measured records (``measure``'s, or read
+    back by ``records.read_records``)."""
+    out: list[dict] = []
     if scores is not None:
-        metrics = [m for m in _numeric(adapters) if m not in ("score",)]
-        out += analysis.score_stats(adapters, scores, metrics)
+        metrics = [m for m in analysis.numeric_fields(rec.adapters) if m not in ("score",)]
+        out += analysis.score_stats(rec.adapters, scores, metrics)
     if losses is not None:
-        out += analysis.loss_table(losses) + analysis.anovas(losses)
-        bypair = {tuple(sorted((p["a"], p["b"]))): p for p in pairs}
-        out += analysis.pair_stats(losses, bypair, [m for m in PAIR_METRICS + HIDDEN_PAIR + GRAD_PAIR
-                                                    if any(p.get(m) is not None for p in pairs)])
-        if geo is not None:
-            out += analysis.mds_stats(losses, _group_mds(geo, losses, everyone))
+        out += analysis.loss_table(losses) + analysis.anovas(losses, seed, permutations)
+        bypair = {tuple(sorted((p["a"], p["b"]))): p for p in rec.pairs}
+        out += analysis.pair_stats(losses, bypair, pair_features(rec.pairs))
+        out += analysis.mds_stats(losses, rec.groups)
+        if rec.merges:
+            out += analysis.theorem_stats(losses, rec.merges, rec.groups, rec.pairs, pair_features(rec.pairs),
+                                          PAIR_METRICS, seed, resamples)
     if fit is not None:
-        out += _fit(fit, adapters, pairs, scores, losses)
+        out += forecast.fit_with_baselines(fit, rec, scores, losses)
     if model is not None:
-        out += _predictions(model, adapters, pairs, names)
-    if select is not None:
-        if geo is None:
-            raise MergetoolError("--select", "needs hidden states", "pass --base and --data")
-        res = rep.select(geo, list(range(n)), list(range(n, len(everyone))), [task_of(u) for u in everyone],
-                         select, [u.name for u in everyone])
-        out.append({"kind": "selection", **res})
+        out += forecast.predictions(model, rec)
     return out
 
 
-def _predictions(model: predict.Model, adapters: list[dict], pairs: list[dict], names: list[str]) -> list[dict]:
-    """The fitted model on new records: S per adapter, or a pair's normalized accuracy per pair; and, for a pair
-    model on three or more adapters, the group of all of them, forecast from its pairs (the mean, and the worst
-    pair, which the collapse paper finds drives a group's collapse). Records that lack a feature the model needs
-    get ``null`` and a note; when none has them all, the run stops and says which are missing."""
-    rows = adapters if model.target == "score" else pairs  # S per adapter, or a pair's normalized accuracy
-    if not rows:
-        raise MergetoolError("--predict", f"a model of {model.target} needs "
-                             f"{'adapters' if model.target == 'score' else 'two adapters or more'}", "pass more adapters")
-    got = model.predict(rows)
-    if all(v is None for v in got):
-        missing = sorted({f for f in model.features for r in rows if r.get(f) is None})
-        raise MergetoolError("--predict", "no record has every feature the model needs "
-                             f"(missing: {', '.join(missing)})", "compute them as when fitting (--base and --data for the hidden states, --gradients)")
-    if any(v is None for v in got):
-        log.warning("diagnose: %d of %d records lack a feature of the model: their predictions are null",
-                    sum(v is None for v in got), len(got))
-    out = []
-    for r, v in zip(rows, got):
-        key = {"adapter": r["adapter"]} if "adapter" in r else {"a": r["a"], "b": r["b"]}
-        out.append({"kind": "prediction", **key, "target": model.target, "predicted": v})
-    if model.target != "score" and len(names) >= 3 and all(v is not None for v in got):
-        worst = min(range(len(rows)), key=lambda i: got[i])
-        out.append({"kind": "prediction", "group": ",".join(sorted(names)), "target": model.target,
-                    "predicted": sum(got) / len(got), "from": "mean of its pairs",
-                    "worst_pair": {"a": rows[worst]["a"], "b": rows[worst]["b"], "predicted": got[worst]}})
-    return out
+def pair_features(pairs: list[dict]) -> list[str]:
+    """The pair metrics present in some pair record, in their order."""
+    return [m for m in PAIR_METRICS + HIDDEN_PAIR + GRAD_PAIR if any(p.get(m) is not None for p in pairs)]
 
 
-def _representations(everyone, n, s: Setup, adapters, pairs, progress):
-    """Hidden states of every adapter (and candidate, and --merged) on k examples of each task, batched."""
+def _representations(everyone: list[Update], n: int, s: Setup, rec: Records, losses, progress) -> rep.Geometry:
+    """Hidden states of every adapter and candidate on k examples of each task, batched; the pair and adapter
+    fields they give, the group of all the adapters, each merged group (of the loss records and of the merges)
+    and each merge's distortion, a chunk of merges at a time."""
     from ..adapters import RowAdapters
     from ..scoring import final_hidden
 
@@ -157,41 +233,63 @@ def _representations(everyone, n, s: Setup, adapters, pairs, progress):
         order += idx
     seqs = [s.tok(s.examples[i].context or s.examples[i].rec.get("prompt") or s.examples[i].rec.get("text", ""),
                   add_special_tokens=False).input_ids for i in order]
-    models = list(everyone) + ([s.merged] if s.merged is not None else [])
-    with RowAdapters(s.model, models) as ad:
-        states = final_hidden(s.model, seqs, [(i, range(len(seqs))) for i in range(len(models))], ad,
-                              s.batch_tokens, progress)
+    with RowAdapters(s.model, everyone) as ad:
+        states = final_hidden(s.model, seqs, [(i, range(len(seqs))) for i in range(len(everyone))], ad,
+                              s.batch_tokens)
+    if progress:
+        progress(len(everyone))
     H = torch.stack([rep.pooled(st, s.pool) for st in states])  # [models, X, d]
-    geo = rep.Geometry(H[:len(everyone)], at)
-    names = [u.name for u in everyone[:n]]
+    geo = rep.Geometry(H, at)
+    names = [u.name for u in everyone]
     dist, d2 = geo.distances(range(n), tasks[:n])
     sim, degenerate = rep.hidden_sim(dist)
     m = rep.mds(sim)
-    t1 = rep.theorem1(d2, H.shape[-1], names)
+    t1 = rep.theorem1(d2, H.shape[-1], names[:n])
     k = 0
     for i in range(n):
-        adapters[i]["mds"] = m[i]
-        adapters[i]["mean_hidden_sim"] = (float(sim[i].sum()) - 1) / max(n - 1, 1)
-        adapters[i]["jung_weight"] = t1["jung_weights"][names[i]]
+        rec.adapters[i]["mds"] = m[i]
+        rec.adapters[i]["mean_hidden_sim"] = (float(sim[i].sum()) - 1) / max(n - 1, 1)
+        rec.adapters[i]["jung_weight"] = t1["jung_weights"][names[i]]
         for j in range(i + 1, n):
-            pairs[k].update(hidden_distance=float(dist[i, j]), hidden_distance2=float(d2[i, j]),
-                            hidden_sim=float(sim[i, j]))
+            rec.pairs[k].update(hidden_distance=float(dist[i, j]), hidden_distance2=float(d2[i, j]),
+                                hidden_sim=float(sim[i, j]))
             k += 1
-    group = {"kind": "group", "adapters": names, "tasks": sorted(set(tasks[:n])), "k": s.k, "pool": s.pool,
-             "n_inputs": sum(len(blocks[t]) for t in set(tasks[:n])), "degenerate": degenerate, **t1}
-    if s.merged is not None:
-        x = [i for t in set(tasks[:n]) for i in at[t]]
-        delta = rep.distortion(H[-1][x], H[:n][:, x])
-        for i in range(n):
-            adapters[i]["distortion"] = delta[i]
-        worst = max(range(n), key=delta.__getitem__)
-        group.update(merged=s.merged.name, distortion_max=delta[worst], distortion_argmax=names[worst],
-                     distortion_excess=delta[worst] - t1["meb_radius2"])
+    index = {x: i for i, x in enumerate(names)}
+    groups: dict[frozenset, dict] = {}
+
+    def group(members: list[int], name: str | None) -> dict:
+        key = frozenset(members)
+        if key not in groups:
+            groups[key] = rep.group_record(geo, members, names, tasks, name or ",".join(sorted(names[i] for i in members)))
+            groups[key].update(k=s.k, pool=s.pool)
+        return groups[key]
+
+    everybody = group(list(range(n)), None)
     if s.budget is not None:
-        group.update(rep.verdict(s.budget, t1))
-        if s.merged is not None:
-            group["met"] = group["distortion_max"] <= s.budget
-    return geo, group
+        everybody.update(rep.verdict(s.budget, everybody))
+    for r in losses or []:
+        if all(a in index for a in r["adapters"]) and len(set(r["adapters"])) >= 2:
+            group([index[a] for a in r["adapters"]], r["group"])
+    for chunk in s.merged:
+        owners = []
+        for u in chunk:
+            parents = u.meta.get("parents") or names[:n]
+            unknown = [p for p in parents if p not in index]
+            if unknown:
+                raise MergetoolError(u.name, f"was merged from {', '.join(unknown)}, not among the adapters diagnosed",
+                                     "diagnose the adapters it was merged from (or pass --candidates)")
+            owners.append([index[p] for p in dict.fromkeys(parents)])
+        jobs = [(j, [x for t in dict.fromkeys(tasks[i] for i in members) for x in at[t]]) for j, members in enumerate(owners)]
+        with RowAdapters(s.model, chunk) as ad:
+            got = final_hidden(s.model, seqs, jobs, ad, s.batch_tokens)
+        for u, members, (_, rows), st in zip(chunk, owners, jobs, got):
+            g = group(members, None)
+            delta = rep.distortion(rep.pooled(st, s.pool), H[members][:, rows])
+            rec.merges.append(rep.merge_record(u, g, dict(zip((names[i] for i in members), delta)), s.budget))
+        if progress:
+            progress(len(chunk))
+    rec.groups.extend(groups.values())
+    return geo
 
 
 def _gradients(updates, s: Setup, pairs):
@@ -225,56 +323,3 @@ def _explain(updates, s: Setup, adapters):
     got = sc.explain(list(range(len(updates))), texts)
     for i, a in enumerate(adapters):
         a.update({k: got[i].get(k) for k in EXPLAIN})
-
-
-def _group_mds(geo, losses, everyone) -> dict[str, dict[str, float | None]]:
-    """MDS of each member of each merged group (of three or more) whose members were all diagnosed."""
-    index = {u.name: i for i, u in enumerate(everyone)}
-    out = {}
-    for r in losses:
-        g = r["group"]
-        if g in out or len(r["adapters"]) < 3 or not all(a in index for a in r["adapters"]):
-            continue
-        members = [index[a] for a in r["adapters"]]
-        d, _ = geo.distances(members, [task_of(everyone[i]) for i in members])
-        out[g] = dict(zip(r["adapters"], rep.mds(rep.hidden_sim(d)[0])))
-    return out
-
-
-def _numeric(rows: list[dict]) -> list[str]:
-    keys = dict.fromkeys(k for r in rows for k, v in r.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool))
-    return [k for k in keys if any(r.get(k) is not None for r in rows)]
-
-
-def _fit(spec: dict, adapters, pairs, scores, losses) -> list[dict]:
-    """Fit the predictor of S (per adapter, joined with --scores) or of a pair's merge (1 + pair loss / 100, per
-    --losses and one method), evaluated leave-one-task-out, then on every row."""
-    if spec["target"] == "score":
-        if scores is None:
-            raise MergetoolError("--fit", "predicting S needs --scores", "pass score records")
-        rows = [{**a, "score": scores[a["adapter"]]["score"], "tasks": [a["task"]]} for a in adapters
-                if a["adapter"] in scores]
-        target = "score"
-    else:
-        if losses is None:
-            raise MergetoolError("--fit", "predicting a merge's loss needs --losses", "pass merging-loss records")
-        method = spec.get("method")
-        bypair: dict[tuple, list[float]] = {}
-        for r in losses:
-            if len(r["adapters"]) == 2 and r["loss"] is not None and (method is None or r["method"] == method):
-                bypair.setdefault(tuple(sorted(r["adapters"])), []).append(r["loss"])
-        task = {a["adapter"]: a["task"] for a in adapters}
-        rows = [{**p, "normalized_accuracy": 1 + sum(bypair[k]) / len(bypair[k]) / 100, "tasks": [task[p["a"]], task[p["b"]]]}
-                for p in pairs for k in [tuple(sorted((p["a"], p["b"])))] if k in bypair]
-        target = "normalized_accuracy"
-    feats = spec.get("features") or [f for f in _numeric(rows) if f not in (target, "score", "jung_weight")
-                                     and all(isinstance(r.get(f), (int, float)) for r in rows)]
-    if not feats:
-        raise MergetoolError("--fit", "no feature is present in every record", "compute more metrics (--base, --data)")
-    m = predict.fit(rows, feats, target, spec.get("lam", 1.0), spec.get("seed", 0))
-    try:
-        m.validation = predict.leave_one_task_out(rows, feats, target, "tasks", spec.get("lam", 1.0), spec.get("seed", 0))
-    except MergetoolError as e:
-        m.validation = {"skipped": e.line()}
-    return [m.to_json()]

@@ -100,25 +100,34 @@ def mds(sim: torch.Tensor) -> list[float | None]:
     return out
 
 
-def meb(d2: torch.Tensor, iters: int = 20000, tol: float = 1e-12) -> tuple[float, list[float]]:
+def meb(d2: torch.Tensor, iters: int = 100000, tol: float = 1e-13) -> tuple[float, list[float]]:
     """r² = max_{α ∈ simplex} ½ αᵀ D₂ α and its α* (the smallest enclosing ball of the hidden maps): a concave
-    maximisation (D₂ is a Euclidean distance matrix), solved by Frank-Wolfe with exact line search."""
-    D = d2.double()
+    maximisation (D₂ is a Euclidean distance matrix), solved by pairwise Frank-Wolfe (mass moves from the
+    active vertex of the smallest gradient to the vertex of the largest) with exact line search, which converges
+    linearly on the simplex; it stops when the two gradients agree to ``tol`` (the KKT conditions)."""
+    import numpy as np
+
+    D = d2.double().cpu().numpy()
     n = D.shape[0]
     if n == 1:
         return 0.0, [1.0]
-    a = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    a = np.full(n, 1.0 / n)
+    g = D @ a  # gradient of ½ αᵀDα
     for _ in range(iters):
-        g = D @ a  # gradient of ½ αᵀDα
         j = int(g.argmax())
-        d = -a.clone()
-        d[j] += 1.0
-        gap = float(g @ d)
-        if gap <= tol * max(float(a @ g), 1e-300):
+        active = np.flatnonzero(a > 0)
+        i = int(active[g[active].argmin()])
+        gap = g[j] - g[i]
+        if i == j or gap <= tol * max(float(a @ g), 1e-300):
             break
-        curv = float(d @ D @ d)
-        step = 1.0 if curv >= 0 else min(1.0, gap / -curv)
-        a = a + step * d
+        curv = D[j, j] + D[i, i] - 2 * D[i, j]  # dᵀDd for d = e_j − e_i (≤ 0: the objective is concave there)
+        step = a[i] if curv >= 0 else min(a[i], gap / -curv)
+        a[j] += step
+        a[i] -= step
+        if a[i] <= 1e-18:
+            a[i] = 0.0
+        g += step * (D[:, j] - D[:, i])
+    a = a / a.sum()
     return 0.5 * float(a @ D @ a), a.tolist()
 
 
@@ -135,6 +144,42 @@ def theorem1(d2: torch.Tensor, hidden_dim: int, names: Sequence[str]) -> dict:
             "lower_bound": delta2 / 4, "upper_bound_paper": hidden_dim / (2 * (hidden_dim + 1)) * delta2,
             "upper_bound_jung": (n - 1) / (2 * n) * delta2, "meb_radius2": r2,
             "jung_weights": dict(zip(names, alpha))}
+
+
+def group_record(geo: Geometry, members: Sequence[int], names: Sequence[str], tasks: Sequence[str], name: str) -> dict:
+    """A ``group`` record: the members' MDS within the group, and Theorem 1's quantities, over the validation
+    inputs of the group's own tasks."""
+    ts = [tasks[i] for i in members]
+    dist, d2 = geo.distances(members, ts)
+    sim, degenerate = hidden_sim(dist)
+    who = [names[i] for i in members]
+    return {"kind": "group", "group": name, "adapters": who, "tasks": sorted(set(ts)),
+            "n_inputs": sum(len(geo.blocks[t]) for t in set(ts)), "degenerate": degenerate,
+            "mds": dict(zip(who, mds(sim))), **theorem1(d2, geo.d, who)}
+
+
+BOUNDS = ("lower_bound", "meb_radius2", "upper_bound_jung", "upper_bound_paper")
+
+
+def merge_record(merged, group: dict, delta: dict[str, float], budget: float | None = None) -> dict:
+    """A ``merge`` record: the measured distortion δ_i of each member under one merge, δ_max, and whether each
+    bound of Theorem 1 holds for it: the lower bounds Δ²/4 and r² (δ_max ≥ them for every merge: a failure
+    would be an error of measurement) and the upper bounds of Jung and of the paper (δ_max ≤ them: what the
+    best convex merge achieves under linearity; an actual merge may or may not). ``holds`` compares with a
+    relative tolerance of 1e-9 of Δ²."""
+    worst = max(delta, key=delta.__getitem__)
+    dmax = delta[worst]
+    tol = 1e-9 * max(group["diameter2"], 1e-300)
+    out = {"kind": "merge", "merged": merged.name, "method": merged.meta.get("method"), "group": group["group"],
+           "adapters": group["adapters"], "tasks": group["tasks"], "n_inputs": group["n_inputs"], "distortion": delta,
+           "distortion_max": dmax, "distortion_argmax": worst, "distortion_excess": dmax - group["meb_radius2"],
+           **{k: group[k] for k in ("diameter2",) + BOUNDS},
+           "holds": {"lower_bound": dmax >= group["lower_bound"] - tol, "meb_radius2": dmax >= group["meb_radius2"] - tol,
+                     "upper_bound_jung": dmax <= group["upper_bound_jung"] + tol,
+                     "upper_bound_paper": dmax <= group["upper_bound_paper"] + tol}}
+    if budget is not None:
+        out.update(budget=budget, met=dmax <= budget)
+    return out
 
 
 def distortion(Hm: torch.Tensor, H: torch.Tensor) -> list[float]:

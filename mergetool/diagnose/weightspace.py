@@ -66,7 +66,8 @@ def _factor_dots(parts: list, dev) -> torch.Tensor | None:
 
 def pair_metrics(updates: list[Update], device: torch.device | str = "cpu", budget: int = BUDGET) -> dict:
     """Every pair's conflict metrics, and each update's L1/L2 norms: a dict of [n, n] (or [n]) fp64 tensors
-    (see the module docstring for the formulas)."""
+    (see the module docstring for the formulas); also the inner products ``dots`` [n, n], and per module
+    (``modules``, in order) its own ``module_dots`` [n, n], which ``spectral`` reuses."""
     dev = torch.device(device)
     n = len(updates)
     f64 = dict(dtype=torch.float64, device=dev)
@@ -75,6 +76,7 @@ def pair_metrics(updates: list[Update], device: torch.device | str = "cpu", budg
     cos_sum, cos_n = torch.zeros((n, n), **f64), torch.zeros((n, n), **f64)
     entries = 0
     modules = list(dict.fromkeys(k for u in updates for k in u.modules))
+    module_dots = []
     for mod in modules:
         parts = [u.modules.get(mod) for u in updates]
         shape = next(p.shape for p in parts if p is not None)
@@ -107,8 +109,10 @@ def pair_metrics(updates: list[Update], device: torch.device | str = "cpu", budg
             for c in range(0, m, L1_COLUMNS):  # short fp32 sums, accumulated in fp64: exact to ~1e-8
                 l1diff += torch.cdist(X[:, c:c + L1_COLUMNS], X[:, c:c + L1_COLUMNS], p=1).double()
             if block_dots is not None:
-                block_dots += (X @ X.T).double()
+                Xd = X.double()  # fp64: the Gram feeds the pair spectra, whose small singular value is a difference
+                block_dots += Xd @ Xd.T
         md = mod_dots if mod_dots is not None else block_dots
+        module_dots.append(md)
         dots += md
         norms = md.diagonal().clamp_min(0).sqrt()
         ok = (norms[:, None] > 0) & (norms[None, :] > 0)
@@ -128,7 +132,7 @@ def pair_metrics(updates: list[Update], device: torch.device | str = "cpu", budg
         "cosine_global": torch.where((l2[:, None] > 0) & (l2[None, :] > 0),
                                      dots / (l2[:, None] * l2[None, :]).clamp_min(1e-300), nan),
         "l2_distance": (l2sq[:, None] + l2sq[None, :] - 2 * dots).clamp_min(0).sqrt(),
-        "l1": l1, "l2": l2, "entries": entries,
+        "l1": l1, "l2": l2, "entries": entries, "dots": dots, "modules": modules, "module_dots": module_dots,
     }
     eye = torch.eye(n, dtype=torch.bool, device=dev)
     for k in ("magnitude_change_ratio", "sign_change_ratio", "sign_change_ratio_strict", "conflict_magnitude_ratio",
