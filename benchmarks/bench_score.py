@@ -153,6 +153,7 @@ def control(model, tok, pool, exs, P, M, N, method, p, dev, args) -> dict:
     """The score's work (explain, then the shared trials) without the control and with it, alternated
     --repeat times on the same resident model; the S of both must agree."""
     runs = {"without": [], "with": []}
+    cpu = {"without": [], "with": []}  # the process's CPU seconds (all threads): less swayed by other jobs
     parts = {"without": [], "with": []}
     scores = {}
     for _ in range(args.repeat):
@@ -164,7 +165,7 @@ def control(model, tok, pool, exs, P, M, N, method, p, dev, args) -> dict:
                             off_target=args.off_target if on else 0)
             per = {}
             sync(dev)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             explained = scorer.explain(list(range(P)), [None] * P)
             t_explain = time.perf_counter() - t
             scorer.run_groups(groups, list(range(len(groups))),
@@ -172,6 +173,7 @@ def control(model, tok, pool, exs, P, M, N, method, p, dev, args) -> dict:
             sync(dev)
             total = time.perf_counter() - t
             runs[kind].append(total)
+            cpu[kind].append(time.process_time() - c)
             parts[kind].append({"explain_s": t_explain, "merge_s": scorer.seconds["merge"],
                                 "evaluate_s": scorer.seconds["evaluate"]})
             scores[kind] = {a: sum(v for (b, _), v in per.items() if b == a) / N for a in range(P)}
@@ -179,15 +181,17 @@ def control(model, tok, pool, exs, P, M, N, method, p, dev, args) -> dict:
                 ot = [e["off_target"] for e in explained.values() if e["off_target"] is not None]
                 print(f"  off_target measured on {explained[0]['off_target_n']} questions each; mean "
                       f"{sum(ot) / max(1, len(ot)):.3f}", flush=True)
-            print(f"  {kind} the control: {total:.1f} s (explain {t_explain:.1f} s, merges "
-                  f"{scorer.seconds['merge']:.1f} s, evaluations {scorer.seconds['evaluate']:.1f} s)", flush=True)
+            print(f"  {kind} the control: {total:.1f} s, {cpu[kind][-1]:.0f} CPU s (explain {t_explain:.1f} s, "
+                  f"merges {scorer.seconds['merge']:.1f} s, evaluations {scorer.seconds['evaluate']:.1f} s)",
+                  flush=True)
     same = scores["without"] == scores["with"]
     best = {k: min(v) for k, v in runs.items()}
     ratio = best["with"] / best["without"]
+    cpu_ratio = min(cpu["with"]) / min(cpu["without"])
     print(f"control: {best['with']:.1f} s with it vs {best['without']:.1f} s without = {ratio:.2f}x (fastest of "
-          f"{args.repeat}); the same S: {same}", flush=True)
-    return {"control": {"off_target": args.off_target, "repeat": args.repeat, "runs_s": runs, "parts": parts,
-                        "ratio": ratio, "same_S": same}}
+          f"{args.repeat}; CPU time {cpu_ratio:.2f}x); the same S: {same}", flush=True)
+    return {"control": {"off_target": args.off_target, "repeat": args.repeat, "runs_s": runs, "cpu_s": cpu,
+                        "parts": parts, "ratio": ratio, "cpu_ratio": cpu_ratio, "same_S": same}}
 
 
 def paper_run(args, dev, tok_dir: Path) -> None:

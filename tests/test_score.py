@@ -222,6 +222,21 @@ def test_independent_control_merges_the_partners_alone_by_hand(tiny_lm, tmp_path
         assert got[names[a]]["control_merges"][g.trial] == gi
 
 
+def test_no_control_gives_the_same_scores(tiny_lm, tmp_path):
+    """The control adds fields, not changes: --no-control gives the same per-trial values from the same merges
+    (the paper's S alone, at half the evaluations), with the control's fields null."""
+    data, pool, rows = make_pool(tmp_path, 10)
+    args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "3", "-N", "3", "--seed", "2", str(pool)]
+    with_it = records(run_cli(*args, check=True).stdout.decode())
+    without = records(run_cli(*args, "--no-control", check=True).stdout.decode())
+    for a, rec in without.items():
+        for k in ("score", "per_trial", "trial_merges", "finetuned", "gap", "norm_f"):
+            assert rec[k] == with_it[a][k], k
+        assert rec["control"] is rec["contribution"] is rec["off_target"] is None
+        assert rec["control_trials"] == rec["off_target_n"] == 0 and rec["run"] != with_it[a]["run"]
+        assert with_it[a]["control_trials"] == 3
+
+
 def test_resume_after_kill_gives_the_uninterrupted_records(tiny_lm, tmp_path):
     data, pool, rows = make_pool(tmp_path, 40)
     args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "3", "-N", "4", "--merge-chunk", "1",
