@@ -19,8 +19,8 @@ The other tasks are built from installed packages, nothing downloaded at run tim
 Each record: ``id``, ``task``, ``split`` (train or dev), ``prompt``, ``choices`` (8, or 6 for the continent,
 or the label words of GLUE; each with a leading space), ``answer``. A task expert trains on the prompt and
 its right choice (``train-expert`` on the train split); the dev split is its evaluation. The entities of a
-task are shuffled with a seed fixed by the task's name, and split: up to --train for training (at most half
-of them), then up to --dev for evaluation. GLUE keeps its own splits (the first rows of train.tsv and
+task are shuffled with a seed fixed by the task's name, and split: up to --dev for evaluation (at most half
+of them), then up to --train for training from the rest. GLUE keeps its own splits (the first rows of train.tsv and
 dev.tsv). Distractors are other entities' answers, never a near-duplicate (case, accents, punctuation) of a
 right one, drawn from the record's id and --seed.
 
@@ -138,15 +138,16 @@ def element_symbol(seed: int) -> list[dict]:
 
 
 def split(recs: list[dict], task: str, n_train: int, n_dev: int) -> list[dict]:
-    """Shuffle a task's entities (seed: the task's name) and split: train first (at most half), then dev."""
+    """Shuffle a task's entities (seed: the task's name) and split: dev first (at most half of them, so the
+    dev set does not move with --train), then train from the rest."""
     recs = sorted(recs, key=lambda r: r["id"])
     random.Random(f"split:{task}").shuffle(recs)
-    t = min(n_train, len(recs) // 2)
-    return ([{**r, "split": "train"} for r in recs[:t]] +
-            [{**r, "split": "dev"} for r in recs[t:t + n_dev]])
+    d = min(n_dev, len(recs) // 2)
+    return ([{**r, "split": "train"} for r in recs[d:d + n_train]] +
+            [{**r, "split": "dev"} for r in recs[:d]])
 
 
-def build(glue: Path, tasks: list[str], n_train: int = 200, n_dev: int = 150, seed: int = 0):
+def build(glue: Path, tasks: list[str], n_train: int = 100, n_dev: int = 100, seed: int = 0):
     """Yield each task's records, task by task in the order given."""
     facts_cache: dict[str, list[dict]] = {}
     for task in tasks:
@@ -190,8 +191,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("glue", type=Path, help="the GLUE folder (SST-2, RTE, MRPC, CoLA, WNLI)")
     ap.add_argument("--tasks", default=",".join(TASKS))
-    ap.add_argument("--train", type=int, default=200, help="training examples per task (at most half a task)")
-    ap.add_argument("--dev", type=int, default=150, help="dev examples per task")
+    ap.add_argument("--train", type=int, default=100, help="training examples per task")
+    ap.add_argument("--dev", type=int, default=100, help="dev examples per task (at most half a task)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--manifest", type=Path, help="write the manifest of what was built here")
     ap.add_argument("--check", type=Path, help="rebuild and compare with this manifest; print nothing else")
