@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mergetool.stats import binned, binomial_fit, correlate  # noqa: E402
+from mergetool.stats import binned, binomial_fit, correlate, format_p  # noqa: E402
 
 FIELDS = ["gap", "rank", "p_correct", "delta_trained", "perplexity", "length", "norm_f", "sigma_max"]
 
@@ -35,13 +35,6 @@ def f(x, d=3) -> str:
     return str(x)
 
 
-def fp(x) -> str:
-    """A p-value: two significant digits below 0.1 (0.0021, 1.2e-21), two decimals above."""
-    if x is None:
-        return "–"
-    return f"{x:.2g}" if x < 0.1 else f"{x:.2f}"
-
-
 def mergeability(out: Path) -> None:
     runs = sorted((p for p in out.glob("scores-*-M*.jsonl") if p.stat().st_size),
                   key=lambda p: (p.stem.split("-")[1], int(p.stem.split("M")[-1])))
@@ -53,7 +46,7 @@ def mergeability(out: Path) -> None:
         fit = binomial_fit([r["score"] for r in recs], recs[0]["trials"])
         print(f"| {method} | {m} | {fit['n']} | {fit['mean']:.3f} | {' '.join(str(o) for o in fit['observed'])} | "
               f"{' '.join(f'{e:.1f}' for e in fit['expected'])} | {f(fit['chi2'], 1)} ({fit['dof']}) | "
-              f"{f(fit['p_value'], 2)} | {f(fit['dispersion'], 2)} |")
+              f"{format_p(fit['p_value'])} | {f(fit['dispersion'], 2)} |")
     print()
     print("Spearman correlation of S with each field (p-value), per run:\n")
     print("| method | M | " + " | ".join(FIELDS) + " |")
@@ -64,7 +57,7 @@ def mergeability(out: Path) -> None:
         cells = []
         for fld in FIELDS:
             c = correlate([r.get(fld) for r in recs], [r["score"] for r in recs])
-            cells.append(f"{f(c['spearman'], 2)} ({f(c['spearman_p'], 2)})")
+            cells.append(f"{f(c['spearman'], 2)} ({format_p(c['spearman_p'])})")
         print(f"| {method} | {m} | " + " | ".join(cells) + " |")
     print()
     main = out / "scores-knots-M50.jsonl"
@@ -90,8 +83,8 @@ def mergeability(out: Path) -> None:
         print("| held-out task | trained on | predicted | Pearson | Spearman |\n|---|---|---|---|---|")
         for fo in res["folds"]:
             print(f"| {fo['task']} | {fo['n_train']} | {fo['n_val']} | {f(fo['pearson'], 2)} | {f(fo['spearman'], 2)} |")
-        print(f"| all held-out | | {res['n']} | {f(res['pearson'], 2)} (p {f(res['pearson_p'], 2)}) | "
-              f"{f(res['spearman'], 2)} (p {f(res['spearman_p'], 2)}) |\n")
+        print(f"| all held-out | | {res['n']} | {f(res['pearson'], 2)} (p {format_p(res['pearson_p'])}) | "
+              f"{f(res['spearman'], 2)} (p {format_p(res['spearman_p'])}) |\n")
         used = {k: v for k, v in res["mean_weights"].items() if v}
         print("mean weights of the features used: " + ", ".join(f"{k} {v:+.4f}" for k, v in used.items()) + "\n")
     loc = sorted(out.glob("locality-partners-*.jsonl"))
@@ -150,11 +143,11 @@ def collapse(out: Path) -> None:
     print("| test | factor | F | p |\n|---|---|---|---|")
     for r in stats:
         if r["test"] == "anova1":
-            print(f"| one-way | {r['factor']} | {f(r.get('F'), 3)} | {fp(r.get('p_value'))} |")
+            print(f"| one-way | {r['factor']} | {f(r.get('F'), 3)} | {format_p(r.get('p_value'))} |")
         if r["test"] == "anova2":
             for fac in r.get("factors", []):
                 x = r.get(fac) or {}
-                print(f"| two-way | {fac} | {f(x.get('F'), 3)} | {fp(x.get('p_value'))} |")
+                print(f"| two-way | {fac} | {f(x.get('F'), 3)} | {format_p(x.get('p_value'))} |")
     print()
     corr = [r for r in stats if r["test"] == "correlation" and r.get("y") == "pair_loss"]
     if corr:
@@ -166,7 +159,7 @@ def collapse(out: Path) -> None:
         for m in METHODS:
             row = {r["x"]: r for r in corr if r["method"] == m}
             if row:
-                print(f"| {m} | " + " | ".join(f"{f(row[x]['pearson_p'], 2)} ({f(row[x]['pearson'], 2)})"
+                print(f"| {m} | " + " | ".join(f"{format_p(row[x]['pearson_p'])} ({f(row[x]['pearson'], 2)})"
                                                if x in row else "–" for x in ms) + " |")
         print()
     mds = [r for r in stats if r["test"] == "correlation" and r.get("x") == "mds"]
@@ -175,8 +168,8 @@ def collapse(out: Path) -> None:
               "group of three or more:\n")
         print("| group | members | r | p | Spearman ρ | p(ρ) |\n|---|---|---|---|---|---|")
         for r in mds:
-            print(f"| {r['group']} | {r['n']} | {f(r['pearson'], 2)} | {f(r['pearson_p'], 2)} | {f(r['spearman'], 2)} | "
-                  f"{f(r['spearman_p'], 2)} |")
+            print(f"| {r['group']} | {r['n']} | {f(r['pearson'], 2)} | {format_p(r['pearson_p'])} | {f(r['spearman'], 2)} | "
+                  f"{format_p(r['spearman_p'])} |")
         print()
     ads = {r["adapter"]: r for r in recs if r["kind"] == "adapter"}
     if any("mds" in a for a in ads.values()):

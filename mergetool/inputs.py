@@ -141,3 +141,14 @@ def check_compatible(updates: list[Update], base_fingerprint: str | None = None)
                 raise MergetoolError(u.name, f"module {mod} has shape {tuple(m.shape)}, but {shapes[mod][0]} has "
                                      f"{shapes[mod][1]}", "merge adapters of the same base model")
             shapes.setdefault(mod, (u.name, tuple(m.shape)))
+
+
+def check_unique_names(updates: list[Update], why: str) -> None:
+    """Refuse two inputs of one name (the same adapter given twice, or two adapters named alike) where outputs are
+    keyed by name: ``why`` says what could not be told apart."""
+    seen: set[str] = set()
+    for u in updates:
+        if u.name in seen:
+            raise MergetoolError(u.name, f"two inputs have this name (the same adapter given twice, or two named "
+                                 f"alike), so {why}", "pass each adapter once, or rename one (metadata 'name')")
+        seen.add(u.name)

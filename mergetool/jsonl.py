@@ -4,6 +4,7 @@ flushed object per line, and a records file taken up again by ``--resume``."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import IO, Callable
 
@@ -136,9 +137,45 @@ def _parse_jsonl(f: IO[bytes], name: str) -> list[dict]:
     return rows
 
 
-def write_jsonl_line(obj: dict, fh: IO[str] | None = None) -> None:
-    """One JSON object and a newline, flushed, to ``fh`` or stdout (a closed or full stdout is one line)."""
-    line = json.dumps(obj, ensure_ascii=False) + "\n"
+def _not_finite(obj, path: str = "") -> tuple[str, float] | None:
+    """The first number in ``obj`` that is NaN or infinite: (its field, as ``logprobs[1]`` or ``a.b``, and it)."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (path, obj)
+    if isinstance(obj, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for p, v in items:
+        found = _not_finite(v, p)
+        if found is not None:
+            return found
+    return None
+
+
+def record_line(obj: dict, where: str = "a record") -> str:
+    """A record as one JSON line (with its newline), UTF-8 text as it is. Every number must be finite: JSON has no
+    NaN or infinity (Python's json writes ``NaN``, which other readers refuse), and a NaN in a record is a result
+    that went wrong; it is an error that names the field, and nothing is written. ``where`` names the record in
+    that error (``adapter a, example q1``)."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError:
+        found = _not_finite(obj)
+        if found is None:
+            raise
+        field, x = found
+        shown = "NaN" if math.isnan(x) else ("-inf" if x < 0 else "inf")
+        raise MergetoolError(f"{where}: field '{field}'", f"is {shown}, not a finite number",
+                             "a computation overflowed: check the inputs' scale (an adapter's lora_alpha, weights, "
+                             "--tau) and --dtype") from None
+
+
+def write_jsonl_line(obj: dict, fh: IO[str] | None = None, where: str = "a record") -> None:
+    """One record and a newline (``record_line``: finite numbers only), flushed, to ``fh`` or stdout (a closed or
+    full stdout is one line)."""
+    line = record_line(obj, where)
     if fh is None:
         write_stdout(line)
         return

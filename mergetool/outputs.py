@@ -66,14 +66,97 @@ def _output_target(dst: str) -> tuple[str, bool]:
     return target, False
 
 
-def refuse_overwriting_inputs(out: str | Path | None, inputs) -> None:
-    """A records file written as the run goes (eval, score) that is one of the inputs would destroy it before it
-    is read: refused. (Outputs written whole and atomically at the end, such as merge's, may replace an input.)"""
-    if out is None or str(out) == "-" or not Path(out).exists():
+def _inside(path: str, d: str) -> bool:
+    return path == d or path.startswith(d.rstrip(os.sep) + os.sep)
+
+
+def _files_under(d: str) -> Iterator[os.stat_result]:
+    """The status (links followed) of every file under ``d``, symlinked directories included, each real directory
+    once (a link loop ends)."""
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(d, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for f in files:
+            try:
+                yield os.stat(os.path.join(root, f))
+            except OSError:
+                pass
+
+
+def refuse_destroying_inputs(out: str | Path | None, inputs, option: str = "-o") -> None:
+    """Refuse an output (``-o``, ``--plot``, ``--fit``) that is one of the command's inputs or inside one of them,
+    before any work: a records file written as the run goes would destroy an input before it is read, and even a
+    file written at the end would replace a pool's adapter or a base model's weights. ``inputs`` are the paths the
+    command reads (``-`` and ``None`` are skipped): files, and directories (a pool, a PEFT directory, the base
+    model's directory), which cover every file under them. Symbolic links are resolved, and an existing output
+    is compared by identity (device and inode) with every input file, so a link or a hard link to an input, or
+    to a file a directory input links to (a Hugging Face cache snapshot links to its blobs), is caught too."""
+    if out is None or str(out) in ("", "-"):
         return
+    out = str(out)
+    real = os.path.realpath(out)
+    try:
+        st = os.stat(out)
+    except OSError:
+        st = None
+    mine = None if st is None or not stat.S_ISREG(st.st_mode) else (st.st_dev, st.st_ino)
     for src in inputs:
-        if src and src != "-" and Path(src).exists() and os.path.samefile(out, src):
-            raise UsageError("-o", f"{out} is the input {src}", "write the records to another file")
+        if not src or str(src) == "-" or not os.path.exists(src):
+            continue
+        src = str(src)
+        src_real = os.path.realpath(src)
+        if os.path.isdir(src):
+            hit = _inside(real, src_real) or (mine is not None and any(
+                (f.st_dev, f.st_ino) == mine for f in _files_under(src)))
+            why = f"{out} is inside the input directory {src}"
+        else:
+            hit = real == src_real or (mine is not None and os.path.samefile(out, src))
+            why = f"{out} is the input {src}"
+        if hit:
+            raise UsageError(option, why, "write the output outside the inputs")
+
+
+refuse_overwriting_inputs = refuse_destroying_inputs  # the old name, until every caller moves
+
+
+def check_figure_output(path: str | None, kind: str = "file", option: str = "--plot") -> None:
+    """Refuse, before any work, a figure output that could not be written at the end: for ``kind="file"``
+    (``--plot FILE.png``) a path that is a directory or whose directory is missing or not writable; for
+    ``kind="dir"`` (``--plot DIR``) a path that is a file, or a directory that is not writable, or (a new DIR,
+    made at the end) whose parent is missing or not writable."""
+    if path is None:
+        return
+    if path in ("", "-"):
+        raise UsageError(option, f"{path!r} is not a {'file' if kind == 'file' else 'directory'} path",
+                         f"pass {option} {'FILE.png' if kind == 'file' else 'DIR'}")
+    if kind == "dir":
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                raise UsageError(option, f"{path} is not a directory", "pass a directory for the figures")
+            d = path
+        else:
+            d = os.path.dirname(os.path.abspath(path))
+    else:
+        if os.path.isdir(path):
+            raise UsageError(option, f"{path} is a directory", f"pass a file path ({option} FILE.png)")
+        d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise UsageError(option, f"{path}: the directory {d} does not exist", "create it first")
+    try:  # a file made and removed: permissions, a read-only file system, /proc, whatever the user's rights
+        fd, probe = tempfile.mkstemp(prefix=".mergetool-", suffix=".tmp", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(option, f"{path}: cannot write in the directory {d} ({e.strerror})",
+                         "check its permissions, or write the figures elsewhere") from None
 
 
 def check_output(dst: str | None) -> None:
@@ -85,6 +168,29 @@ def check_output(dst: str | None) -> None:
         checked_stdout()
     else:
         _output_target(dst)
+
+
+def _umask() -> int:
+    """The process's umask (read from /proc where it can be, so no thread sees it changed)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _new_file_mode(target: str) -> int:
+    """The mode a plain ``open(target, "w")`` would leave: an existing file keeps its own, a new one gets
+    0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
 
 
 class _Sink:
@@ -124,9 +230,7 @@ def atomic_output(dst: str | None) -> Iterator[IO[bytes]]:
         else:
             fd, tmp = tempfile.mkstemp(prefix=".mergetool-", suffix=".tmp", dir=where)
             fh = os.fdopen(fd, "w+b")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a finished output gets the usual mode
+            os.chmod(tmp, _new_file_mode(target))  # mkstemp makes 0600; a finished output gets the usual mode
     except OSError as e:
         raise MergetoolError(dst or "stdout", f"cannot create a temporary file in {where} ({e.strerror})",
                              "check the directory's permissions and free space") from None
@@ -164,9 +268,7 @@ def atomic_dir(dst: str) -> Iterator[Path]:
         raise MergetoolError(dst, "exists and is not an empty directory", "choose a new directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if target.exists():

@@ -102,17 +102,11 @@ def bars(rows: list[dict], field: str, title: str, path: Path) -> None:
 
 
 def _save(fig, path) -> None:
-    import os
-    import tempfile
+    """Through the atomic writer, as every output: whole or not at all, with the mode a plain open gives."""
+    from .outputs import atomic_output
 
-    plt = _plt()
-    d = os.path.dirname(os.path.abspath(str(path))) or "."
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=d)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, str(path))
+        with atomic_output(str(path)) as fh:
+            fig.savefig(fh, format="png", dpi=120)
     finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _plt().close(fig)

@@ -52,10 +52,10 @@ def read_weights(src: str, names: list[str]) -> list[float]:
 
 
 def write_weights(pairs: Iterable[tuple[str, float]], fh: IO[str]) -> None:
-    import json
+    from .jsonl import record_line
 
     for name, w in pairs:
-        fh.write(json.dumps({"adapter": name, "weight": w}) + "\n")
+        fh.write(record_line({"adapter": name, "weight": w}, f"the weight of {name}"))
 
 
 @dataclass
@@ -129,12 +129,13 @@ def base_softmax(acc: list[float], tau: float) -> list[float]:
 
 
 def softmax(s: list[float], tau: float) -> list[float]:
-    """w_i = exp(s_i / τ) / Σ_j exp(s_j / τ)."""
+    """w_i = exp(s_i / τ) / Σ_j exp(s_j / τ), computed as exp((s_i − max s) / τ) / Σ_j …: the largest term is
+    exactly 1 and the others in [0, 1], so no τ > 0 overflows (a tiny τ gives the arg-max, ties shared; dividing
+    first made inf − inf = NaN at τ = 1e-320)."""
     if not (math.isfinite(tau) and tau > 0):
         raise UsageError("--tau", f"{tau} is not a positive finite temperature", "pass --tau 0.5, say")
-    s = [x / tau for x in s]
     top = max(s)
-    e = [math.exp(x - top) for x in s]
+    e = [math.exp((x - top) / tau) for x in s]
     z = sum(e)
     return [x / z for x in e]
 

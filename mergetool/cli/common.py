@@ -37,6 +37,20 @@ Unordered = Annotated[bool, typer.Option("--unordered", help="With --ray: write 
 ModelDtype = Annotated[str, typer.Option("--dtype", help="Model dtype: auto (bf16 on CUDA, fp32 on CPU), float32, "
                                          "bfloat16.")]
 
+MAX_SEED = 2**64 - 1  # torch's generators take seeds up to here; Python's and numpy's any integer ≥ 0
+
+
+def Seed(help: str):
+    """The --seed option of a command: an integer in [0, 2⁶⁴ − 1]. A negative seed is refused (``random.Random``
+    takes -1 as 1, so ``--seed -1`` once gave the plan of ``--seed 1``)."""
+    return Annotated[int, typer.Option("--seed", help=help, min=0, max=MAX_SEED, metavar="<int>")]
+
+
+def base_input(b) -> str:
+    """What a command reads of a resolved base model (``model.Base``): its GGUF file, or its directory, for the
+    check that no output lands on it (``outputs.refuse_destroying_inputs``)."""
+    return str(b.dir / b.gguf_file) if b.gguf_file else str(b.dir)
+
 
 def require_data_and_base(command: str, data: str | None, base: str | None) -> None:
     """The two things every model-reading command needs, as usage errors."""
@@ -44,8 +58,6 @@ def require_data_and_base(command: str, data: str | None, base: str | None) -> N
         raise UsageError("DATA", "no examples given", "pass a JSONL file or -")
     if not base:
         raise UsageError("--base", f"{command} needs the base model", "pass --base MODEL")
-
-
 
 
 def model_dtype(spec: str):

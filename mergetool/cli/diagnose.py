@@ -12,7 +12,7 @@ import typer
 
 from ..errors import MergetoolError, UsageError
 from .app import begin, command
-from .common import AllowPickle, BaseModel, BatchTokens, Chat, Debug, Device, GgufFile, ModelDtype, Quiet, \
+from .common import AllowPickle, BaseModel, BatchTokens, Chat, Debug, Device, GgufFile, ModelDtype, Quiet, Seed, \
     model_dtype, pick_device, progress_bar
 
 log = logging.getLogger("mergetool")
@@ -86,7 +86,7 @@ def diagnose_cmd(
     candidates: Annotated[Optional[list[str]], Opt("--candidates", help="Adapters that may join the group "
                                                    "(repeatable).", metavar="ADAPTER", show_default=False)] = None,
     plot: Annotated[Optional[str], Opt("--plot", help="Write PNG figures into this directory.", metavar="DIR")] = None,
-    seed: Annotated[int, Opt("--seed", help="Seed of the validation and calibration draws.")] = 0,
+    seed: Seed("Seed of the validation and calibration draws.") = 0,
     chat: Chat = False,
     batch_tokens: BatchTokens = None,
     output: Annotated[Optional[str], Opt("-o", "--output", help="Write the records here (atomically).",

@@ -13,7 +13,7 @@ import typer
 
 from ..errors import MergetoolError, UsageError
 from .common import (AllowPickle, BaseModel, BatchTokens, Chat, Data, Debug, Device, GgufFile, ModelDtype, Norm, Quiet,
-                     Ray, Shots, ShotsFrom, Unordered, Workers, model_dtype, pick_device, progress_bar)
+                     Ray, Seed, Shots, ShotsFrom, Unordered, Workers, base_input, model_dtype, pick_device, progress_bar)
 from .app import begin, command
 
 log = logging.getLogger("mergetool")
@@ -117,8 +117,6 @@ class _Sink:
 
     def __init__(self, path: Path | None, append: bool, stdout):
         self.path, self.mode, self.fh, self.stdout = path, "a" if append else "w", None, stdout
-        if path is not None and path.parent and not path.parent.exists():
-            raise MergetoolError(str(path), "its directory does not exist", "create it first")
 
     def write(self, text: str) -> None:
         if self.path is not None:
@@ -156,7 +154,7 @@ def eval_cmd(
     chat: Chat = False,
     max_new_tokens: Annotated[int, Opt("--max-new-tokens", help="Generation length for exact match.")] = 32,
     batch_tokens: BatchTokens = None,
-    seed: Annotated[int, Opt("--seed", help="Seed of the demonstration draw.")] = 0,
+    seed: Seed("Seed of the demonstration draw.") = 0,
     output: Annotated[Optional[str], Opt("-o", "--output", help="Write records here as they are made.",
                                          metavar="FILE")] = None,
     resume: Annotated[bool, Opt("--resume", help="With -o: skip the examples already in FILE.")] = False,
@@ -187,16 +185,17 @@ def eval_cmd(
 
         check_address(ray)
     out_path = Path(output) if output and output != "-" else None
-    if out_path is not None:
-        from ..outputs import refuse_overwriting_inputs
+    rec_path = out_path.with_name(out_path.name + ".records") if (out_path and summary) else out_path
+    from ..outputs import check_output, refuse_destroying_inputs
 
-        refuse_overwriting_inputs(out_path, [data, shots_from, *adapters])
+    for o in {output, rec_path and str(rec_path)} - {None}:
+        check_output(o)  # a directory, a missing directory, a closed stdout: refused before anything is read
 
     from .. import evaluate as ev
     from ..adapters import RowAdapters, fitting_groups
     from ..examples import add_contexts, check_examples
-    from ..inputs import check_compatible, load_inputs
-    from ..jsonl import read_jsonl
+    from ..inputs import check_compatible, check_unique_names, load_inputs
+    from ..jsonl import read_jsonl, record_line
     from ..model import content_digest, fingerprint, load_model, resolve_base
 
     dev = pick_device(device)
@@ -216,18 +215,15 @@ def eval_cmd(
     if not base:
         base = _base_of(updates)
     b = resolve_base(base, gguf_file)
+    for o in {out_path, rec_path} - {None}:  # before the model loads: no output may destroy what is read
+        refuse_destroying_inputs(o, [data, shots_from, *adapters, base_input(b)])
     fp = fingerprint(b)
     if updates:
         check_compatible(updates, fp)
-        names = [u.name for u in updates]
-        dup = next((n for n in names if names.count(n) > 1), None)
-        if dup is not None:
-            raise MergetoolError(dup, "two adapters share this name, so their records could not be told apart",
-                                 "rename one (metadata 'name') or evaluate them separately")
+        check_unique_names(updates, "their records could not be told apart")
     names = [u.name for u in updates] or [None]
     run = _run_key(f"{fp}:{content_digest(b)}", norm, shots, shots_from, seed, chat, max_new_tokens, split, updates)
 
-    rec_path = out_path.with_name(out_path.name + ".records") if (out_path and summary) else out_path
     done = _done_ids(rec_path, run) if (resume and rec_path) else set()
     todo = [e for e in examples if any((n, e.id) not in done for n in names)]
     log.info("%d examples (%d done before) on %s%s", len(examples), len(examples) - len(todo), b.name,
@@ -258,9 +254,10 @@ def eval_cmd(
                     if (n, e.id) in done:
                         continue
                     rec = {"id": e.id, "task": e.task, "adapter": n, **res[k], "run": run}
+                    line = record_line(rec, f"adapter {n}, example {e.id}" if n else f"example {e.id}")
                     if summary:
                         collected.append(rec)
-                    sink.write(json.dumps(rec) + "\n")
+                    sink.write(line)
             sink.flush()
 
         try:
@@ -292,7 +289,7 @@ def eval_cmd(
     if summary:
         if rec_path is not None:  # include the records of earlier, resumed runs
             collected = [json.loads(x) for x in rec_path.read_text().splitlines() if x.strip()]
-        lines = "".join(json.dumps(s) + "\n" for s in ev.summarise(collected))
+        lines = "".join(record_line(s, f"the summary of task {s.get('task')}") for s in ev.summarise(collected))
         if out_path is not None:
             from ..outputs import atomic_output
 

@@ -13,7 +13,7 @@ import typer
 from ..errors import MergetoolError, UsageError
 from .app import begin, command
 from .common import (AllowPickle, BaseModel, BatchTokens, Chat, Debug, Device, GgufFile, ModelDtype, Norm, Quiet,
-                     Ray, Shots, ShotsFrom, Unordered, Workers, model_dtype, pick_device, progress_bar)
+                     Ray, Seed, Shots, ShotsFrom, Unordered, Workers, model_dtype, pick_device, progress_bar)
 
 log = logging.getLogger("mergetool")
 
@@ -73,7 +73,7 @@ def score_cmd(
     trials: Annotated[Optional[int], Opt("--trials", "-N", help="Trials per adapter (default 5).")] = None,
     partners: Annotated[Optional[int], Opt("--partners", "-M", help="Partners per merge (default 50 at example "
                                            "level, 10 at task level).")] = None,
-    seed: Annotated[int, Opt("--seed", help="Seed of the trial plan (and of random drops).")] = 0,
+    seed: Seed("Seed of the trial plan (and of random drops).") = 0,
     level: Annotated[str, Opt("--level", help="example (an adapter per example: its answer's correctness) or "
                               "task (an adapter per task: its accuracy).", metavar="example|task")] = "example",
     independent: Annotated[bool, Opt("--independent", help="One merge per adapter and trial (no sharing).")] = False,
@@ -372,7 +372,7 @@ def _summary(records: list[dict], trials: int, level: str, quiet: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..stats import binned, binomial_fit, correlate
+    from ..stats import binned, binomial_fit, correlate, format_p
 
     con = Console(stderr=True)
     scores = [r["score"] for r in records]
@@ -385,7 +385,7 @@ def _summary(records: list[dict], trials: int, level: str, quiet: bool) -> None:
         for j, (o, e) in enumerate(zip(fit["observed"], fit["expected"])):
             t.add_row(f"{j / trials:.2f}", str(o), f"{e:.1f}")
         con.print(t)
-        test = (f"χ²={fit['chi2']:.2f}, dof={fit['dof']}, p={fit['p_value']:.3g}" if fit["chi2"] is not None
+        test = (f"χ²={fit['chi2']:.2f}, dof={fit['dof']}, p={format_p(fit['p_value'])}" if fit["chi2"] is not None
                 else "χ² test: too few bins")
         disp = f"{fit['dispersion']:.2f}" if fit["dispersion"] is not None else "n/a"
         con.print(f"mean S {fit['mean']:.3f}; {test}; dispersion var(S)/binomial var = {disp}")
@@ -397,7 +397,7 @@ def _summary(records: list[dict], trials: int, level: str, quiet: bool) -> None:
         t.add_column(c, justify="right" if c != "field" else "left")
     for f in fields:
         c = correlate(scores, [r.get(f) for r in records])
-        t.add_row(f, _fmt(c["spearman"]), _fmt(c["spearman_p"]), str(c["n"]))
+        t.add_row(f, _fmt(c["spearman"]), format_p(c["spearman_p"]), str(c["n"]))
     con.print(t)
     rows = binned(records, "score", fields, trials)
     t = Table(title="mean ± standard error per bin of S")

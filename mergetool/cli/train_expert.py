@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import MergetoolError, UsageError
-from .common import (BaseModel, Data, Debug, Device, GgufFile, Quiet, Ray, Unordered, Workers, pick_device,
+from .common import (BaseModel, Data, Debug, Device, GgufFile, Quiet, Ray, Seed, Unordered, Workers, pick_device,
                      require_data_and_base)
 from .app import begin, command
 
@@ -56,7 +56,7 @@ def train_cmd(
     epochs: Annotated[Optional[int], Opt("--epochs", help="Epochs (per example 10, per task 3).")] = None,
     batch_size: Annotated[Optional[int], Opt("--batch-size", help="Experts trained at once (per example, 64) "
                                              "or examples per step (per task, 8).")] = None,
-    seed: Annotated[int, Opt("--seed", help="Seed of the adapter initialisation and data order.")] = 0,
+    seed: Seed("Seed of the adapter initialisation and data order.") = 0,
     task_filter: Annotated[Optional[str], Opt("--task-filter", help="Only these tasks (comma-separated).")] = None,
     skip_known: Annotated[bool, Opt("--skip-known", help="Per example: drop examples the base already answers.")]
     = False,

@@ -57,9 +57,11 @@ def weight_cmd(
         raise UsageError("-", "stdin is named twice", "pass the records with --records FILE")
     keys = None
     if adapters:
-        from ..inputs import load_inputs
+        from ..inputs import check_unique_names, load_inputs
 
-        keys = [(u.name, u.meta.get("task") or u.name) for u in load_inputs(list(adapters), None, allow_pickle)]
+        updates = load_inputs(list(adapters), None, allow_pickle)
+        check_unique_names(updates, "their weights could not be told apart")
+        keys = [(u.name, u.meta.get("task") or u.name) for u in updates]
     pairs = make_weights(records, by, tau, normalize, keys)
     import io as _io
 
