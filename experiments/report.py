@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from mergetool.stats import format_p
+
 from .harness import RECORDS, read_jsonl
 
 TABLES: dict[str, Callable[[Path], str]] = {}
@@ -27,13 +29,6 @@ def table(name: str, needs: list[str]):
         TABLES[name], NEEDS[name] = fn, needs
         return fn
     return wrap
-
-
-def fp(p: float | None) -> str:
-    """A p-value with two significant digits (0.0021, 1.2e-21; never 0.00)."""
-    if p is None:
-        return "–"
-    return f"{p:.2g}" if p < 0.1 else f"{p:.2f}"
 
 
 def pct(x: float) -> str:
@@ -50,7 +45,7 @@ def tasks(records: Path) -> str:
         d = data[r["task"]]
         lines.append(f"| {r['task']} | {d['source']} | {d['train']} | {r['n']} | {pct(r['chance'])} | "
                      f"{pct(r['majority'])} | {pct(r['base'])} | {pct(r['expert'])} ± {pct(r['se_expert'])} | "
-                     f"{100 * r['gain']:+.1f} | {fp(r['p_vs_base'])} | {fp(r['p_vs_chance'])} | "
+                     f"{100 * r['gain']:+.1f} | {format_p(r['p_vs_base'])} | {format_p(r['p_vs_chance'])} | "
                      f"{'yes' if r['kept'] else 'no: ' + r['why']} |")
     kept = sum(r["kept"] for r in acc)
     lines.append(f"\n{kept} of {len(acc)} candidate tasks kept (accuracy in %; dev: examples evaluated).")
