@@ -19,6 +19,7 @@ STAGES = [
     ["mergetool.model", "mergetool.weights"],
     ["mergetool.inputs", "mergetool.methods.base", "mergetool.methods.primitives"],
     ["mergetool.methods.families", "mergetool.methods.knots", "mergetool.methods.subspace"],
+    ["mergetool.methods.mergekit_methods"],
     ["mergetool.methods.registry"],
     ["mergetool.methods.engine", "mergetool.methods"],
     ["mergetool.adapters", "mergetool.examples"],

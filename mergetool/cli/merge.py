@@ -37,8 +37,9 @@ Examples:
 Opt = typer.Option
 
 # The registry's names, kept here so TAB completion need not import torch (a test checks they agree).
-METHOD_NAMES = ("breadcrumbs", "cart", "core-space", "dare-linear", "dare-ties", "della", "emr", "iso-c", "iso-cts",
-                "karcher", "knots", "linear", "magnitude", "mean", "model-stock", "multislerp", "slerp", "star",
+METHOD_NAMES = ("breadcrumbs", "breadcrumbs-ties", "cart", "consensus-ta", "consensus-ties", "core-space", "dare-linear",
+                "dare-ties", "della", "della-linear", "emr", "iso-c", "iso-cts", "karcher", "knots", "linear",
+                "magnitude", "mean", "model-stock", "multislerp", "nearswap", "nuslerp", "ram", "sce", "slerp", "star",
                 "task-arithmetic", "ties", "tsv", "weighted-base")
 
 
@@ -83,6 +84,15 @@ def merge_cmd(
                                           "common subspace.")] = 0.8,
     eta: Annotated[float, Opt("--eta", help="star: fraction of each task's nuclear norm kept (η).")] = 0.4,
     correction: Annotated[float, Opt("--correction", help="cart: coefficient of the low-rank corrections.")] = 2.0,
+    nuslerp_row_wise: Annotated[bool, Opt("--nuslerp-row-wise", help="nuslerp: interpolate each column (mergekit's "
+                                          "nuslerp_row_wise) instead of each row.")] = False,
+    nuslerp_flatten: Annotated[bool, Opt("--nuslerp-flatten/--no-nuslerp-flatten", help="nuslerp: interpolate each "
+                                         "whole tensor as one vector (mergekit's nuslerp_flatten).")] = True,
+    ram_epsilon: Annotated[float, Opt("--ram-epsilon", help="ram: |τ| above which an entry counts as changed.")] = 1e-5,
+    tall_lambda: Annotated[float, Opt("--tall-lambda", help="consensus-ta/-ties: TALL mask threshold λ, "
+                                      "|τ_t| > λ|τ_MTL − τ_t|.")] = 0.4,
+    consensus_k: Annotated[int, Opt("--consensus-k", help="consensus-ta/-ties: keep entries at least k tasks' "
+                                    "masks hold.")] = 2,
     base: Annotated[Optional[str], Opt("--base", help="Base model (dir, HF id, .gguf): for full-model inputs, "
                                        "--save-model and the fingerprint check.", metavar="MODEL")] = None,
     gguf_file: Annotated[Optional[str], Opt("--gguf-file", help="GGUF file inside the --base directory.")] = None,
@@ -139,7 +149,9 @@ def merge_cmd(
     dev = pick_device(device)
     p = Params(lam=lam, density=density, trim_scope=trim_scope, rescale=rescale, t=t, seed=seed, gamma=gamma,
                epsilon=epsilon, inner=inner, for_task=for_task, tau=tau, rank_fraction=rank_fraction,
-               common_fraction=common_fraction, eta=eta, correction=correction)
+               common_fraction=common_fraction, eta=eta, correction=correction, nuslerp_row_wise=nuslerp_row_wise,
+               nuslerp_flatten=nuslerp_flatten, ram_epsilon=ram_epsilon, tall_lambda=tall_lambda,
+               consensus_k=consensus_k)
     check_options(m, p, {opt for opt, v in (("weights", weights), ("base-acc", base_acc)) if v})  # before any input
 
     b = resolve_base(base, gguf_file) if base else None
