@@ -38,8 +38,15 @@ def rows(n_per_task=5):
     return out
 
 
-def examples(n_per_task=5):
-    exs = check_examples(rows(n_per_task), "dev")
+def examples(n_per_task=5, choices=8):
+    """Country questions, with the right answer and the first ``choices`` − 1 others."""
+    rs = []
+    for r in rows(n_per_task):
+        right = r["choices"][r["answer"]]
+        keep = [c for c in r["choices"] if c != right][:choices - 1]
+        at = r["answer"] % choices
+        rs.append({**r, "choices": keep[:at] + [right] + keep[at:], "answer": at})
+    exs = check_examples(rs, "dev")
     for e in exs:
         e.context = e.rec["prompt"]
     return exs
@@ -177,3 +184,173 @@ def test_regmean_pp_equals_a_plain_layer_by_layer_loop(model_tok):
     plain = merge_with_data(ups, "regmean", Params(alpha=alpha), dev, model, tok, DataOptions(), CPU)
     k1 = next(k for k in merged.modules if ".layers.1." in k)
     assert relerr(merged.modules[k1].delta(), plain.modules[k1].delta()) > 1e-3  # the lower layer's merge mattered
+
+
+# ----------------------------------------------------------------------------- Fisher
+
+
+def plain_fisher(model, tok, dev, i, update) -> dict:
+    """Task i's diagonal Fisher: each example alone, each choice its own sequence, through the model with expert
+    i's ΔW added into the weights; E_c[(∇_W log p(c|x))²] under the softmax of the choices' mean token log-probs."""
+    from mergetool.scoring import encode_choices
+
+    m = dense_model(model, {k: x.delta() for k, x in update.modules.items()})
+    for p in m.parameters():
+        p.requires_grad_(False)
+    paths = [k[len(PREFIX):] for k in update.modules]
+    Ws = [m.get_submodule(p).weight.requires_grad_(True) for p in paths]
+    F = [torch.zeros_like(w, dtype=torch.float64) for w in Ws]
+    for j in dev.of[i]:
+        e = dev.examples[j]
+        (ctx, conts), = encode_choices(tok, [(e.context, e.rec["choices"])])
+        scores = []
+        for c in conts:
+            lp = torch.log_softmax(m(input_ids=torch.tensor([ctx + c[:-1]])).logits[0].float(), -1)
+            scores.append(sum(lp[len(ctx) - 1 + t, tkn] for t, tkn in enumerate(c)) / len(c))
+        logp = torch.log_softmax(torch.stack(scores), 0)
+        for c in range(len(conts)):
+            gs = torch.autograd.grad(logp[c], Ws, retain_graph=True)
+            for f, g in zip(F, gs):
+                f += float(logp[c].detach().exp()) * g.double() ** 2
+    return {PREFIX + p: f / len(dev.of[i]) for p, f in zip(paths, F)}
+
+
+def test_fisher_equals_a_plain_per_example_loop_and_merges_as_fusion_bench(model_tok):
+    pytest.importorskip("fusion_bench")
+    from fusion_bench.method.fisher_merging.fisher_merging import merging_with_fisher_weights
+
+    model, tok = model_tok
+    ups = experts()
+    dev = dev_data(ups, examples(3, choices=4), "fisher")
+    fishers = statistics("fisher", model, tok, ups, dev, Params(), DataOptions())["fisher"]
+    for i, u in enumerate(ups):
+        ref = plain_fisher(model, tok, dev, i, u)
+        for k in u.modules:
+            assert relerr(fishers[k][i].double(), ref[k]) < 1e-4, k
+    merged = merge(ups, "fisher", Params(stats={"fisher": fishers}), CPU)
+    params, fw = {}, [{}, {}]
+    for k in ups[0].modules:
+        path = k[len(PREFIX):] + ".weight"
+        W0 = model.get_submodule(k[len(PREFIX):]).weight.detach().double()
+        params[path] = [W0 + u.modules[k].delta().double() for u in ups]
+        for i in range(2):
+            fw[i][path] = fishers[k][i].double()
+    ref = merging_with_fisher_weights(params, fw, torch.ones(2, dtype=torch.float64) / 2,
+                                      normalize_fisher_weight=True, minimal_fisher_weight=1e-6)
+    for k, d in merged.modules.items():
+        path = k[len(PREFIX):] + ".weight"
+        W0 = model.get_submodule(k[len(PREFIX):]).weight.detach().double()
+        assert relerr(d.delta().double(), ref[path] - W0) < 1e-5, k
+
+
+# ----------------------------------------------------------------------------- AdaMerging
+
+
+def test_adamerging_follows_fusion_bench_layer_wise_merged_model(model_tok):
+    """The same entropy loss, the same gradients and so the same Adam steps as fusion-bench's LayerWiseMergedModel
+    (the task vectors added into dense weights through torch.func.functional_call), one coefficient per task and
+    module; and task-wise, one per task."""
+    pytest.importorskip("fusion_bench")
+    import copy
+
+    from fusion_bench.models.wrappers.layer_wise_fusion import LayerWiseMergedModel
+
+    from mergetool.scoring import encode_choices
+
+    model, tok = model_tok
+    ups = experts()
+    dev = dev_data(ups, examples(2, choices=3), "adamerging", ("mc",))
+    steps, lr = 2, 0.05
+    for granularity in ("layer", "task"):
+        got = statistics("adamerging", model, tok, ups, dev, Params(),
+                         DataOptions(steps=steps, lr=lr, granularity=granularity))
+        order = [PREFIX + p for p, _ in model.named_modules() if PREFIX + p in ups[0].modules]
+        pre = copy.deepcopy(model)
+        for p in pre.parameters():
+            p.requires_grad_(False)
+        for k in order:
+            pre.get_submodule(k[len(PREFIX):]).weight.requires_grad_(True)
+        fts = [dense_model(model, {k: u.modules[k].delta() for k in order}) for u in ups]
+        lw = torch.full((2, len(order)), 0.3)
+        wrapped = LayerWiseMergedModel(lw, pre, fts, clamp_weights=False, strict=False)
+        if granularity == "task":  # one shared coefficient per task: tie the columns
+            free = torch.nn.Parameter(torch.full((2, 1), 0.3))
+            params = [free]
+        else:
+            params = [wrapped.merge_weight]
+        opt = torch.optim.Adam(params, lr=lr)
+        items = encode_choices(tok, [(e.context, e.rec["choices"]) for e in dev.examples])
+        losses = []
+        for step in range(steps + 1):
+            if granularity == "task":
+                wrapped.merge_weight.data = free.detach().expand(2, len(order)).clone()
+                wrapped.merge_weight.requires_grad_(True)
+            wrapped.merge_weights()
+            loss = 0.0
+            for idx in dev.of:
+                for j in idx:
+                    ctx, conts = items[j]
+                    sc = []
+                    for c in conts:
+                        lp = torch.log_softmax(wrapped(input_ids=torch.tensor([ctx + c[:-1]])).logits[0].float(), -1)
+                        sc.append(sum(lp[len(ctx) - 1 + t, tkn] for t, tkn in enumerate(c)) / len(c))
+                    p = torch.log_softmax(torch.stack(sc), 0)
+                    loss = loss - (p.exp() * p).sum() / len(idx)
+            losses.append(float(loss.detach()))
+            if step < steps:
+                opt.zero_grad()
+                wrapped.merge_weight.grad = None
+                loss.backward()
+                if granularity == "task":
+                    free.grad = wrapped.merge_weight.grad.sum(1, keepdim=True)
+                opt.step()
+        lam = (free.detach().expand(2, len(order)) if granularity == "task" else wrapped.merge_weight.detach())
+        for m, k in enumerate(order):
+            assert torch.allclose(torch.tensor(got["coefficients"][k]), lam[:, m], atol=1e-5), (granularity, k)
+        assert abs(got["info"]["entropy_before"] - losses[0]) < 1e-5 * abs(losses[0])
+        assert abs(got["info"]["entropy_after"] - losses[-1]) < 1e-4 * abs(losses[-1])
+        assert not torch.allclose(lam, torch.full_like(lam, 0.3))  # the steps moved the coefficients
+
+
+# ----------------------------------------------------------------------------- LoraHub
+
+
+def test_lorahub_loss_is_the_answer_cross_entropy_of_the_weighted_sum(model_tok):
+    """Judge.answer_losses of Σ w_i ΔW_i: the mean cross-entropy over every answer token of the dev examples, as
+    a causal LM's loss on one batch of them (LoraHub's default_get_loss before its division by n)."""
+    from mergetool.merging.candidates import Judge
+    from mergetool.merging.data import answer_items
+
+    model, tok = model_tok
+    ups = experts()
+    dev = dev_data(ups, examples(3), "lorahub")
+    ws = [[0.0, 0.0], [0.7, -0.4], [1.5, 1.2]]
+    got = Judge(model, tok, dev).answer_losses([merge(ups, "linear", Params(weights=w), CPU) for w in ws])
+    for w, g in zip(ws, got):
+        m = dense_model(model, {k: w[0] * ups[0].modules[k].delta() + w[1] * ups[1].modules[k].delta()
+                                for k in ups[0].modules})
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for ctx, (cont,) in answer_items(tok, dev.examples):
+                lp = torch.log_softmax(m(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0].double(), -1)
+                total -= float(sum(lp[len(ctx) - 1 + t, tkn] for t, tkn in enumerate(cont)))
+                n += len(cont)
+        assert abs(g - total / n) < 1e-5 * total / n
+
+
+def test_lorahub_judges_each_generation_in_one_pass_and_stays_in_bounds(model_tok, monkeypatch):
+    from mergetool.merging import candidates
+
+    model, tok = model_tok
+    ups = experts()
+    dev = dev_data(ups, examples(3), "lorahub")
+    calls = []
+    real = candidates.Judge.answer_losses
+    monkeypatch.setattr(candidates.Judge, "answer_losses", lambda self, us: calls.append(len(us)) or real(self, us))
+    merged = merge_with_data(ups, "lorahub", Params(), dev, model, tok, DataOptions(budget="12", population=4), CPU)
+    assert calls == [4, 4, 4]
+    w = merged.meta["params"]["coefficients"]
+    assert len(w) == 2 and all(-1.5 <= x <= 1.5 for x in w)
+    assert merged.meta["data"]["evaluated"] == 12 and merged.meta["data"]["optimizer"] == "CMA-ES"
+    ref = merge(ups, "linear", Params(weights=w), CPU)
+    assert all(relerr(merged.modules[k].delta(), ref.modules[k].delta()) < 1e-6 for k in ref.modules)

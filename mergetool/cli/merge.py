@@ -233,11 +233,18 @@ def merge_cmd(
     if with_data:
         from ..merging import merge_on_data
 
-        bar = progress_bar(0, quiet, method, "steps")
+        import time
+
+        from ..merging.auto import parse_budget
+
+        total = {"adamerging": steps, "lorahub": int(budget or 40),
+                 "auto": parse_budget(budget or "64").candidates or 0}.get(method, 0)
+        bar = progress_bar(total, quiet, method, "steps" if method == "adamerging" else "candidates")
+        t0 = time.monotonic()
         merged = merge_on_data(method, updates, examples, p, b, opts, dev, progress=bar, **kw)
         bar(None)
         if auto:
-            _auto_summary(merged.meta["auto"])
+            _auto_summary(merged.meta["auto"], time.monotonic() - t0)
     else:
         merged = merge_updates(updates, m, p, dev, **kw)
     if save_peft and merged.kind != "lora":
@@ -260,12 +267,12 @@ def merge_cmd(
              f" -> {output}" if output and output != "-" else "")
 
 
-def _auto_summary(a: dict) -> None:
+def _auto_summary(a: dict, seconds: float) -> None:
     """The search's result on stderr: the recipe, then per task the accuracies on the examples it searched on
     (dev) and on those it never saw (held out), alone and merged, and the objective on each."""
     r = a["recipe"]
     opts = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["options"].items())
-    log.info("auto: %d candidates in %.0f s; best %s (%s)%s", a["judged"], a["seconds"], r["method"], opts,
+    log.info("auto: %d candidates judged (%.0f s); best %s (%s)%s", a["judged"], seconds, r["method"], opts,
              f", leaving out {', '.join(a['dropped'])}" if a["dropped"] else "")
     if r["weights"] is not None:
         log.info("auto: weights %s", ", ".join(f"{n} {w:.3f}" for n, w in zip(r["members"], r["weights"])))

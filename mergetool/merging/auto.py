@@ -145,6 +145,7 @@ class Search:
         self.order: list[str] = []
         self.asked: set[str] = set()
         self.new = 0
+        self.batches = 0  # batches judged: the unit of work (a candidate's numbers come from its batch's pass)
         self.rng = random.Random(self.seed)
         self._grams = None
         self._fh = None
@@ -176,13 +177,28 @@ class Search:
                 raise MergetoolError(str(path), "is the trace of another search (other adapters, examples or "
                                      "options)", "continue it with the same command, or write a new --trace")
             cut()
+            keep = [recs[0]]
+            batches: dict[int, list[dict]] = {}
             for r in recs[1:]:
                 if r.get("kind") == "reference":
                     refs = r
+                    keep.append(r)
                 elif r.get("kind") == "candidate":
+                    batches.setdefault(r["batch"], []).append(r)
+            for b in sorted(batches):  # a batch cut short by the kill is judged again, whole (the same pass)
+                if len(batches[b]) != batches[b][0]["of"]:
+                    break
+                for r in batches[b]:
                     self.done[r["key"]] = r
                     self.order.append(r["key"])
                     self._elapsed0 = max(self._elapsed0, float(r.get("elapsed", 0.0)))
+                keep += batches[b]
+                self.batches = b + 1
+            if len(keep) < len(recs):
+                from ..outputs import atomic_output
+
+                with atomic_output(str(path)) as fh:
+                    fh.write("".join(json.dumps(r) + "\n" for r in keep).encode())
             self._fh = open(path, "a")
         else:
             if path.parent and not path.parent.exists():
@@ -238,12 +254,13 @@ class Search:
             accs = self.judge.accuracies([self.merge(c) for c in fresh])
             for c, acc in zip(fresh, accs):
                 norm = normalised(acc, self.alone, self.sizes)
-                rec = {"kind": "candidate", "n": len(self.done), "key": c.key(), "stage": c.stage,
-                       **c.recipe(self.names), "dev": acc, "normalised": norm,
+                rec = {"kind": "candidate", "n": len(self.done), "batch": self.batches, "of": len(fresh),
+                       "key": c.key(), "stage": c.stage, **c.recipe(self.names), "dev": acc, "normalised": norm,
                        "objective": objective_of(norm, self.objective), "elapsed": round(self.elapsed(), 3)}
                 self.done[rec["key"]] = rec
                 self.order.append(rec["key"])
                 self._write(rec)
+            self.batches += 1
             if self.progress:
                 self.progress(len(fresh))
         return [self.done[c.key()] for c in cands if c.key() in self.done]
@@ -426,7 +443,7 @@ def auto_merge(model, tok, updates: list[Update], dev: DevData, *, holdout: floa
     merged.meta["auto"] = {
         "recipe": best.recipe(s.names), "pool": s.names,
         "dropped": [n for i, n in enumerate(s.names) if i not in best.members],
-        "objective": objective, "judged": len(s.done), "seconds": round(s.elapsed(), 3), "seed": seed,
+        "objective": objective, "judged": len(s.done), "seed": seed,
         "dev": {"n": s.sizes, "base": refs["base"], "alone": refs["alone"], "merged": rec["dev"],
                 "normalised": rec["normalised"], "objective": rec["objective"]},
         "holdout": report}

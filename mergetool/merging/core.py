@@ -3,7 +3,6 @@ needs (``statistics``), then merge from them like any other method (``merge_with
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -158,16 +157,14 @@ def statistics(method: Method | str, model, tok, updates: list[Update], dev: Dev
 def merge_with_data(updates: list[Update], method: Method | str, p: Params, dev: DevData, model, tok,
                     opts: DataOptions, device: torch.device, **merge_kw) -> Update:
     """``statistics`` then ``methods.merge`` from them; the metadata also says what data the merge read (tasks,
-    examples per task) and how long gathering took."""
+    examples per task) and what the gathering found (AdaMerging's entropy, LoraHub's best value)."""
     m = get(method) if isinstance(method, str) else method
-    t0 = time.perf_counter()
     stats = statistics(m, model, tok, updates, dev, p, opts)
-    seconds = time.perf_counter() - t0
     merged = merge(updates, m, replace(p, stats=stats), device, **merge_kw)
     if "coefficients" in stats:  # learned per task and module: written whole
         merged.meta["params"]["coefficients"] = stats["coefficients"]
     merged.meta["data"] = {"tasks": {t: len(idx) for t, idx in zip(dev.tasks, dev.of)}, "norm": opts.norm,
-                           "seconds": round(seconds, 3), **stats.get("info", {})}
+                           **stats.get("info", {})}
     return merged
 
 
