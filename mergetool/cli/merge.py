@@ -68,7 +68,8 @@ def merge_cmd(
     inner: Annotated[str, Opt("--inner", help="KnOTS, core-space: the method that merges the aligned coordinates.",
                               metavar="NAME", autocompletion=_complete_method)] = "ties",
     t: Annotated[float, Opt("--t", help="SLERP: interpolation fraction toward the second input.")] = 0.5,
-    seed: Annotated[int, Opt("--seed", help="Seed of the random drops (DARE, DELLA).")] = 0,
+    seed: Annotated[int, Opt("--seed", help="Seed of the random drops (DARE, DELLA) and of the searches (auto, "
+                                           "lorahub, --holdout's draw).")] = 0,
     rank: Annotated[Optional[int], Opt("--rank", help="Write a LoRA of at most this rank (truncated SVD; "
                                        "the retained energy is reported).")] = None,
     gamma: Annotated[float, Opt("--gamma", help="Breadcrumbs: fraction of largest entries dropped.")] = 0.01,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 import time
@@ -44,6 +45,8 @@ from ..updates import Update
 from ..weights import base_softmax, softmax
 from .candidates import Judge
 from .data import DevData
+
+log = logging.getLogger("mergetool")
 
 OBJECTIVES = ("mean", "worst")
 SIGMA, SIGMA_MIN = 0.3, 0.03
@@ -200,6 +203,7 @@ class Search:
                 with atomic_output(str(path)) as fh:
                     fh.write("".join(json.dumps(r) + "\n" for r in keep).encode())
             self._fh = open(path, "a")
+            log.info("auto: continuing %s: %d candidates judged before", path, len(self.done))
         else:
             if path.parent and not path.parent.exists():
                 raise MergetoolError(str(path), "its directory does not exist", "create it first")
@@ -250,11 +254,14 @@ class Search:
             if k not in self.done and k not in seen and len(self.done) + len(fresh) < self.budget.left():
                 fresh.append(c)
                 seen.add(k)
-        if fresh:
-            accs = self.judge.accuracies([self.merge(c) for c in fresh])
-            for c, acc in zip(fresh, accs):
+        for at in range(0, len(fresh), self.population):  # a batch: ``population`` candidates in one pass
+            if at and self.spent():  # out of time between two batches
+                break
+            chunk = fresh[at:at + self.population]
+            accs = self.judge.accuracies([self.merge(c) for c in chunk])
+            for c, acc in zip(chunk, accs):
                 norm = normalised(acc, self.alone, self.sizes)
-                rec = {"kind": "candidate", "n": len(self.done), "batch": self.batches, "of": len(fresh),
+                rec = {"kind": "candidate", "n": len(self.done), "batch": self.batches, "of": len(chunk),
                        "key": c.key(), "stage": c.stage, **c.recipe(self.names), "dev": acc, "normalised": norm,
                        "objective": objective_of(norm, self.objective), "elapsed": round(self.elapsed(), 3)}
                 self.done[rec["key"]] = rec
@@ -262,7 +269,7 @@ class Search:
                 self._write(rec)
             self.batches += 1
             if self.progress:
-                self.progress(len(fresh))
+                self.progress(len(chunk))
         return [self.done[c.key()] for c in cands if c.key() in self.done]
 
     def spent(self) -> bool:

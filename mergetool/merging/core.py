@@ -181,7 +181,9 @@ def merge_on_data(method: str, updates: list[Update], examples: list[Example], p
         model, tok = load_model(base, device)
         return merge_with_data(updates, method, p, dev, model, tok, opts, device, **merge_kw)
     from .auto import auto_merge, parse_budget
+    from .data import holdout_split
 
+    holdout_split(dev, opts.holdout, opts.seed)  # refused here, before the model loads, if it leaves too few
     forecast = _pair_model(opts.predict) if opts.predict else None
     score_weights = None
     if opts.scores:
