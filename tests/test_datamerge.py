@@ -15,7 +15,7 @@ from mergetool.examples import check_examples
 from mergetool.merging import DataOptions, dev_data, merge_with_data, statistics
 from mergetool.merging.data import sequence_items
 from mergetool.methods import Params, get, merge
-from mergetool.methods.dataaware import regmean_dense, regmean_lora, scaled_grams
+from mergetool.methods.dataaware import regmean_dense, regmean_lora
 from mergetool.model import load_model, resolve_base
 from mergetool.updates import PREFIX, LowRank
 
@@ -154,7 +154,11 @@ def test_regmean_lora_handles_a_task_that_leaves_the_module_alone():
     W = regmean_dense(torch.stack(Ws), G, 1.0)
     grad = sum(((W - Wi) @ Gi) for Wi, Gi in zip(Ws, G))
     assert float(grad.abs().max()) < 1e-10
-    assert torch.allclose(scaled_grams(G, 0.0), torch.diag_embed(torch.diagonal(G, dim1=-2, dim2=-1)))
+    # α scales the off-diagonal entries of every Gram (the paper's G̃ = α G + (1 − α) diag G), written out here
+    for alpha in (0.0, 0.3):
+        Gt = alpha * G + (1 - alpha) * torch.diag_embed(torch.diagonal(G, dim1=-2, dim2=-1))
+        ref = torch.linalg.solve(Gt.sum(0), sum(Wi @ Gi for Wi, Gi in zip(Ws, Gt)).T).T
+        assert relerr(regmean_dense(torch.stack(Ws), G, alpha), ref) < 1e-10
 
 
 def test_regmean_pp_equals_a_plain_layer_by_layer_loop(model_tok):

@@ -14,7 +14,7 @@ import torch
 
 from ..adapters import RowAdapters, decoder_layers, layer_of
 from ..errors import MergetoolError
-from ..methods.dataaware import regmean_dense, regmean_lora
+from ..methods.dataaware import Normal, regmean_dense, regmean_lora
 from ..scoring import packed_batches
 from ..updates import PREFIX, Dense, LowRank, Update
 from .data import DevData, sequence_items
@@ -146,10 +146,13 @@ def regmean_pp_grams(model, tok, updates: list[Update], dev: DevData, alpha: flo
                     for u in updates]
         g = collect(model, tok, per_task, dev, [k[len(PREFIX):] for k in here], lay, batch_tokens, cache)
         grams.update(g)
+        normals: dict[int, Normal] = {}  # one factorisation per input (q, k and v share theirs)
         for k in here:
             parts = [u.modules.get(k) for u in updates]
             if all(m is None or isinstance(m, LowRank) for m in parts):
-                merged[k] = regmean_lora(parts, g[k], alpha)
+                if id(g[k]) not in normals:
+                    normals[id(g[k])] = Normal(g[k], alpha)
+                merged[k] = regmean_lora(parts, normals[id(g[k])], alpha)
             else:
                 shape = next(m for m in parts if m is not None).shape
                 D = torch.stack([m.delta() if m is not None else torch.zeros(shape) for m in parts])
