@@ -166,21 +166,26 @@ def regmean(args) -> dict:
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
             grams[f"base_model.model.model.layers.{layer}.self_attn.{p}"] = sites["o" if p == "o_proj" else "qkv"]
     alpha = 0.9
-    sync(dev)
-    t = time.perf_counter()
-    fac = merge(ups, "regmean", Params(alpha=alpha, stats={"grams": grams}), dev)
-    sync(dev)
-    t_f = time.perf_counter() - t
-    worst = 0.0
-    t_d = 0.0
-    for k, G in grams.items():
+    from mergetool.updates import Update
+
+    t_f = t_d = worst = 0.0
+    fac = {}
+    for layer in range(args.layers):  # layer by layer, the two routes in turn: load from other jobs falls on both
+        keys = [k for k in grams if f".layers.{layer}." in k]
+        part = [Update(u.name, {k: u.modules[k] for k in keys}, u.meta) for u in ups]
         sync(dev)
         t = time.perf_counter()
-        dense = regmean_dense(torch.stack([u.modules[k].delta(dev) for u in ups]), G, alpha)
+        got = merge(part, "regmean", Params(alpha=alpha, stats={"grams": grams}), dev)
         sync(dev)
-        t_d += time.perf_counter() - t
-        got = fac.modules[k].delta(dev).double()
-        worst = max(worst, float((got - dense).norm() / dense.norm()))
+        t_f += time.perf_counter() - t
+        fac.update(got.modules)
+        for k in keys:
+            sync(dev)
+            t = time.perf_counter()
+            dense = regmean_dense(torch.stack([u.modules[k].delta(dev) for u in ups]), grams[k], alpha)
+            sync(dev)
+            t_d += time.perf_counter() - t
+            worst = max(worst, float((fac[k].delta(dev).double() - dense).norm() / dense.norm()))
     from fusion_bench.method.regmean_plusplus.regmean_plusplus import regmean_params_merge
 
     t_p, worst_p = 0.0, 0.0
@@ -192,7 +197,7 @@ def regmean(args) -> dict:
         ref = regmean_params_merge(ds, list(grams[k]), reduce_non_diagonal_ratio=alpha)
         sync(dev)
         t_p += time.perf_counter() - t
-        worst_p = max(worst_p, float((fac.modules[k].delta(dev).double() - ref).norm() / ref.norm()))
+        worst_p = max(worst_p, float((fac[k].delta(dev).double() - ref).norm() / ref.norm()))
     t_f_peer = t_f * len(peer_mods) / len(grams)  # the factor route's time on the same modules (its per-module mean)
     info = {"bench": "regmean", "machine": machine(dev, ("fusion-bench",)), "layers": args.layers,
             "modules": len(grams), "loras": 8, "rank": 16, "hidden": 2048, "kv": 512, "tokens": 4096, "alpha": alpha,

@@ -175,7 +175,7 @@ def merge_on_data(method: str, updates: list[Update], examples: list[Example], p
     first)."""
     from ..model import load_model
 
-    dev = dev_data(updates, examples, method, KINDS[method])
+    dev = dev_data(updates, examples, method, KINDS[method], matched=method != "lorahub")
     opts = replace(opts, progress=progress)
     if method != "auto":
         model, tok = load_model(base, device)

@@ -33,11 +33,17 @@ class DevData:
 
 
 def dev_data(updates: list[Update], examples: list[Example], method: str, kinds=("mc", "gen", "ppl"),
-             minimum: int = MIN_EXAMPLES) -> DevData:
+             minimum: int = MIN_EXAMPLES, matched: bool = True) -> DevData:
     """Each adapter's task's examples; an adapter whose task has no examples, a task with fewer than ``minimum``
-    examples, or examples of a kind the method cannot use are errors that name them."""
-    of = match(updates, examples, "task")
-    tasks = [examples[idx[0]].task for idx in of]
+    examples, or examples of a kind the method cannot use are errors that name them. Not ``matched`` (LoraHub,
+    which composes adapters for a task none of them was trained on): every adapter reads all the examples, as one
+    task named after the tasks they hold."""
+    if matched:
+        of = match(updates, examples, "task")
+        tasks = [examples[idx[0]].task for idx in of]
+    else:
+        of = [list(range(len(examples)))] * len(updates)
+        tasks = [",".join(dict.fromkeys(e.task for e in examples))] * len(updates)
     for u, idx, task in zip(updates, of, tasks):
         if len(idx) < minimum:
             raise MergetoolError(u.name, f"task {task!r} has {len(idx)} dev example{'s' * (len(idx) != 1)}; "
