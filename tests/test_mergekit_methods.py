@@ -7,14 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_lora
-from test_oracles import TOL, MaskFeed, deltas, group, mk_gta, ours, per, relerr
-
-from mergetool.methods.primitives import della_keep_probs, drop_mask
+from test_oracles import TOL, MaskFeed, deltas, della_masks, group, mk_gta, ours, per, relerr
 
 pytest.importorskip("mergekit")
 from mergekit.merge_methods import registry  # noqa: E402
 
-CPU = torch.device("cpu")
 W = [0.7, 1.3, 0.4]
 
 
@@ -80,12 +77,7 @@ def test_ram_matches_mergekit(loras):
 
 def test_della_linear_matches_mergekit(loras, monkeypatch):
     got = ours(loras, "della-linear", weights=W, density=0.5, epsilon=0.2, rescale="l1", seed=3)
-    masks = []
-    for mod in got:
-        for i, u in enumerate(loras):
-            d = deltas(u)[mod]
-            masks.append(drop_mask(tuple(d.shape), della_keep_probs(d, 0.5, 0.2), 3, i, mod, CPU))
-    monkeypatch.setattr(torch, "bernoulli", MaskFeed(masks))
+    monkeypatch.setattr(torch, "bernoulli", MaskFeed(della_masks(loras, got, 0.5, 0.2, 3)))
     for mod in got:
         ref = mk_gta("della_linear", [deltas(u)[mod] for u in loras], W, density=0.5, rescale=True, epsilon=0.2)
         assert relerr(got[mod], ref) < TOL
