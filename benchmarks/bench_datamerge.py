@@ -272,7 +272,6 @@ def _lorahub_loop(model_dir, tok, updates, exs, budget, seed, dev):
 
         composed[k] = LowRank(sum(wi * c[f"{k}.lora_A.weight"] for wi, c in zip(w, cache)),
                               sum(wi * c[f"{k}.lora_B.weight"] for wi, c in zip(w, cache)), 1.0)
-    del pm, base
     assert all(k.startswith(PREFIX) for k in composed)
     return w, composed
 

@@ -14,7 +14,7 @@ from conftest import random_lora
 from mergetool.examples import check_examples
 from mergetool.merging import DataOptions, dev_data, merge_with_data, statistics
 from mergetool.merging.data import sequence_items
-from mergetool.methods import Params, get, merge
+from mergetool.methods import Params, merge
 from mergetool.methods.dataaware import regmean_dense, regmean_lora
 from mergetool.model import load_model, resolve_base
 from mergetool.updates import PREFIX, LowRank

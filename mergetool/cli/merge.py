@@ -26,12 +26,20 @@ weighted-base) keep LoRAs exact (concatenated factors); knots and the subspace m
 iso-c, iso-cts, star, cart) write an exact LoRA of rank ≤ Σ r_i from the factors; the others give dense
 deltas, or a LoRA by truncated SVD with --rank.
 
+With --data DEV.jsonl and --base, the data-aware methods read the model on each adapter's task's examples:
+regmean and regmean++ (Grams of each module's inputs; an exact LoRA), fisher (diagonal Fisher), adamerging
+(coefficients by entropy minimisation on the prompts), lorahub (weights by gradient-free search); and auto
+searches for the best merge (method, options, weights and, with --drop, members) on part of the examples,
+reports the rest held out (--holdout), and writes every candidate to --trace FILE (continued if it exists).
+
 \b
 Examples:
   mergetool merge --method knots a.safetensors b.safetensors > ab.safetensors
   mergetool merge --method mean a.safetensors b.safetensors | mergetool merge --method ties - c.safetensors -o out.safetensors
   mergetool weight --tau 0.5 < base_eval.jsonl > w.jsonl && mergetool merge --method linear --weights w.jsonl experts/
   mergetool merge --method ties --density 0.2 --base BASE ft1/ ft2/ --save-model merged/
+  mergetool merge --method regmean --data dev.jsonl --base BASE experts/ > regmean.safetensors
+  mergetool merge -m auto --data dev.jsonl --base BASE experts/ | mergetool eval --base BASE --adapter - t.jsonl
 """
 
 Opt = typer.Option
@@ -106,7 +114,8 @@ def merge_cmd(
     granularity: Annotated[str, Opt("--granularity", help="adamerging: coefficients per task and module (layer) "
                                     "or per task (task).", metavar="layer|task")] = "layer",
     budget: Annotated[Optional[str], Opt("--budget", help="lorahub: candidates judged (default 40); auto: "
-                                         "candidates (default 64) or seconds (300s, 10m).", metavar="N|SECONDS")] = None,
+                                         "candidates (default 64) or seconds (300s, 10m).",
+                                         metavar="N|SECONDS")] = None,
     population: Annotated[Optional[int], Opt("--population", help="lorahub, auto: candidates judged together, as "
                                              "rows of one pass (default lorahub 8, auto 16).")] = None,
     l1: Annotated[float, Opt("--l1", help="lorahub: weight of LoraHub's L1 penalty on the weights.")] = 0.05,
@@ -147,6 +156,8 @@ def merge_cmd(
         for m in sorted(all_methods().values(), key=lambda m: m.name):
             typer.echo(f"{m.name:16} {m.pretty:28} {m.reference}")
             typer.echo(f"{'':16} {m.summary}")
+        typer.echo(f"{'auto':16} {'Search (needs --data)':28} merge --help")
+        typer.echo(f"{'':16} The best merge of the inputs on dev examples: method, options, weights, members.")
         return
     if not inputs:
         raise UsageError("inputs", "no adapters given", "pass adapter files, directories, or -")
@@ -179,8 +190,8 @@ def merge_cmd(
     if rank is not None and rank < 1:
         raise UsageError("--rank", f"{rank} is not a positive rank", "pass --rank 16, say")
     dev = pick_device(device)
-    p = Params(lam=lam, density=density, trim_scope=trim_scope, rescale=rescale, t=t, seed=seed, gamma=gamma, alpha=alpha,
-               epsilon=epsilon, inner=inner, for_task=for_task, tau=tau, rank_fraction=rank_fraction,
+    p = Params(lam=lam, density=density, trim_scope=trim_scope, rescale=rescale, t=t, seed=seed, gamma=gamma,
+               alpha=alpha, epsilon=epsilon, inner=inner, for_task=for_task, tau=tau, rank_fraction=rank_fraction,
                common_fraction=common_fraction, eta=eta, correction=correction, nuslerp_row_wise=nuslerp_row_wise,
                nuslerp_flatten=nuslerp_flatten, ram_epsilon=ram_epsilon, tall_lambda=tall_lambda,
                consensus_k=consensus_k)
@@ -191,8 +202,9 @@ def merge_cmd(
     opts = DataOptions(norm=norm, batch_tokens=batch_tokens, steps=steps, lr=lr, granularity=granularity,
                        budget=budget, population=population, l1=l1, seed=seed, objective=objective, drop=drop,
                        holdout=holdout, trace=trace, predict=predict, scores=scores)
-    check_data_options(method, with_data, data, base, opts, given={"weights": bool(weights), "base-acc": bool(base_acc),
-                                                                   "density": density is not None, "alpha": alpha != 0.9})
+    given = {"weights": bool(weights), "base-acc": bool(base_acc), "density": density is not None,
+             "alpha": alpha != 0.9}
+    check_data_options(method, with_data, data, base, opts, given)
     examples = read_dev(data) if with_data else None
 
     b = resolve_base(base, gguf_file) if base else None
@@ -206,7 +218,8 @@ def merge_cmd(
         p.base_acc = base_accuracy(base_acc).of([(u.name, u.meta.get("task") or u.name) for u in updates])
     if not auto:
         check_inputs(m, len(updates), p)
-    out_name = name or (Path(output).name.removesuffix(".safetensors") if output and output != "-" else f"{method}-merge")
+    out_name = name or (Path(output).name.removesuffix(".safetensors") if output and output != "-"
+                        else f"{method}-merge")
     out_dtype = out_dtype or widest_dtype(updates)
     keep_dtype = None if dtype == "auto" else out_dtype
     full_models = (not with_data and rank is None and m.coefficients is None and "inner" not in m.options

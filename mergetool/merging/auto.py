@@ -445,8 +445,7 @@ def auto_merge(model, tok, updates: list[Update], dev: DevData, *, holdout: floa
     if get(best.method).data:
         p = replace(p, stats={"grams": {k: G[best.members] for k, G in s.grams().items()}})
     merged = merge([updates[i] for i in best.members], best.method, p, device, **merge_kw)
-    report = holdout_report(model, tok, [u for u in updates], held, merged, objective, norm, batch_tokens) \
-        if held.examples else None
+    report = holdout_report(model, tok, updates, held, merged, objective, norm, batch_tokens) if held.examples else None
     merged.meta["auto"] = {
         "recipe": best.recipe(s.names), "pool": s.names,
         "dropped": [n for i, n in enumerate(s.names) if i not in best.members],

@@ -211,7 +211,8 @@ def _pair_model(src: str):
     try:
         doc = json.loads(Path(src).read_text())
     except (OSError, ValueError) as e:
-        raise MergetoolError(src, f"cannot read the model ({e.__class__.__name__})", "pass diagnose --fit's file") from None
+        raise MergetoolError(src, f"cannot read the model ({e.__class__.__name__})",
+                             "pass diagnose --fit's file") from None
     m = Model.from_json(doc, src)
     if m.target != "normalized_accuracy":
         raise MergetoolError(src, f"predicts {m.target}, not a merged pair's normalised accuracy",

@@ -18,8 +18,6 @@ cross-entropy over the examples' answer tokens (one batch) divided by the number
 
 from __future__ import annotations
 
-import torch
-
 from ..methods import Params, merge
 from ..updates import Update
 from .candidates import Judge

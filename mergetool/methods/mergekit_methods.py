@@ -19,7 +19,8 @@ from .families import _breadcrumbs, _della, _gta
 
 register("della-linear", "DELLA (linear)", "https://arxiv.org/abs/2406.11617",
          "MagPrune (rank-dependent drop, --epsilon) and rescale, then the weighted sum (mergekit's della_linear).",
-         options=("weights", "density", "epsilon", "rescale", "seed", "lambda"), default_density=0.5)(_gta(_della, False))
+         options=("weights", "density", "epsilon", "rescale", "seed", "lambda"),
+         default_density=0.5)(_gta(_della, False))
 register("breadcrumbs-ties", "Model Breadcrumbs + TIES", "https://arxiv.org/abs/2312.06795",
          "Drop the --gamma largest and the smallest entries keeping --density, then TIES's sign election and "
          "disjoint mean (mergekit's breadcrumbs_ties with normalize: true).",
