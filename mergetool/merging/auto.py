@@ -236,11 +236,22 @@ class Search:
             self._grams = collect(self.model, self.tok, self.updates, self.dev, batch_tokens=self.batch_tokens)
         return self._grams
 
-    def merge(self, c: Candidate, name: str | None = None) -> Update:
+    def params(self, c: Candidate) -> Params:
+        """The candidate's merge options, and for RegMean its members' Grams (one tensor still shared by the
+        modules that read one input)."""
         p = c.params(self.names)
         if get(c.method).data:
-            p = replace(p, stats={"grams": {k: G[c.members] for k, G in self.grams().items()}})
-        return merge([self.updates[i] for i in c.members], c.method, p, self.device, name=name)
+            sub: dict[int, torch.Tensor] = {}
+            grams = {}
+            for k, G in self.grams().items():
+                if id(G) not in sub:
+                    sub[id(G)] = G[c.members]
+                grams[k] = sub[id(G)]
+            p = replace(p, stats={"grams": grams})
+        return p
+
+    def merge(self, c: Candidate, name: str | None = None) -> Update:
+        return merge([self.updates[i] for i in c.members], c.method, self.params(c), self.device, name=name)
 
     def judge_all(self, cands: list[Candidate]) -> list[dict]:
         """The records of ``cands`` (judged now in one batched pass, or read from the trace), as many as the
@@ -441,10 +452,7 @@ def auto_merge(model, tok, updates: list[Update], dev: DevData, *, holdout: floa
                population=population, seed=seed, trace=trace, forecast=forecast, score_weights=score_weights,
                norm=norm, batch_tokens=batch_tokens, device=device, progress=progress)
     best, rec, refs = s.run()
-    p = best.params(s.names)
-    if get(best.method).data:
-        p = replace(p, stats={"grams": {k: G[best.members] for k, G in s.grams().items()}})
-    merged = merge([updates[i] for i in best.members], best.method, p, device, **merge_kw)
+    merged = merge([updates[i] for i in best.members], best.method, s.params(best), device, **merge_kw)
     report = holdout_report(model, tok, updates, held, merged, objective, norm, batch_tokens) if held.examples else None
     merged.meta["auto"] = {
         "recipe": best.recipe(s.names), "pool": s.names,

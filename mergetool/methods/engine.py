@@ -20,7 +20,6 @@ import torch
 from ..errors import MergetoolError, UsageError
 from ..updates import Dense, LowRank, Update
 from .base import Method, Params, TaskVectors
-from .primitives import lora_sum
 from .registry import get
 
 log = logging.getLogger("mergetool")
@@ -151,8 +150,11 @@ def merge_stream(updates: list[Update], method: Method | str, p: Params,
             coef = method.coefficients(p, len(updates))
             for mod in tv.modules:
                 parts = [(c, u.modules[mod]) for c, u in zip(coef, updates) if mod in u.modules]
-                if all(isinstance(m, LowRank) for _, m in parts):  # exact: concatenated factors
-                    yield mod, lora_sum([(c * p.lam, m) for c, m in parts], device)
+                if all(isinstance(m, LowRank) for _, m in parts):
+                    # Σ c_i s_i B_i A_i = [c_1 s_1 B_1 … c_n s_n B_n] @ [A_1; …; A_n]: exact.
+                    B = torch.cat([m.B.to(device, torch.float32) * (c * m.scale * p.lam) for c, m in parts], 1)
+                    A = torch.cat([m.A.to(device, torch.float32) for _, m in parts], 0)
+                    yield mod, LowRank(A, B, 1.0)
                 else:
                     stack = tv.stacked(mod)
                     c = torch.tensor(coef, dtype=torch.float32, device=device).view(-1, *([1] * (stack.dim() - 1)))
