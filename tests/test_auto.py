@@ -183,3 +183,27 @@ def test_bad_inputs_are_one_line_and_write_nothing(pool, tiny_lm, tmp_path, case
             "auto-option": b"regmean does not take --drop", "holdout-too-large": b"the search needs at least 2",
             "budget-seconds-for-lorahub": b"lorahub's budget counts candidates"}[case]
     assert want in r.stderr
+
+
+def test_data_aware_merges_from_the_command_line_into_eval(pool, tiny_lm, tmp_path):
+    """merge --data writes what it learned into the metadata, and pipes into eval like any merge."""
+    from mergetool.blobs import read_blobs
+    from mergetool.updates import from_blob
+
+    d, files, _, _ = pool
+    common = ["--data", str(d / "dev.jsonl"), "--base", str(tiny_lm), *map(str, files[:2])]
+    r = run_cli("merge", "-m", "adamerging", "--steps", "2", "--granularity", "task", *common, "-o",
+                str(tmp_path / "ada.safetensors"))
+    assert r.returncode == 0, r.stderr.decode()
+    meta = from_blob(read_blobs(str(tmp_path / "ada.safetensors"))[0], "ada").meta
+    coef = meta["params"]["coefficients"]
+    assert meta["method"] == "adamerging" and len(coef) == 3 * 2  # q, v, up of two layers
+    assert all(len(set(c)) == 2 and c == next(iter(coef.values())) for c in coef.values())  # task-wise: one per task
+    assert meta["data"]["tasks"] == {t: 8 for t in TASKS} and meta["data"]["steps"] == 2
+    merged = run_cli("merge", "-m", "regmean", *common)
+    assert merged.returncode == 0, merged.stderr.decode()
+    ev = run_cli("eval", "--base", str(tiny_lm), "--adapter", "-", "--summary", str(d / "dev.jsonl"),
+                 input=merged.stdout)
+    assert ev.returncode == 0, ev.stderr.decode()
+    rows = [json.loads(x) for x in ev.stdout.decode().splitlines()]
+    assert {r["task"] for r in rows} == set(TASKS) and all(r["adapter"] == "regmean-merge" for r in rows)
