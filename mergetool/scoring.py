@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .adapters import Prefix, RowAdapters, StandIn, bare, first_layer, gathered
+from .adapters import Prefix, RowAdapters, StandIn, bare, decoder_layers, first_layer, gathered
 
 log = logging.getLogger("mergetool")
 
@@ -370,7 +370,10 @@ def token_logprobs(model, rows, pos, tgt, **inputs) -> torch.Tensor:
 def _logsumexp_(x: torch.Tensor) -> torch.Tensor:
     """logsumexp over the last dimension, overwriting ``x``: max, then exp(x - max) summed, in place. The same
     steps as ``torch.logsumexp``, without its temporaries: on a CPU it takes a third of the time over a
-    49152-word vocabulary (the output layer's second cost after its matmul)."""
+    49152-word vocabulary (the output layer's second cost after its matmul). Under autograd (the data-aware
+    merges differentiate log-likelihoods) it is torch's own, which keeps what the backward pass needs."""
+    if x.requires_grad:
+        return torch.logsumexp(x, -1)
     m = x.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of -inf (or inf) keeps torch's answer
     return x.sub_(m).exp_().sum(-1).log_().add_(m[..., 0])
@@ -402,7 +405,8 @@ class _Runner:
     computed once per item and fed in."""
 
     def __init__(self, model, items: list[Item], jobs: list[Job], adapters: RowAdapters | None,
-                 batch_tokens: int | None, share_prefix: bool = True, cache: dict | None = None):
+                 batch_tokens: int | None, share_prefix: bool = True, cache: dict | None = None,
+                 adapted: Sequence[str] | None = None):
         self.model, self.items, self.jobs, self.adapters = model, items, jobs, adapters
         self.dev = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -410,10 +414,10 @@ class _Runner:
         self.lens = [_packed_len(x) for x in items]
         self.width = max([ROW] + self.lens)
         self.prefix, self.states = None, None
-        if adapters is not None and share_prefix and (len(jobs) > 1 or cache is not None):
-            paths = adapters.paths([u for u, _ in jobs if u >= 0])
+        if (adapters is not None or adapted is not None) and share_prefix and (len(jobs) > 1 or cache is not None):
+            paths = list(adapted) if adapted is not None else adapters.paths([u for u, _ in jobs if u >= 0])
             first = first_layer(model, paths)
-            if first > 0:
+            if 0 < first < len(decoder_layers(model)[1]):
                 self.prefix = Prefix(model, first, paths)
                 self.states = {} if cache is None else cache.setdefault(("prefix", first), {})
                 self._prefix_states(sorted({i for _, idx in jobs for i in idx} - set(self.states)))
@@ -435,7 +439,8 @@ class _Runner:
         """The hidden states entering the first adapted layer, per item, under the base model."""
         if not needed:
             return
-        self.adapters.use(None)
+        if self.adapters is not None:
+            self.adapters.use(None)
         rows = [(-1, [needed[k] for k in r]) for r in _rows([self.lens[i] for i in needed], self.width)]
         for batch in self._batches(rows):
             packed = pack([[self.items[x] for x in r] for _, r in batch])
@@ -504,6 +509,19 @@ def choice_loglikelihoods(model, items: list[Item], jobs: list[Job] | None = Non
         if progress:
             progress(sum(len(r) for _, r in batch))
     return out
+
+
+def packed_batches(model, items: list[Item], jobs: list[Job], adapters: RowAdapters | None = None,
+                   batch_tokens: int | None = None, cache: dict | None = None, adapted: Sequence[str] | None = None):
+    """The batches ``choice_loglikelihoods`` runs ``jobs`` in, for callers that run the model themselves (the
+    data-aware merges collect Grams and gradients): yields (batch rows as (job, item indices), Packed, ready),
+    where ``ready()`` is the context that sets each row's update and feeds the frozen lower layers' states.
+    ``adapted`` names the modules that change when the updates are applied some other way than ``adapters``
+    (AdaMerging's own hooks), so that the layers below them still run once. Items are cut to the model's
+    length first."""
+    runner = _Runner(model, truncate(items, model_max_len(model)), [(u, list(idx)) for u, idx in jobs], adapters,
+                     batch_tokens, cache=cache, adapted=adapted)
+    yield from runner.run()
 
 
 @torch.no_grad()

@@ -15,7 +15,9 @@ CPU = torch.device("cpu")
 ALL = sorted(all_methods())
 # methods whose single-input result is the input itself (with their neutral options); Iso-C and Iso-CTS flatten
 # the spectrum of even one task (Marczak et al.: the merge is σ̄ U Vᵀ whatever the number of tasks)
-IDENTITY = [m for m in ALL if m not in ("model-stock", "slerp", "iso-c", "iso-cts")]
+# the spectrum of even one task (Marczak et al.: the merge is σ̄ U Vᵀ whatever the number of tasks); slerp and
+# nuslerp take two inputs; the data-aware methods merge from statistics of a model on data (tests/test_datamerge.py)
+IDENTITY = [m for m in ALL if m not in ("model-stock", "slerp", "nuslerp", "iso-c", "iso-cts") and not get(m).data]
 
 
 def merged(updates, method, **kw) -> dict[str, torch.Tensor]:
@@ -40,6 +42,10 @@ def neutral(method: str) -> dict:
         kw["base_acc"] = [0.5]
     if method == "star":  # η = 1 keeps the whole nuclear norm: no truncation
         kw["eta"] = 1.0
+    if method.startswith("consensus-"):  # k = 0 keeps every entry of the multi-task vector
+        kw["consensus_k"] = 0
+    if method == "nearswap":  # a threshold above every entry clips nothing
+        kw["t"] = 1.0
     return kw
 
 

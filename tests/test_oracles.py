@@ -122,14 +122,19 @@ def test_dare_matches_mergekit_with_l1_rescale(loras, method, mname, normalize, 
         assert relerr(got[mod], ref) < TOL
 
 
-def test_della_matches_mergekit(loras, monkeypatch):
-    got = ours(loras, "della", weights=W, density=0.5, epsilon=0.2, rescale="l1", seed=1)
+def della_masks(loras, modules, density, epsilon, seed):
+    """Our DELLA keep-masks of every module and task, in the order a peer draws them."""
     masks = []
-    for mod in got:
+    for mod in modules:
         for i, u in enumerate(loras):
             d = deltas(u)[mod]
-            masks.append(drop_mask(tuple(d.shape), della_keep_probs(d, 0.5, 0.2), 1, i, mod, CPU))
-    monkeypatch.setattr(torch, "bernoulli", MaskFeed(masks))
+            masks.append(drop_mask(tuple(d.shape), della_keep_probs(d, density, epsilon), seed, i, mod, CPU))
+    return masks
+
+
+def test_della_matches_mergekit(loras, monkeypatch):
+    got = ours(loras, "della", weights=W, density=0.5, epsilon=0.2, rescale="l1", seed=1)
+    monkeypatch.setattr(torch, "bernoulli", MaskFeed(della_masks(loras, got, 0.5, 0.2, 1)))
     for mod in got:
         ref = mk_gta("della", [deltas(u)[mod] for u in loras], W, density=0.5, rescale=True, normalize=True,
                      epsilon=0.2)

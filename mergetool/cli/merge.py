@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import MergetoolError, UsageError
-from .common import AllowPickle, Debug, Device, Quiet, Seed, pick_device
+from .common import AllowPickle, BatchTokens, Debug, Device, Norm, Quiet, Seed, pick_device, progress_bar
 from .app import begin, command
 
 log = logging.getLogger("mergetool")
@@ -27,20 +27,30 @@ weighted-base) keep LoRAs exact (concatenated factors); knots and the subspace m
 iso-c, iso-cts, star, cart) write an exact LoRA of rank ≤ Σ r_i from the factors; the others give dense
 deltas, or a LoRA by truncated SVD with --rank.
 
+With --data DEV.jsonl and --base, the data-aware methods read the model on each adapter's task's examples:
+regmean and regmean++ (Grams of each module's inputs; an exact LoRA), fisher (diagonal Fisher), adamerging
+(coefficients by entropy minimisation on the prompts), lorahub (weights by gradient-free search); and auto
+searches for the best merge (method, options, weights and, with --drop, members) on part of the examples,
+reports the rest held out (--holdout), and writes every candidate to --trace FILE (continued if it exists).
+
 \b
 Examples:
   mergetool merge --method knots a.safetensors b.safetensors > ab.safetensors
   mergetool merge --method mean a.safetensors b.safetensors | mergetool merge --method ties - c.safetensors -o out.safetensors
   mergetool weight --tau 0.5 < base_eval.jsonl > w.jsonl && mergetool merge --method linear --weights w.jsonl experts/
   mergetool merge --method ties --density 0.2 --base BASE ft1/ ft2/ --save-model merged/
+  mergetool merge --method regmean --data dev.jsonl --base BASE experts/ > regmean.safetensors
+  mergetool merge -m auto --data dev.jsonl --base BASE experts/ | mergetool eval --base BASE --adapter - t.jsonl
 """
 
 Opt = typer.Option
 
 # The registry's names, kept here so TAB completion need not import torch (a test checks they agree).
-METHOD_NAMES = ("breadcrumbs", "cart", "core-space", "dare-linear", "dare-ties", "della", "emr", "iso-c", "iso-cts",
-                "karcher", "knots", "linear", "magnitude", "mean", "model-stock", "multislerp", "slerp", "star",
-                "task-arithmetic", "ties", "tsv", "weighted-base")
+METHOD_NAMES = ("adamerging", "auto", "breadcrumbs", "breadcrumbs-ties", "cart", "consensus-ta", "consensus-ties",
+                "core-space", "dare-linear", "dare-ties", "della", "della-linear", "emr", "fisher", "iso-c", "iso-cts",
+                "karcher", "knots", "linear", "lorahub", "magnitude", "mean", "model-stock", "multislerp", "nearswap",
+                "nuslerp", "ram", "regmean", "regmean++", "sce", "slerp", "star", "task-arithmetic", "ties", "tsv",
+                "weighted-base")
 
 
 def _complete_method(incomplete: str) -> list[str]:
@@ -67,7 +77,8 @@ def merge_cmd(
     inner: Annotated[str, Opt("--inner", help="KnOTS, core-space: the method that merges the aligned coordinates.",
                               metavar="NAME", autocompletion=_complete_method)] = "ties",
     t: Annotated[float, Opt("--t", help="SLERP: interpolation fraction toward the second input.")] = 0.5,
-    seed: Seed("Seed of the random drops (DARE, DELLA).") = 0,
+    seed: Seed("Seed of the random drops (DARE, DELLA) and of the searches (auto, lorahub, "
+               "--holdout's draw).") = 0,
     rank: Annotated[Optional[int], Opt("--rank", help="Write a LoRA of at most this rank (truncated SVD; "
                                        "the retained energy is reported).")] = None,
     gamma: Annotated[float, Opt("--gamma", help="Breadcrumbs: fraction of largest entries dropped.")] = 0.01,
@@ -84,8 +95,46 @@ def merge_cmd(
                                           "common subspace.")] = 0.8,
     eta: Annotated[float, Opt("--eta", help="star: fraction of each task's nuclear norm kept (η).")] = 0.4,
     correction: Annotated[float, Opt("--correction", help="cart: coefficient of the low-rank corrections.")] = 2.0,
+    nuslerp_row_wise: Annotated[bool, Opt("--nuslerp-row-wise", help="nuslerp: interpolate each column (mergekit's "
+                                          "nuslerp_row_wise) instead of each row.")] = False,
+    nuslerp_flatten: Annotated[bool, Opt("--nuslerp-flatten/--no-nuslerp-flatten", help="nuslerp: interpolate each "
+                                         "whole tensor as one vector (mergekit's nuslerp_flatten).")] = True,
+    ram_epsilon: Annotated[float, Opt("--ram-epsilon", help="ram: |τ| above which an entry counts as changed.")] = 1e-5,
+    tall_lambda: Annotated[float, Opt("--tall-lambda", help="consensus-ta/-ties: TALL mask threshold λ, "
+                                      "|τ_t| > λ|τ_MTL − τ_t|.")] = 0.4,
+    consensus_k: Annotated[int, Opt("--consensus-k", help="consensus-ta/-ties: keep entries at least k tasks' "
+                                    "masks hold.")] = 2,
+    data: Annotated[Optional[str], Opt("--data", help="Dev examples (eval's format; split=train records are "
+                                       "skipped) for regmean, regmean++, fisher, adamerging, lorahub and auto; each "
+                                       "adapter reads its task's (metadata task, else its name).",
+                                       metavar="DEV.jsonl")] = None,
+    alpha: Annotated[float, Opt("--alpha", help="regmean: scale of the Grams' off-diagonal entries.")] = 0.9,
+    norm: Norm = "tokens",
+    steps: Annotated[int, Opt("--steps", help="adamerging: Adam steps on the dev prompts' entropy.")] = 500,
+    lr: Annotated[float, Opt("--lr", help="adamerging: Adam's learning rate.")] = 1e-3,
+    granularity: Annotated[str, Opt("--granularity", help="adamerging: coefficients per task and module (layer) "
+                                    "or per task (task).", metavar="layer|task")] = "layer",
+    budget: Annotated[Optional[str], Opt("--budget", help="lorahub: candidates judged (default 40); auto: "
+                                         "candidates (default 64) or seconds (300s, 10m).",
+                                         metavar="N|SECONDS")] = None,
+    population: Annotated[Optional[int], Opt("--population", help="lorahub, auto: candidates judged together, as "
+                                             "rows of one pass (default lorahub 8, auto 16).")] = None,
+    l1: Annotated[float, Opt("--l1", help="lorahub: weight of LoraHub's L1 penalty on the weights.")] = 0.05,
+    objective: Annotated[str, Opt("--objective", help="auto: maximise the mean or the worst task's normalised "
+                                  "accuracy (merged / expert alone).", metavar="mean|worst")] = "mean",
+    drop: Annotated[bool, Opt("--drop", help="auto: may leave members out of the merge.")] = False,
+    holdout: Annotated[float, Opt("--holdout", help="auto: fraction of each task's examples held out of the "
+                                  "search and judged after it.")] = 0.5,
+    trace: Annotated[Optional[str], Opt("--trace", help="auto: every candidate and its dev accuracies, as JSONL; "
+                                        "an existing trace of the same search is continued.", metavar="FILE")] = None,
+    predict: Annotated[Optional[str], Opt("--predict", help="auto --drop: a diagnose --fit pair model whose "
+                                          "forecast orders the members to leave out.", metavar="MODEL.json")] = None,
+    scores: Annotated[Optional[str], Opt("--scores", help="auto: score records; their weight --by score starts "
+                                         "the search too.", metavar="FILE")] = None,
+    batch_tokens: BatchTokens = None,
     base: Annotated[Optional[str], Opt("--base", help="Base model (dir, HF id, .gguf): for full-model inputs, "
-                                       "--save-model and the fingerprint check.", metavar="MODEL")] = None,
+                                       "--save-model, the fingerprint check and the data-aware methods.",
+                                       metavar="MODEL")] = None,
     gguf_file: Annotated[Optional[str], Opt("--gguf-file", help="GGUF file inside the --base directory.")] = None,
     name: Annotated[Optional[str], Opt("--name", help="Name of the merged adapter (metadata).")] = None,
     output: Annotated[Optional[str], Opt("-o", "--output", help="Write the adapter here (atomically); - is stdout.",
@@ -108,6 +157,8 @@ def merge_cmd(
         for m in sorted(all_methods().values(), key=lambda m: m.name):
             typer.echo(f"{m.name:16} {m.pretty:28} {m.reference}")
             typer.echo(f"{'':16} {m.summary}")
+        typer.echo(f"{'auto':16} {'Search (needs --data)':28} merge --help")
+        typer.echo(f"{'':16} The best merge of the inputs on dev examples: method, options, weights, members.")
         return
     if not inputs:
         raise UsageError("inputs", "no adapters given", "pass adapter files, directories, or -")
@@ -123,7 +174,9 @@ def merge_cmd(
     from ..updates import check_bound, lora_of, metadata_for, save_peft as write_peft, to_tensors
     from ..weights import base_accuracy, read_weights
 
-    m = get(method)
+    auto = method == "auto"
+    m = None if auto else get(method)
+    with_data = auto or m.data
     if "-" in inputs and (weights == "-" or base_acc == "-"):
         raise UsageError("-", "stdin is named twice", "read adapters or weights from stdin, not both")
     to_blob = output is not None or not (save_peft or save_model)
@@ -139,9 +192,21 @@ def merge_cmd(
         raise UsageError("--rank", f"{rank} is not a positive rank", "pass --rank 16, say")
     dev = pick_device(device)
     p = Params(lam=lam, density=density, trim_scope=trim_scope, rescale=rescale, t=t, seed=seed, gamma=gamma,
-               epsilon=epsilon, inner=inner, for_task=for_task, tau=tau, rank_fraction=rank_fraction,
-               common_fraction=common_fraction, eta=eta, correction=correction)
-    check_options(m, p, {opt for opt, v in (("weights", weights), ("base-acc", base_acc)) if v})  # before any input
+               alpha=alpha, epsilon=epsilon, inner=inner, for_task=for_task, tau=tau, rank_fraction=rank_fraction,
+               common_fraction=common_fraction, eta=eta, correction=correction, nuslerp_row_wise=nuslerp_row_wise,
+               nuslerp_flatten=nuslerp_flatten, ram_epsilon=ram_epsilon, tall_lambda=tall_lambda,
+               consensus_k=consensus_k)
+    if not auto:
+        check_options(m, p, {opt for opt, v in (("weights", weights), ("base-acc", base_acc)) if v})  # before any input
+    from ..merging import DataOptions, check_data_options, read_dev
+
+    opts = DataOptions(norm=norm, batch_tokens=batch_tokens, steps=steps, lr=lr, granularity=granularity,
+                       budget=budget, population=population, l1=l1, seed=seed, objective=objective, drop=drop,
+                       holdout=holdout, trace=trace, predict=predict, scores=scores)
+    given = {"weights": bool(weights), "base-acc": bool(base_acc), "density": density is not None,
+             "alpha": alpha != 0.9}
+    check_data_options(method, with_data, data, base, opts, given)
+    examples = read_dev(data) if with_data else None
 
     b = resolve_base(base, gguf_file) if base else None
     updates = load_inputs(list(inputs), b, allow_pickle)
@@ -153,14 +218,17 @@ def merge_cmd(
         p.weights = read_weights(weights, p.names)
     if base_acc:
         p.base_acc = base_accuracy(base_acc).of([(u.name, u.meta.get("task") or u.name) for u in updates])
-    check_inputs(m, len(updates), p)
-    out_name = name or (Path(output).name.removesuffix(".safetensors") if output and output != "-" else f"{m.name}-merge")
-    meta = describe(updates, m, p, rank=rank, base_model=base, base_fingerprint=base_fp)
+    if not auto:
+        check_inputs(m, len(updates), p)
+    out_name = name or (Path(output).name.removesuffix(".safetensors") if output and output != "-"
+                        else f"{method}-merge")
     out_dtype = out_dtype or widest_dtype(updates)
     keep_dtype = None if dtype == "auto" else out_dtype
-    full_models = (rank is None and m.coefficients is None and "inner" not in m.options and not save_peft
-                   and not any(lora_of(mm) for u in updates for mm in u.modules.values())
+    full_models = (not with_data and rank is None and m.coefficients is None and "inner" not in m.options
+                   and not save_peft and not any(lora_of(mm) for u in updates for mm in u.modules.values())
                    and bool(to_blob) != bool(save_model))
+    if full_models:
+        meta = describe(updates, m, p, rank=rank, base_model=base, base_fingerprint=base_fp)
     if full_models and save_model:  # one tensor at a time from the inputs into the merged model's shards
         with atomic_dir(save_model) as d:
             info = write_model(b, d, checked(merge_stream(updates, m, p, dev)), dev, allow_pickle, keep_dtype)
@@ -178,11 +246,27 @@ def merge_cmd(
         log.info("merged %d inputs with %s into %d dense modules -> %s", len(updates), m.name, len(order),
                  output or "stdout")
         return
-    merged = merge_updates(updates, m, p, dev, rank=rank, name=out_name, base_model=base, base_fingerprint=base_fp,
-                           dtype=out_dtype)
+    kw = dict(rank=rank, name=out_name, base_model=base, base_fingerprint=base_fp, dtype=out_dtype)
+    if with_data:
+        from ..merging import merge_on_data
+
+        import time
+
+        from ..merging.auto import parse_budget
+
+        total = {"adamerging": steps, "lorahub": int(budget or 40),
+                 "auto": parse_budget(budget or "64").candidates or 0}.get(method, 0)
+        bar = progress_bar(total, quiet, method, "steps" if method == "adamerging" else "candidates")
+        t0 = time.monotonic()
+        merged = merge_on_data(method, updates, examples, p, b, opts, dev, progress=bar, **kw)
+        bar(None)
+        if auto:
+            _auto_summary(merged.meta["auto"], time.monotonic() - t0)
+    else:
+        merged = merge_updates(updates, m, p, dev, **kw)
     if save_peft and not any(lora_of(mm) for mm in merged.modules.values()):
-        raise MergetoolError("--save-peft", f"{m.name} gives only dense deltas here, and a PEFT adapter needs a LoRA "
-                             "module", "pass --rank R to write a LoRA by truncated SVD")
+        raise MergetoolError("--save-peft", f"{merged.meta['method']} gives only dense deltas here, and a PEFT adapter "
+                             "needs a LoRA module", "pass --rank R to write a LoRA by truncated SVD")
     if save_peft and b is not None:
         mark_embeddings(merged, b)
     with contextlib.ExitStack() as outputs:  # every output is built aside and lands only if all of them succeed
@@ -199,6 +283,27 @@ def merge_cmd(
             write_blob(outputs.enter_context(atomic_output(output)), to_tensors(merged), metadata_for(merged))
     ranks = sorted({lora_of(mm).rank for mm in merged.modules.values() if lora_of(mm)})
     kinds = ([f"LoRA rank {ranks[0]}-{ranks[-1]}"] if ranks else []) + (["dense"] if merged.kind == "dense" else [])
-    log.info("merged %d inputs with %s: %d modules, %s%s", len(updates), m.name, len(merged.modules),
+    log.info("merged %d inputs with %s: %d modules, %s%s", len(updates), merged.meta["method"], len(merged.modules),
              " and ".join(kinds),
              f" -> {output}" if output and output != "-" else "")
+
+
+def _auto_summary(a: dict, seconds: float) -> None:
+    """The search's result on stderr: the recipe, then per task the accuracies on the examples it searched on
+    (dev) and on those it never saw (held out), alone and merged, and the objective on each."""
+    r = a["recipe"]
+    opts = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["options"].items())
+    log.info("auto: %d candidates judged (%.0f s); best %s (%s)%s", a["judged"], seconds, r["method"], opts,
+             f", leaving out {', '.join(a['dropped'])}" if a["dropped"] else "")
+    if r["weights"] is not None:
+        log.info("auto: weights %s", ", ".join(f"{n} {w:.3f}" for n, w in zip(r["members"], r["weights"])))
+    d, h = a["dev"], a["holdout"]
+    log.info("%-24s %14s %14s %14s %14s", "task", "dev alone", "dev merged", "held alone", "held merged")
+    for t in d["merged"]:
+        held = (f"{h['alone'][t]:.3f} (n={h['n'][t]})", f"{h['merged'][t]:.3f}") if h else ("-", "-")
+        log.info("%-24s %14s %14s %14s %14s", t[:24], f"{d['alone'][t]:.3f} (n={d['n'][t]})", f"{d['merged'][t]:.3f}",
+                 *held)
+    mean = lambda x: sum(x.values()) / len(x)  # noqa: E731
+    log.info("normalised accuracy (merged/alone): dev mean %.3f worst %.3f; held out %s", mean(d["normalised"]),
+             min(d["normalised"].values()),
+             f"mean {h['mean']:.3f} worst {h['worst']:.3f}" if h else "none (--holdout 0)")

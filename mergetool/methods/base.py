@@ -43,6 +43,15 @@ class Params:
     common_fraction: float = 0.8  # iso-cts: share of the span given to the common subspace (the paper's 0.8)
     eta: float = 0.4  # star: fraction of each task's nuclear norm kept (the paper's η = 40%)
     correction: float = 2.0  # cart: coefficient λ of the low-rank corrections (the authors' 8-task setting)
+    nuslerp_row_wise: bool = False  # nuslerp (mergekit's option): interpolate columns (dim 0) instead of rows
+    nuslerp_flatten: bool = True  # nuslerp (mergekit's option): interpolate each whole tensor as one vector
+    ram_epsilon: float = 1e-5  # ram: |τ| above which an entry counts as changed (mergekit's epsilon)
+    tall_lambda: float = 0.4  # consensus-*: TALL mask threshold λ, |τ_t| > λ |τ_MTL − τ_t|
+    consensus_k: int = 2  # consensus-*: entries kept where at least k tasks' TALL masks agree
+    alpha: float = 0.9  # regmean: scale of the Grams' off-diagonal entries (1 = plain RegMean)
+    # What a data-aware method learned from its data (Grams, Fisher diagonals, coefficients), set by
+    # ``mergetool.merging`` before the merge runs; the merge itself is then a pure function of it.
+    stats: dict | None = None
     names: list[str] = field(default_factory=list)
 
     def w(self, n: int) -> list[float]:
@@ -65,6 +74,9 @@ class Method:
     many: Callable[[list["TaskVectors"], Params], Iterator[Iterator[tuple[str, object]]]] | None = None
     # Defaults that depend on the number of inputs n (TSV's rank fraction 1/n), filled in for n inputs.
     fill: Callable[[Params, int], Params] | None = None
+    # Data-aware: merges from statistics of the model on dev examples (``Params.stats``, made by
+    # ``mergetool.merging``); the command loads the model and data for it.
+    data: bool = False
 
     def defaults(self, p: Params, n: int) -> Params:
         """``p`` with this method's defaults filled in for n inputs (what runs, and what metadata records); the
@@ -79,14 +91,14 @@ METHODS: dict[str, Method] = {}
 
 def register(name: str, pretty: str, reference: str, summary: str, *, options: tuple[str, ...] = (),
              coefficients=None, min_inputs: int = 1, max_inputs: int | None = None,
-             default_density: float | None = None, many=None, fill=None):
+             default_density: float | None = None, many=None, fill=None, data: bool = False):
     """Register ``fn`` as merge method ``name``."""
 
     def deco(fn):
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         METHODS[name] = Method(name, pretty, reference, summary, fn, options, coefficients,
-                               min_inputs, max_inputs, default_density, many, fill)
+                               min_inputs, max_inputs, default_density, many, fill, data)
         return fn
 
     return deco

@@ -29,7 +29,9 @@ OPTION_FIELDS = {"weights": "weights", "lambda": "lam", "density": "density", "t
                  "rescale": "rescale", "t": "t", "seed": "seed", "gamma": "gamma", "epsilon": "epsilon",
                  "inner": "inner", "for-task": "for_task", "base-acc": "base_acc", "tau": "tau",
                  "rank-fraction": "rank_fraction", "common-fraction": "common_fraction", "eta": "eta",
-                 "correction": "correction"}
+                 "correction": "correction", "nuslerp-row-wise": "nuslerp_row_wise",
+                 "nuslerp-flatten": "nuslerp_flatten", "ram-epsilon": "ram_epsilon", "tall-lambda": "tall_lambda",
+                 "consensus-k": "consensus_k", "alpha": "alpha"}
 
 
 def resolve(method: str | Method) -> Method:
@@ -95,6 +97,13 @@ def check_options(method: Method, p: Params, given: set[str] = frozenset()) -> N
             raise UsageError(opt, f"{value} is outside (0, 1]", f"pass a fraction such as {example}")
     if not math.isfinite(p.correction):
         raise UsageError("--correction", f"{p.correction} is not a finite number", "pass a finite value such as 2")
+    for opt, value, example in (("--ram-epsilon", p.ram_epsilon, "1e-5"), ("--tall-lambda", p.tall_lambda, "0.4")):
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(opt, f"{value} is not a finite number ≥ 0", f"pass a value such as {example}")
+    if p.consensus_k < 0:
+        raise UsageError("--consensus-k", f"{p.consensus_k} is negative", "pass a count of tasks such as 2")
+    if not (math.isfinite(p.alpha) and 0 <= p.alpha <= 1):
+        raise UsageError("--alpha", f"{p.alpha} is outside [0, 1]", "pass a fraction such as 0.9")
     inner = inner_of(method, p)
     taken = set(method.options) | set(inner.options if inner else ())
     given = set(given) | {opt for opt, v in (("weights", p.weights), ("base-acc", p.base_acc)) if v is not None}

@@ -9,6 +9,7 @@ import zlib
 
 import torch
 
+from ..updates import LowRank
 from .base import TaskVectors
 
 _HI_BINS = 1 << 15  # |x| as float32 bits is < 2**31: 15 high bits after dropping the 16 low ones
@@ -140,3 +141,10 @@ def disjoint_mean(WD: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     agree = (torch.sign(WD) == elect_sign(WD)).to(WD.dtype)
     div = (w.abs() * agree).sum(0)
     return (WD * agree).sum(0) / torch.where(div == 0, torch.ones_like(div), div)
+
+
+def lora_sum(parts: list[tuple[float, LowRank]], device: torch.device) -> LowRank:
+    """Σ c_i s_i B_i A_i as one exact LoRA: [c_1 s_1 B_1 … c_n s_n B_n] @ [A_1; …; A_n] (rank Σ r_i, scale 1)."""
+    B = torch.cat([m.B.to(device, torch.float32) * (c * m.scale) for c, m in parts], 1)
+    A = torch.cat([m.A.to(device, torch.float32) for _, m in parts], 0)
+    return LowRank(A, B, 1.0)

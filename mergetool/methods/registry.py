@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import families, knots, subspace  # noqa: F401  (each module registers its methods on import)
+from . import dataaware, families, knots, mergekit_methods, subspace  # noqa: F401  (each module registers its methods on import)
 from .base import METHODS, Method, lookup
 
 
