@@ -358,3 +358,34 @@ def test_lorahub_judges_each_generation_in_one_pass_and_stays_in_bounds(model_to
     assert merged.meta["data"]["evaluated"] == 12 and merged.meta["data"]["optimizer"] == "CMA-ES"
     ref = merge(ups, "linear", Params(weights=w), CPU)
     assert all(relerr(merged.modules[k].delta(), ref.modules[k].delta()) < 1e-6 for k in ref.modules)
+
+
+@pytest.mark.parametrize("method", ["regmean", "regmean++", "fisher", "adamerging", "lorahub"])
+def test_a_dora_is_merged_on_data_as_its_effective_update(model_tok, tiny_lm, method):
+    """A DoRA expert is what it does to the model: each data-aware method on a DoRA and a LoRA (statistics
+    gathered with the DoRA applied as peft applies it) equals the same method on the DoRA's effective update
+    W' − W, given as a dense delta, and the same LoRA."""
+    from mergetool.inputs import BaseWeights
+    from mergetool.updates import Dense, Dora, Update, dora_norms
+
+    model, tok = model_tok
+    first, second = experts()
+    bw = BaseWeights(resolve_base(str(tiny_lm)))
+    g = torch.Generator().manual_seed(3)
+    mods = {}
+    for mod, m in first.modules.items():
+        param = mod[len(PREFIX):] + ".weight"
+        W = bw.read(param, CPU)
+        mag = dora_norms(W, m) * (1 + 0.5 * torch.rand(m.shape[0], generator=g))  # far from a plain LoRA's
+        mods[mod] = Dora(param=param, base=bw, source=first.name, lora=m, magnitude=mag)
+    dora = Update(first.name, mods, dict(first.meta))
+    dense = Update(first.name, {k: Dense(d.delta(CPU)) for k, d in mods.items()}, dict(first.meta))
+    # the DoRA is not its LoRA: the check below could not pass by ignoring the magnitude
+    assert relerr(mods[next(iter(mods))].delta(CPU), first.modules[next(iter(mods))].delta()) > 0.1
+    opts = DataOptions(steps=3, budget="8", population=4)
+    exs = examples()
+    got, want = (merge_with_data(us, method, Params(), dev_data(us, exs, method), model, tok, opts, CPU)
+                 for us in ([dora, second], [dense, second]))
+    assert set(got.modules) == set(want.modules)
+    for k in want.modules:
+        assert relerr(got.modules[k].delta(), want.modules[k].delta()) < 1e-4, (method, k)

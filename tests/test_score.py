@@ -145,7 +145,7 @@ def test_planted_pool_scores_are_the_base_correctness(tiny_lm, tmp_path):
                                                                       check=True).stdout.decode().splitlines())}
     for extra in ([], ["--independent"]):
         r = run_cli("score", "--base", str(tiny_lm), "--data", str(data), "-M", "3", "-N", "2", "--method", "mean",
-                    *extra, str(pool), check=True)
+                    "--off-target", "100", *extra, str(pool), check=True)
         got = records(r.stdout.decode())
         assert set(got) == set(base)
         missed = sum(1 for v in base.values() if v == 0)
@@ -177,7 +177,7 @@ def test_shared_trials_and_controls_equal_merging_each_group_by_hand(tiny_lm, tm
 
     data, pool, rows = make_pool(tmp_path, 8)
     r = run_cli("score", "--base", str(tiny_lm), "--data", str(data), "-M", "3", "-N", "2", "--seed", "3",
-                str(pool), check=True)
+                "--off-target", "100", str(pool), check=True)  # every other question (K above the pool)
     got = records(r.stdout.decode())
     names = sorted(u.name for u in load_inputs([str(pool)]))
     groups = plan(len(names), 3, 2, seed=3, control=True)
