@@ -74,7 +74,8 @@ def main():
     scorer = Scorer(model, tok, pool, exs, data_of, m, p, dev, merge_chunk=args.merge_chunk)
     fp = fingerprint(b)
     spec = dist.examples_spec(exs, "bench", data_of=data_of, method="knots", params=p, norm="tokens",
-                              batch_tokens=None, merge_chunk=args.merge_chunk)
+                              batch_tokens=None, merge_chunk=args.merge_chunk, level=scorer.level,
+                              off_target=scorer.off_target, seed=scorer.seed)  # the one-process scorer's
     # one process and one Ray worker alternate, --repeat times each (the Ray instance idle while the process
     # runs): this shared machine moves by 10-20% from one run to the next, and the fastest of each is the
     # least disturbed

@@ -129,9 +129,6 @@ def refuse_destroying_inputs(out: str | Path | None, inputs, option: str = "-o")
             raise UsageError(option, why, "write the output outside the inputs")
 
 
-refuse_overwriting_inputs = refuse_destroying_inputs  # the old name, until every caller moves
-
-
 def check_figure_output(path: str | None, kind: str = "file", option: str = "--plot") -> None:
     """Refuse, before any work, a figure output that could not be written at the end: for ``kind="file"``
     (``--plot FILE.png``) a path that is a directory or whose directory is missing or not writable; for

@@ -101,8 +101,8 @@ def default_sigint() -> None:
 
 
 # The CLI, with a signal the process sends itself at a moment chosen by an event, not by a clock (a busy machine
-# moves nothing): when it starts importing a module ("torch"), or when a function is called ("module:function",
-# "module:function#N" for the N-th call; the signal arrives as the call begins).
+# moves nothing): when it starts importing a module ("torch"), or when a function or method is called
+# ("module:function", "module:Class.method", "...#N" for the N-th call; the signal arrives as the call begins).
 _SIGNAL_AT = """
 import importlib.util, os, runpy, sys
 point, sig = sys.argv[1], int(sys.argv[2])
@@ -112,16 +112,19 @@ nth = int(nth or 1)
 
 
 def arm(m):
-    f, calls = getattr(m, func), [0]
+    *owners, name = func.split(".")  # "function", or "Class.method"
+    for o in owners:
+        m = getattr(m, o)
+    f, calls = getattr(m, name), [0]
 
     def wrapped(*a, **k):
         calls[0] += 1
         if calls[0] == nth:
-            setattr(m, func, f)
+            setattr(m, name, f)
             os.kill(os.getpid(), sig)
         return f(*a, **k)
 
-    setattr(m, func, wrapped)
+    setattr(m, name, wrapped)
 
 
 class Hook:
@@ -146,8 +149,8 @@ runpy.run_module("mergetool", run_name="__main__", alter_sys=True)
 
 def signal_at(point: str, sig: int, *args: str) -> subprocess.CompletedProcess:
     """Run the CLI with ``args``; it sends itself ``sig`` at ``point``: ``"module"`` as it first imports it (one the
-    command imports after it started: torch, transformers, ...), ``"module:function"`` or ``"module:function#N"``
-    as the (N-th) call of that function begins. A point never reached leaves the run to finish (exit 0)."""
+    command imports after it started: torch, transformers, ...), ``"module:function"`` or ``"module:Class.method"``
+    (``...#N``: the N-th call) as that call begins. A point never reached leaves the run to finish (exit 0)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-c", _SIGNAL_AT, point, str(int(sig)), *args], capture_output=True,
                           env=env, preexec_fn=default_sigint)

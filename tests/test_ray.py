@@ -13,11 +13,10 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from conftest import default_sigint, lora_blob, random_lora, run_cli
+from conftest import default_sigint, lora_blob, random_lora, run_cli, signal_at
 
 pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,68 +95,83 @@ def test_score_eval_and_training_on_local_ray_equal_one_process(tiny_lm, pool, t
             assert (x.modules[k].delta() - y.modules[k].delta()).abs().max() < 1e-5
 
 
-def score_under_way(tiny_lm, pool, tmp_path, groups: int):
-    """The single-process score's records, and the same score on two Ray workers, let run until ``groups`` trial
-    groups are on disk: (args, records, -o path, its .trials file, the running driver)."""
+def score_args(tiny_lm, pool) -> list[str]:
     data, d = pool
-    args = ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "3", "-N", "6", "--merge-chunk", "1", str(d)]
-    one = records(run_cli(*args, check=True).stdout)
-    out = tmp_path / "s.jsonl"
-    p = subprocess.Popen([sys.executable, "-m", "mergetool", *args, "--ray", "--workers", "2", "-o", str(out)],
-                         stderr=subprocess.PIPE, preexec_fn=default_sigint)
-    side = tmp_path / "s.jsonl.trials"
-    while p.poll() is None:  # until `groups` groups are on disk: an event, however busy the machine is
-        if side.exists() and sum('"group"' in x for x in side.read_text().splitlines()) >= groups:
-            break
-        time.sleep(0.1)
-    return args, one, out, side, p
+    return ["score", "--base", str(tiny_lm), "--data", str(data), "-M", "3", "-N", "6", "--merge-chunk", "1", str(d)]
+
+
+# Imported by every Python process started with its directory first on PYTHONPATH (a Ray worker too): the worker
+# that begins its NTH score job first kills itself with SIGKILL (an event, not a moment: the kill always hits a
+# job in flight, however busy the machine is); MARK, made once, keeps the others (and its restart) alive.
+_KILL_A_WORKER = """
+import functools, importlib.util, os, signal, sys
+
+MARK, NTH = os.environ["MERGETOOL_TEST_KILL_MARK"], int(os.environ["MERGETOOL_TEST_KILL_NTH"])
+
+
+class Hook:
+    def find_spec(self, name, path=None, target=None):
+        if name != "mergetool.distributed":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+        spec.loader.exec_module = lambda m: (run(m), arm(m.Worker))
+        return spec
+
+
+def arm(cls):
+    f, calls = cls.score_groups, [0]
+
+    @functools.wraps(f)
+    def score_groups(*a, **k):
+        calls[0] += 1
+        if calls[0] == NTH:
+            try:
+                os.close(os.open(MARK, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return f(*a, **k)
+
+    cls.score_groups = score_groups
+
+
+sys.meta_path.insert(0, Hook())
+"""
 
 
 def test_a_killed_worker_changes_nothing(tiny_lm, pool, tmp_path):
-    """Two workers, one killed (SIGKILL) mid-run: its job goes to the other (or to its restart), and the
-    records are those of the single-process run."""
-    args, one, out, side, p = score_under_way(tiny_lm, pool, tmp_path, 3)
-    workers = ray_workers_of(p.pid)  # this run's workers only, not another Ray instance's on the machine
-    assert workers, "no Ray worker process found"
-    os.kill(workers[0], signal.SIGKILL)
-    _, err = p.communicate()
-    assert p.returncode == 0, err.decode()
-    assert b"a worker died; its job goes to another" in err, err.decode()  # the kill hit work in flight
-    same_records(one, [json.loads(x) for x in out.read_text().splitlines()], lambda r: r["adapter"])
-
-
-def ray_workers_of(pid: int) -> list[int]:
-    """The Ray worker processes below ``pid`` (a driver that started its own local instance)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (ValueError, OSError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    found, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            todo.append(c)
-            try:
-                if (Path("/proc") / str(c) / "cmdline").read_bytes().startswith(b"ray::Worker"):
-                    found.append(c)
-            except OSError:
-                pass
-    return found
+    """Two workers, one killed (SIGKILL) as its second job begins: that job goes to the other (or to its
+    restart), and the records are those of the single-process run."""
+    args = score_args(tiny_lm, pool)
+    one = records(run_cli(*args, check=True).stdout)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_KILL_A_WORKER)
+    mark = tmp_path / "killed"
+    r = run_cli(*args, "--ray", "--workers", "2", env={
+        "PYTHONPATH": os.pathsep.join(x for x in (str(hook), os.environ.get("PYTHONPATH")) if x),
+        "MERGETOOL_TEST_KILL_MARK": str(mark), "MERGETOOL_TEST_KILL_NTH": "2"}, check=True)
+    assert mark.exists(), "no worker reached its second job"
+    assert b"a worker died; its job goes to another" in r.stderr, r.stderr.decode()
+    same_records(one, records(r.stdout), lambda r: r["adapter"])
 
 
 def test_a_stopped_driver_resumes_unordered_to_the_same_records(tiny_lm, pool, tmp_path):
-    """The driver stopped mid-run (SIGTERM: exit 143), then --resume on the cluster with --unordered: the records of
-    the single-process run, none twice (in another order, as they arrived)."""
-    args, one, out, side, p = score_under_way(tiny_lm, pool, tmp_path, 4)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate()
-    assert p.returncode == 143, err.decode()
+    """The driver stopped mid-run (SIGTERM, as its 4th group's results are counted: exit 143), then --resume on the
+    cluster with --unordered: the records of the single-process run, none twice (in another order, as they
+    arrived)."""
+    args = score_args(tiny_lm, pool)
+    one = records(run_cli(*args, check=True).stdout)
+    out, side = tmp_path / "s.jsonl", tmp_path / "s.jsonl.trials"
+    stopped = signal_at("mergetool.score_run:Collector.add#4", signal.SIGTERM, *args, "--ray", "--workers", "2",
+                        "-o", str(out))
+    err = stopped.stderr
+    assert stopped.returncode == 143, err.decode()
     assert err.decode().strip().splitlines()[-1].endswith("error: terminated") and b"SIGTERM received" not in err
-    assert side.exists()  # stopped before the end: there is something to resume
+    assert sum('"group"' in x for x in side.read_text().splitlines()) == 4  # something to resume
     r = run_cli(*args, "--ray", "--workers", "2", "--unordered", "-o", str(out), "--resume", check=True)
     got = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(got) == len({x["adapter"] for x in got})  # nothing written twice

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import traceback
 
 import typer
@@ -55,28 +54,38 @@ def _ray_alone(args: list[str]) -> list[str]:
     return out
 
 
-def _importing(frame) -> bool:
-    """Whether the interrupted code runs inside an import (a frame of importlib's bootstrap below it)."""
+def _caller_of_imports(frame):
+    """The frame that started the import the interrupted code runs in (the outermost one, when imports nest), or
+    None when it runs outside every import (no frame of importlib's bootstrap below it)."""
+    caller = None
     while frame is not None:
         if frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
+            caller = frame.f_back
         frame = frame.f_back
-    return False
+    return caller
 
 
 def _signalled(signum, frame, stop: Stopped, exc: BaseException) -> None:
     """Record the signal, and raise ``exc`` where the command's code can unwind. Inside an import the exception
     would land in code that cannot carry it: a C++ extension's initialisation (pybind11 aborts the process), a
     module lock's weakref callback (the exception is printed and dropped, the run goes on), a lazy import that
-    transformers or numpy then reports as another error. There the signal is sent again a moment later, until it
-    arrives outside every import."""
+    transformers or numpy then reports as another error. There it is raised in the frame that started the import,
+    at its first event once the import has ended (a trace on that frame alone: an event, where a timer that sent
+    the signal again could land after the command's last import and be lost)."""
     state["signal"] = stop
-    if _importing(frame):
-        later = threading.Timer(0.05, os.kill, (os.getpid(), signum))
-        later.daemon = True
-        later.start()
-        return
-    raise exc
+    caller = _caller_of_imports(frame)
+    if caller is None:
+        raise exc
+
+    def at_caller(f, event, arg):
+        if f is not caller:
+            return None
+        sys.settrace(None)
+        f.f_trace = None
+        raise exc
+
+    caller.f_trace = at_caller
+    sys.settrace(at_caller)  # frames of the import itself are not traced (their local trace is None)
 
 
 def _interrupt(signum, frame):
