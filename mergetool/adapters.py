@@ -305,6 +305,11 @@ class RowAdapters:
                     if keep is None or ui in keep for p, _ in ps]
         return out
 
+    def linear_paths(self) -> list[str]:
+        """The paths of the changed modules that are linear maps (``nn.Linear`` or ``Conv1D``: the modules whose
+        input Gram, weight gradient or Fisher data-aware merges read; ΔW is [out, in] for both)."""
+        return [p for p in self.paths() if linear_dims(self.model.get_submodule(p)) is not None]
+
     # -- choosing who uses what
 
     def use(self, u: int | None) -> None:

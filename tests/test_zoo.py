@@ -553,3 +553,63 @@ def test_gpt2_full_fine_tunes_apply_transposed(root, capsys):
     for k, t in saved.items():
         want = base[k].double() + sum(f[k].double() - base[k].double() for f in ft)
         assert float((t.double() - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max())), k
+
+
+# ----------------------------------------------------------------------------- statistics of the data-aware merges
+
+
+def as_linear(model):
+    """The same model with every ``Conv1D`` replaced by the ``nn.Linear`` of the same map (its weight transposed)."""
+    from mergetool.model import is_conv1d
+
+    for name, m in list(model.named_modules()):
+        if is_conv1d(m):
+            lin = torch.nn.Linear(m.nx, m.nf)
+            with torch.no_grad():
+                lin.weight.copy_(m.weight.T)
+                lin.bias.copy_(m.bias)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, lin)
+    return model
+
+
+def test_data_aware_statistics_read_conv1d_as_linear_maps(root):
+    """On GPT-2 (every adapted module a Conv1D) the statistics of the data-aware merges (RegMean's and RegMean++'s
+    Grams, Fisher diagonals [out, in], AdaMerging's coefficients) and diagnose's gradient metrics equal those of
+    the same model with nn.Linear modules, the route tests/test_datamerge.py checks against plain loops and
+    fusion-bench; they once skipped Conv1D modules (RegMean and Fisher fell back to the mean, exit 0) or refused
+    them as "another kind of module"."""
+    from transformers import AutoTokenizer
+
+    from mergetool.diagnose.gradients import mean_gradients, pair_gradient_metrics
+    from mergetool.examples import check_examples
+    from mergetool.inputs import load_inputs
+    from mergetool.merging import DataOptions, dev_data, statistics
+    from mergetool.methods import Params
+    from mergetool.model import resolve_base
+
+    b = build(ARCH["GPT-2"], root, dict(target_modules="all-linear"), "GPT-2 Conv1D statistics")
+    tok = AutoTokenizer.from_pretrained(b.base)
+    ups = load_inputs([str(a) for a in b.adapters], resolve_base(str(b.base)))
+    for u, t in zip(ups, ("a", "b")):
+        u.meta["task"] = t
+    exs = check_examples([{"id": f"{t}{i}", "task": t, "prompt": c, "choices": ch, "answer": a}
+                          for t in "ab" for i, (c, ch, a) in enumerate(CONTEXTS)], "dev")
+    for e in exs:
+        e.context = e.rec["prompt"]
+    models = (load_base(b), as_linear(load_base(b)))
+    assert sum(isinstance(m, torch.nn.Linear) for m in models[1].modules()) >= 8
+    for method, opts in (("regmean", DataOptions()), ("regmean++", DataOptions()), ("fisher", DataOptions()),
+                         ("adamerging", DataOptions(steps=3, lr=0.05))):
+        dev = dev_data(ups, exs, method)
+        conv, lin = (statistics(method, m, tok, ups, dev, Params(alpha=0.9), opts) for m in models)
+        (key,) = set(lin) - {"info"}
+        assert set(conv[key]) == set(lin[key]) == set(ups[0].modules), method
+        for k, want in lin[key].items():
+            got, want = torch.as_tensor(conv[key][k]).double(), torch.as_tensor(want).double()
+            assert got.shape == want.shape and float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()), \
+                (method, k)
+    data = [[e for e in exs if e.task == t] for t in "ab"]
+    conv, lin = (pair_gradient_metrics(mean_gradients(m, tok, ups, data)[0]) for m in models)
+    for k in lin:
+        assert torch.allclose(torch.as_tensor(conv[k]).double(), torch.as_tensor(lin[k]).double(), rtol=1e-4), k

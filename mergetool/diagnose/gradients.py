@@ -41,7 +41,7 @@ def mean_gradients(model, tok, updates: list[Update], data: list[list[Example]],
     paths in the order they are laid out. ``data[i]`` are expert i's calibration examples."""
     dev = next(model.parameters()).device
     with RowAdapters(model, updates) as ad:
-        paths = [p for p in ad.paths() if isinstance(model.get_submodule(p), torch.nn.Linear)]
+        paths = ad.linear_paths()  # a Conv1D's gradient is [in, out]: the pair metrics do not see the layout
         params = [model.get_submodule(p).weight for p in paths]
         size = sum(p.numel() for p in params)
         if len(updates) * size * 4 > budget:
