@@ -64,6 +64,18 @@ def _in_attention(layer: torch.nn.Module, rel: str) -> bool:
                for k in range(1, len(parts)))
 
 
+def linear_modules(layers) -> tuple[dict, dict]:
+    """The linear maps of the decoder layers by their path inside a layer, over every layer (hybrid models mix
+    layers: Mamba and attention in Nemotron-H, layers that share another's keys and values in Gemma-4), and the
+    first layer that holds each."""
+    rel, home = {}, {}
+    for layer in layers:
+        for n, m in layer.named_modules():
+            if n and n not in rel and linear_dims(m) is not None:
+                rel[n], home[n] = m, layer
+    return rel, home
+
+
 def default_targets(model, default_middle: bool) -> tuple[list[str], str]:
     """The target modules when none are named, as module-name suffixes inside a decoder layer, and where they
     come from. Per task: peft's own default for the model type (``q_proj, v_proj`` on Llama, ``c_attn`` on
@@ -72,8 +84,7 @@ def default_targets(model, default_middle: bool) -> tuple[list[str], str]:
     layers have one, else the layer's linear maps outside the attention that widen the hidden size (``fc1``,
     ``c_fc``, ``dense_h_to_4h``, Phi-3's fused ``gate_up_proj``), gates left out when others remain."""
     lpath, layers = decoder_layers(model)
-    layer = layers[0]
-    rel = {n: m for n, m in layer.named_modules() if n and linear_dims(m) is not None}
+    rel, home = linear_modules(layers)
     if not default_middle:
         peft = _peft_defaults(getattr(model.config, "model_type", None))
         if isinstance(peft, str):  # a regular expression over whole module paths
@@ -82,12 +93,12 @@ def default_targets(model, default_middle: bool) -> tuple[list[str], str]:
             found = [n for n in rel if any(_matches(n, t) for t in peft or ())]
         if found:
             return found, "peft's default for this model type"
-        return [n for n in rel if _in_attention(layer, n)], "the attention's linear maps"
+        return [n for n in rel if _in_attention(home[n], n)], "the attention's linear maps"
     up = [n for n in rel if _matches(n, "mlp.up_proj")]
     if up:
         return up, "the paper's recipe"
     hidden = model.get_input_embeddings().weight.shape[1]
-    wide = [n for n, m in rel.items() if not _in_attention(layer, n) and linear_dims(m)[0] == hidden
+    wide = [n for n, m in rel.items() if not _in_attention(home[n], n) and linear_dims(m)[0] == hidden
             and linear_dims(m)[1] > hidden]
     plain = [n for n in wide if "gate" not in n.rsplit(".", 1)[-1] or "up" in n.rsplit(".", 1)[-1]]
     return (plain or wide), "the MLP's up projection"
@@ -114,7 +125,7 @@ def target_modules(model, spec: LoraSpec, default_middle: bool) -> list[str]:
         if where is not None and where in layers and any(_matches(name, t) for t in targets):
             names.append(name)
     if not names:
-        exist = sorted({n for n, m in layer_list[layers[0]].named_modules() if n and linear_dims(m) is not None})
+        exist = sorted(linear_modules([layer_list[x] for x in layers])[0])
         what = f"no linear module matches {','.join(targets)}" if targets else f"no default target ({source})"
         raise MergetoolError("--target-modules", f"{what} in layers {layers}; the layers' linear modules are "
                              f"{', '.join(exist) or 'none'}", "name some of them with --target-modules")
