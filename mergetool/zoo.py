@@ -194,7 +194,8 @@ def table() -> str:
     for k in KINDS:
         out.append(f"| {k.name} ({k.arch}) | " + " | ".join(_cell(outcome(k.name, c.name)) for c in CHECKS)
                    + f" | {k.note} |")
-    out += ["", "Columns (· : not applicable; an adapter kind's base is its architecture's):", ""]
+    out += ["", "Columns (· : not applicable: an adapter kind's base is its architecture's, and train-expert trains "
+            "LoRAs and DoRAs, not the other kinds):", ""]
     out += [f"- **{c.name}**: {c.what}." for c in CHECKS]
     return "\n".join(out) + "\n"
 
