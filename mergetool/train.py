@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import Prefix, RowAdapters, decoder_layers, first_layer, layer_of
+from .blobs import blob_bytes
 from .model import is_conv1d, linear_dims
 from .errors import MergetoolError
 from .scoring import logits_at, own_head, prefix_token
-from .updates import Update, to_tensors
+from .updates import Update, metadata_for, to_tensors
 
 
 @dataclass
@@ -138,6 +139,19 @@ def fan_in_fan_out(model, names: list[str]) -> bool:
     return any(is_conv1d(mods[n]) for n in names)
 
 
+def run_template(model, spec: LoraSpec, names: list[str], base: str, fingerprint: str, per_example: bool) -> dict:
+    """The metadata every expert of a run shares: kind, base and its fingerprint, the peft_config of the trained
+    modules (``model``: the model or its skeleton), the training settings."""
+    lpath = decoder_layers(model)[0]
+    peft_cfg = {"r": spec.rank, "lora_alpha": spec.alpha, "use_rslora": False, "use_dora": spec.dora,
+                "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}),
+                "layers_to_transform": sorted({layer_of(n, lpath) for n in names}),
+                "fan_in_fan_out": fan_in_fan_out(model, names)}
+    return {"kind": "lora", "base_model": base, "base_fingerprint": fingerprint, "peft_config": peft_cfg,
+            "training": {"lr": spec.lr, "epochs": spec.epochs, "seed": spec.seed,
+                         "mode": "per-example" if per_example else "per-task"}}
+
+
 def expert_meta(template: dict, name: str, task: str, **training) -> dict:
     """An expert's metadata: the run's ``template`` (kind, base, peft_config, training settings) with its name,
     task, and what its own training adds (example id, final loss, ...)."""
@@ -156,6 +170,21 @@ def expert_seed(seed: int, example_id: str) -> int:
     """The initialisation seed of an example's expert: fixed by the run's seed and the example's id, so an
     expert is the same whichever batch it trains in (and after --resume)."""
     return zlib.crc32(f"{seed}:{example_id}".encode())
+
+
+def training_pairs(examples) -> list[tuple[str, str]]:
+    """Each example's (prompt, completion), the completion's tokens carrying the loss: a multiple-choice record's
+    right choice, a generation record's target, a passage's text (with no prompt)."""
+    out = []
+    for e in examples:
+        r = e.rec
+        if e.kind == "mc":
+            out.append((e.context or r["prompt"], r["choices"][r["answer"]]))
+        elif e.kind == "gen":
+            out.append((e.context or r["prompt"], r.get("target") or r["targets"][0]))
+        else:
+            out.append(("", r["text"]))
+    return out
 
 
 def lm_batch(tok, texts: list[tuple[str, str]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -231,6 +260,31 @@ def train_stacked(model, tok, items: list[tuple[str, str]], spec: LoraSpec, name
         with torch.no_grad():
             final = model_row_losses(model, ids, mask, t)
     return ad, [float(x) for x in final.tolist()]
+
+
+def train_examples(model, tok, exs, spec: LoraSpec, names: list[str], template: dict,
+                   keep_if_correct: bool = False) -> list[tuple[str, bytes | None, float]]:
+    """Per-example experts, trained together (``train_stacked``), expert e on the text of ``exs[e]``: each as
+    (example id, its safetensors blob, or None when ``keep_if_correct`` drops an expert that misses its own
+    question, final loss). ``template``: the experts' metadata (``expert_meta``)."""
+    ad, losses = train_stacked(model, tok, [("", e.rec["text"]) for e in exs], spec, names,
+                               [expert_seed(spec.seed, e.id) for e in exs])
+    try:
+        ok = [True] * len(exs)
+        if keep_if_correct:
+            scores = stacked_choice_scores(model, tok, ad, [e.rec for e in exs])
+            ok = [max(range(len(sc)), key=sc.__getitem__) == e.rec["answer"] for sc, e in zip(scores, exs)]
+        out = []
+        for i, e in enumerate(exs):
+            blob = None
+            if ok[i]:
+                u = ad.expert(i, e.id, expert_meta(template, e.id, e.task, example=e.id, final_loss=losses[i]))
+                check_finite(u)
+                blob = blob_bytes(to_tensors(u), metadata_for(u))
+            out.append((e.id, blob, losses[i]))
+        return out
+    finally:
+        ad.remove()
 
 
 @torch.no_grad()

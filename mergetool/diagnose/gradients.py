@@ -15,24 +15,10 @@ import torch
 
 from ..adapters import RowAdapters
 from ..examples import Example
-from ..train import Targets, lm_batch, model_row_losses
+from ..train import Targets, lm_batch, model_row_losses, training_pairs
 from ..updates import Update
 
 BUDGET = 4 * 2**30
-
-
-def pair_texts(examples: list[Example]) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs whose answer tokens carry the loss."""
-    out = []
-    for e in examples:
-        r = e.rec
-        if e.kind == "mc":
-            out.append((e.context or r["prompt"], r["choices"][r["answer"]]))
-        elif e.kind == "gen":
-            out.append((e.context or r["prompt"], r.get("target") or r["targets"][0]))
-        else:
-            out.append(("", r["text"]))
-    return out
 
 
 def mean_gradients(model, tok, updates: list[Update], data: list[list[Example]], batch: int = 16,
@@ -59,7 +45,7 @@ def mean_gradients(model, tok, updates: list[Update], data: list[list[Example]],
                 p.requires_grad_(True)
             for i, exs in enumerate(data):
                 ad.use(i)
-                texts = pair_texts(exs)
+                texts = training_pairs(exs)
                 for p in params:
                     p.grad = None
                 for s in range(0, len(texts), batch):
