@@ -305,6 +305,11 @@ class RowAdapters:
                     if keep is None or ui in keep for p, _ in ps]
         return out
 
+    def linear_paths(self) -> list[str]:
+        """The paths of the changed modules that are linear maps (``nn.Linear`` or ``Conv1D``: the modules whose
+        input Gram, weight gradient or Fisher data-aware merges read; ΔW is [out, in] for both)."""
+        return [p for p in self.paths() if linear_dims(self.model.get_submodule(p)) is not None]
+
     # -- choosing who uses what
 
     def use(self, u: int | None) -> None:
@@ -379,11 +384,15 @@ class RowAdapters:
     def _install(self) -> None:
         for h in self.handles:
             h.remove()
-        self.handles = [s.module.register_forward_hook(self._hook(s)) for s in self.sites.values()]
+        self.handles = [s.module.register_forward_hook(self._hook(p, s)) for p, s in self.sites.items()]
         self.model._mergetool_adapters = self
 
-    def _hook(self, site: _Site):
+    def _hook(self, path: str, site: _Site):
         def hook(mod, inp, out):
+            if not isinstance(out, torch.Tensor):  # Llama-4's router, an nn.Linear that also routes
+                raise MergetoolError(path, f"is a {type(mod).__name__}, whose forward returns a {type(out).__name__}, "
+                                     "not a linear map's output: an update of it is not supported (peft cannot run "
+                                     "one either)", "leave it out of the adapter's target_modules")
             x = inp[0]
             mode = self._mode
             if mode[0] == "use":

@@ -282,31 +282,11 @@ class Worker:
     def train(self, spec: dict, example_ids: list[int]) -> list[tuple[str, bytes | None, float]]:
         """Train the experts of these examples together; each as (id, its blob or None when dropped, loss)."""
         from . import train as tr
-        from .blobs import blob_bytes
-        from .updates import metadata_for, to_tensors
 
         exs = [self._examples(spec)[i] for i in example_ids]
         lspec = tr.LoraSpec(**spec["lora"])
         names = tr.target_modules(self.model, lspec, default_middle=True)
-        ad, losses = tr.train_stacked(self.model, self.tok, [("", e.rec["text"]) for e in exs], lspec, names,
-                                      [tr.expert_seed(lspec.seed, e.id) for e in exs])
-        try:
-            ok = [True] * len(exs)
-            if spec["keep_if_correct"]:
-                scores = tr.stacked_choice_scores(self.model, self.tok, ad, [e.rec for e in exs])
-                ok = [max(range(len(sc)), key=sc.__getitem__) == e.rec["answer"] for sc, e in zip(scores, exs)]
-            out = []
-            for i, e in enumerate(exs):
-                blob = None
-                if ok[i]:
-                    u = ad.expert(i, e.id, tr.expert_meta(spec["meta"], e.id, e.task, example=e.id,
-                                                          final_loss=losses[i]))
-                    tr.check_finite(u)
-                    blob = blob_bytes(to_tensors(u), metadata_for(u))
-                out.append((e.id, blob, losses[i]))
-            return out
-        finally:
-            ad.remove()
+        return tr.train_examples(self.model, self.tok, exs, lspec, names, spec["meta"], spec["keep_if_correct"])
 
     def pid(self) -> int:
         return os.getpid()

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import Prefix, RowAdapters, decoder_layers, first_layer, layer_of
+from .blobs import blob_bytes
 from .model import is_conv1d, linear_dims
 from .errors import MergetoolError
 from .scoring import logits_at, own_head, prefix_token
-from .updates import Update, to_tensors
+from .updates import Update, metadata_for, to_tensors
 
 
 @dataclass
@@ -64,6 +65,18 @@ def _in_attention(layer: torch.nn.Module, rel: str) -> bool:
                for k in range(1, len(parts)))
 
 
+def linear_modules(layers) -> tuple[dict, dict]:
+    """The linear maps of the decoder layers by their path inside a layer, over every layer (hybrid models mix
+    layers: Mamba and attention in Nemotron-H, layers that share another's keys and values in Gemma-4), and the
+    first layer that holds each."""
+    rel, home = {}, {}
+    for layer in layers:
+        for n, m in layer.named_modules():
+            if n and n not in rel and linear_dims(m) is not None:
+                rel[n], home[n] = m, layer
+    return rel, home
+
+
 def default_targets(model, default_middle: bool) -> tuple[list[str], str]:
     """The target modules when none are named, as module-name suffixes inside a decoder layer, and where they
     come from. Per task: peft's own default for the model type (``q_proj, v_proj`` on Llama, ``c_attn`` on
@@ -72,8 +85,7 @@ def default_targets(model, default_middle: bool) -> tuple[list[str], str]:
     layers have one, else the layer's linear maps outside the attention that widen the hidden size (``fc1``,
     ``c_fc``, ``dense_h_to_4h``, Phi-3's fused ``gate_up_proj``), gates left out when others remain."""
     lpath, layers = decoder_layers(model)
-    layer = layers[0]
-    rel = {n: m for n, m in layer.named_modules() if n and linear_dims(m) is not None}
+    rel, home = linear_modules(layers)
     if not default_middle:
         peft = _peft_defaults(getattr(model.config, "model_type", None))
         if isinstance(peft, str):  # a regular expression over whole module paths
@@ -82,12 +94,12 @@ def default_targets(model, default_middle: bool) -> tuple[list[str], str]:
             found = [n for n in rel if any(_matches(n, t) for t in peft or ())]
         if found:
             return found, "peft's default for this model type"
-        return [n for n in rel if _in_attention(layer, n)], "the attention's linear maps"
+        return [n for n in rel if _in_attention(home[n], n)], "the attention's linear maps"
     up = [n for n in rel if _matches(n, "mlp.up_proj")]
     if up:
         return up, "the paper's recipe"
     hidden = model.get_input_embeddings().weight.shape[1]
-    wide = [n for n, m in rel.items() if not _in_attention(layer, n) and linear_dims(m)[0] == hidden
+    wide = [n for n, m in rel.items() if not _in_attention(home[n], n) and linear_dims(m)[0] == hidden
             and linear_dims(m)[1] > hidden]
     plain = [n for n in wide if "gate" not in n.rsplit(".", 1)[-1] or "up" in n.rsplit(".", 1)[-1]]
     return (plain or wide), "the MLP's up projection"
@@ -114,7 +126,7 @@ def target_modules(model, spec: LoraSpec, default_middle: bool) -> list[str]:
         if where is not None and where in layers and any(_matches(name, t) for t in targets):
             names.append(name)
     if not names:
-        exist = sorted({n for n, m in layer_list[layers[0]].named_modules() if n and linear_dims(m) is not None})
+        exist = sorted(linear_modules([layer_list[x] for x in layers])[0])
         what = f"no linear module matches {','.join(targets)}" if targets else f"no default target ({source})"
         raise MergetoolError("--target-modules", f"{what} in layers {layers}; the layers' linear modules are "
                              f"{', '.join(exist) or 'none'}", "name some of them with --target-modules")
@@ -125,6 +137,19 @@ def fan_in_fan_out(model, names: list[str]) -> bool:
     """peft's ``fan_in_fan_out`` flag for these target modules: whether they are ``Conv1D`` (weights [in, out])."""
     mods = dict(model.named_modules())
     return any(is_conv1d(mods[n]) for n in names)
+
+
+def run_template(model, spec: LoraSpec, names: list[str], base: str, fingerprint: str, per_example: bool) -> dict:
+    """The metadata every expert of a run shares: kind, base and its fingerprint, the peft_config of the trained
+    modules (``model``: the model or its skeleton), the training settings."""
+    lpath = decoder_layers(model)[0]
+    peft_cfg = {"r": spec.rank, "lora_alpha": spec.alpha, "use_rslora": False, "use_dora": spec.dora,
+                "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}),
+                "layers_to_transform": sorted({layer_of(n, lpath) for n in names}),
+                "fan_in_fan_out": fan_in_fan_out(model, names)}
+    return {"kind": "lora", "base_model": base, "base_fingerprint": fingerprint, "peft_config": peft_cfg,
+            "training": {"lr": spec.lr, "epochs": spec.epochs, "seed": spec.seed,
+                         "mode": "per-example" if per_example else "per-task"}}
 
 
 def expert_meta(template: dict, name: str, task: str, **training) -> dict:
@@ -145,6 +170,21 @@ def expert_seed(seed: int, example_id: str) -> int:
     """The initialisation seed of an example's expert: fixed by the run's seed and the example's id, so an
     expert is the same whichever batch it trains in (and after --resume)."""
     return zlib.crc32(f"{seed}:{example_id}".encode())
+
+
+def training_pairs(examples) -> list[tuple[str, str]]:
+    """Each example's (prompt, completion), the completion's tokens carrying the loss: a multiple-choice record's
+    right choice, a generation record's target, a passage's text (with no prompt)."""
+    out = []
+    for e in examples:
+        r = e.rec
+        if e.kind == "mc":
+            out.append((e.context or r["prompt"], r["choices"][r["answer"]]))
+        elif e.kind == "gen":
+            out.append((e.context or r["prompt"], r.get("target") or r["targets"][0]))
+        else:
+            out.append(("", r["text"]))
+    return out
 
 
 def lm_batch(tok, texts: list[tuple[str, str]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -220,6 +260,31 @@ def train_stacked(model, tok, items: list[tuple[str, str]], spec: LoraSpec, name
         with torch.no_grad():
             final = model_row_losses(model, ids, mask, t)
     return ad, [float(x) for x in final.tolist()]
+
+
+def train_examples(model, tok, exs, spec: LoraSpec, names: list[str], template: dict,
+                   keep_if_correct: bool = False) -> list[tuple[str, bytes | None, float]]:
+    """Per-example experts, trained together (``train_stacked``), expert e on the text of ``exs[e]``: each as
+    (example id, its safetensors blob, or None when ``keep_if_correct`` drops an expert that misses its own
+    question, final loss). ``template``: the experts' metadata (``expert_meta``)."""
+    ad, losses = train_stacked(model, tok, [("", e.rec["text"]) for e in exs], spec, names,
+                               [expert_seed(spec.seed, e.id) for e in exs])
+    try:
+        ok = [True] * len(exs)
+        if keep_if_correct:
+            scores = stacked_choice_scores(model, tok, ad, [e.rec for e in exs])
+            ok = [max(range(len(sc)), key=sc.__getitem__) == e.rec["answer"] for sc, e in zip(scores, exs)]
+        out = []
+        for i, e in enumerate(exs):
+            blob = None
+            if ok[i]:
+                u = ad.expert(i, e.id, expert_meta(template, e.id, e.task, example=e.id, final_loss=losses[i]))
+                check_finite(u)
+                blob = blob_bytes(to_tensors(u), metadata_for(u))
+            out.append((e.id, blob, losses[i]))
+        return out
+    finally:
+        ad.remove()
 
 
 @torch.no_grad()

@@ -37,8 +37,9 @@ CHECKS = [
           "against the base + the sum of peft's `merge_and_unload` deltas (≤ 1e-5 relative)"),
     Check("merge --save-peft", "the PEFT directory of the same merge, loaded by peft: its logits against those "
           "of the merged model (≤ 1e-4)"),
-    Check("train-expert", "one training step on a batch: the loss and every LoRA gradient against peft's on the "
-          "same factors and batch (≤ 1e-4 relative), and the factors after the step"),
+    Check("train-expert", "one training step on a batch: the loss and every gradient (LoRA factors, DoRA "
+          "magnitudes) against peft's on the same factors and batch (≤ 1e-4 relative), and the expert written "
+          "after the step against peft's"),
 ]
 
 # The config fields every row shares: a vocabulary the tests' character tokenizer fills, 2 layers, hidden 32.
@@ -86,6 +87,30 @@ ARCHS = [
     Arch("GPT-NeoX", "gpt_neox", dict(rotary_pct=0.5), note="fused `query_key_value`"),
     Arch("Falcon", "falcon", note="fused `query_key_value`, multi-query"),
     Arch("BLOOM", "bloom", dict(n_layer=2, n_head=4), note="fused `query_key_value`, ALiBi"),
+    Arch("GPT-J", "gptj", dict(rotary_dim=4, n_inner=64)),
+    Arch("GPT-Neo", "gpt_neo", dict(num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+                                    window_size=4)),
+    Arch("GPT-BigCode", "gpt_bigcode", dict(n_inner=64)),
+    Arch("MPT", "mpt", dict(d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=128)),
+    Arch("CodeGen", "codegen", dict(rotary_dim=4, n_inner=64, n_ctx=128)),
+    Arch("BART (decoder)", "bart", dict(d_model=32, decoder_layers=2, encoder_layers=2, decoder_attention_heads=4,
+                                        encoder_attention_heads=4, decoder_ffn_dim=64, encoder_ffn_dim=64)),
+    Arch("BERT (decoder)", "bert", dict(is_decoder=True)),
+    Arch("RoBERTa (decoder)", "roberta", dict(is_decoder=True, pad_token_id=3)),
+    Arch("XLM-RoBERTa (decoder)", "xlm-roberta", dict(is_decoder=True, pad_token_id=3)),
+    Arch("ELECTRA (decoder)", "electra", dict(is_decoder=True, embedding_size=16)),
+    Arch("Llama-4 (text)", "llama4_text", dict(num_local_experts=2, intermediate_size_mlp=64),
+         ("q_proj", "k_proj", "v_proj", "o_proj", "shared_expert.gate_proj", "shared_expert.up_proj",
+          "shared_expert.down_proj"),
+         note="MoE: the attention and the shared expert (the router routes in its forward: refused as a target)"),
+    Arch("Gemma-4 (text)", "gemma4_text", dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
+                                              global_head_dim=16),
+         note="per-layer input embeddings; its full-attention layer has another head size"),
+    Arch("Nemotron-H", "nemotron_h", dict(mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2,
+                                          chunk_size=8, n_routed_experts=4, moe_intermediate_size=16,
+                                          moe_shared_expert_intermediate_size=16),
+         targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+         note="hybrid Mamba-attention: the attention (peft refuses LoRA on the Mamba mixers)"),
 ]
 
 
@@ -98,16 +123,18 @@ class Kind:
     arch: str  # the Arch.name it is checked on
     lora: dict  # peft LoraConfig fields
     note: str = ""
+    train: tuple[str, ...] | None = None  # the train-expert options that train this kind (None: not one it trains)
 
 
 KINDS = [
     Kind("LoRA on every `Conv1D`", "GPT-2", dict(target_modules="all-linear"),
-         "square and non-square; ΔW held [out, in], transposed where it meets the weight"),
+         "square and non-square; ΔW held [out, in], transposed where it meets the weight",
+         ("--target-modules", "c_attn,c_proj,c_fc")),
     Kind("DoRA (`use_dora`)", "Llama", dict(target_modules="all-linear", use_dora=True),
          "magnitude m per output row: (m / ‖W + s·BA‖)(W + s·BA); merged through W' − W (needs `--base`); "
-         "`train-expert --dora`"),
+         "`train-expert --dora`", ("--dora",)),
     Kind("DoRA on every `Conv1D`", "GPT-2", dict(target_modules="all-linear", use_dora=True),
-         "the norm per output row of the [out, in] weight"),
+         "the norm per output row of the [out, in] weight", ("--dora", "--target-modules", "c_attn,c_proj,c_fc")),
     Kind("rsLoRA (`use_rslora`)", "Llama", dict(target_modules="all-linear", use_rslora=True), "scale alpha/√r"),
     Kind("rank and alpha patterns, `layers_to_transform`", "Llama",
          dict(target_modules=["q_proj", "v_proj", "up_proj"], rank_pattern={"v_proj": 2},
@@ -131,15 +158,14 @@ KINDS = [
 ]
 
 # (row, check) -> what the check must show when it is not "ok": "refused: <words of the one-line refusal>", or
-# "n/a" (not run: train-expert trains plain LoRAs on the model's default targets; see its own options)
+# "n/a" (not run)
 MOE = "MoE expert parameters (`target_parameters`)"
 CONV_SAVED = "`modules_to_save` of a `Conv1D` module"
 OUTCOMES: dict[tuple[str, str], str] = {
     (MOE, "eval LoRA"): "refused: target_parameters", (MOE, "merge --save-model"): "refused: target_parameters",
-    (MOE, "merge --save-peft"): "refused: target_parameters", (MOE, "train-expert"): "n/a",
-    ("LoRA on every `Conv1D`", "train-expert"): "n/a",
-    # train-expert trains plain LoRAs here, and DoRA with --dora, checked against peft in tests/test_kinds.py
-    **{(k.name, "train-expert"): "n/a" for k in KINDS if k.name not in (MOE, "LoRA on every `Conv1D`")},
+    (MOE, "merge --save-peft"): "refused: target_parameters",
+    # train-expert trains LoRAs (on the targets of --target-modules) and DoRAs (--dora), not the other kinds
+    **{(k.name, "train-expert"): "n/a" for k in KINDS if k.train is None},
     **{(CONV_SAVED, c): "refused: of a Conv1D module is not supported"
        for c in ("eval LoRA", "merge --save-model", "merge --save-peft")},
 }
@@ -168,7 +194,8 @@ def table() -> str:
     for k in KINDS:
         out.append(f"| {k.name} ({k.arch}) | " + " | ".join(_cell(outcome(k.name, c.name)) for c in CHECKS)
                    + f" | {k.note} |")
-    out += ["", "Columns (· : not applicable; an adapter kind's base is its architecture's):", ""]
+    out += ["", "Columns (· : not applicable: an adapter kind's base is its architecture's, and train-expert trains "
+            "LoRAs and DoRAs, not the other kinds):", ""]
     out += [f"- **{c.name}**: {c.what}." for c in CHECKS]
     return "\n".join(out) + "\n"
 

@@ -255,11 +255,28 @@ def test_every_method_merges_dora_as_its_effective_update(base, kinds, effective
     dense = [Update(u.name, {mod: Dense(effective[n][mod.removeprefix(PREFIX) + ".weight"]) for mod in u.modules})
              if n in effective else u for n, u in zip(names, ups)]
     p = dict(density=0.5, weights=[0.8, 0.5, 1.2][:len(ups)] if "weights" in get(method).options else None,
-             base_acc=[0.3, 0.7, 0.5][:len(ups)] if method == "weighted-base" else None)
+             base_acc=[0.3, 0.7, 0.5][:len(ups)] if method == "weighted-base" else None,
+             stats=statistics(method, ups) if get(method).data else None)
     got, want = (merged_deltas(us, method, Params(**p, names=[u.name for u in ups])) for us in (ups, dense))
     assert set(got) == set(want)
     for mod in want:
         assert float((got[mod] - want[mod]).norm()) <= 1e-4 * float(want[mod].norm()) + 1e-7, (method, mod)
+
+
+def statistics(method: str, ups: list[Update]) -> dict:
+    """What a data-aware method would have learnt from dev examples, drawn at random (the merge is a function of
+    them): Grams (positive definite, [n, in, in]), Fisher diagonals ([n, out, in]), coefficients, weights."""
+    g = torch.Generator().manual_seed(5)
+    n, mods = len(ups), sorted({m for u in ups for m in u.modules})
+    shape = {m: next(u.modules[m].shape for u in ups if m in u.modules) for m in mods}
+    if method in ("regmean", "regmean++"):
+        X = {m: torch.randn((n, 2 * shape[m][1], shape[m][1]), generator=g) for m in mods}
+        return {"grams": {m: x.transpose(1, 2) @ x / x.shape[1] for m, x in X.items()}}
+    if method == "fisher":
+        return {"fisher": {m: torch.rand((n, *shape[m]), generator=g) for m in mods}}
+    if method == "adamerging":
+        return {"coefficients": {m: (0.2 + torch.rand(n, generator=g)).tolist() for m in mods}}
+    return {"weights": (torch.rand(n, generator=g) * 2 - 0.5).tolist()}
 
 
 def merged_deltas(updates, method: str, p) -> dict[str, torch.Tensor]:
@@ -282,7 +299,7 @@ def test_dora_trains_as_peft_trains_it(base):
     for e, text in enumerate(texts):
         pm = get_peft_model(peft_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
                                                           lora_dropout=0.0, use_dora=True))
-        init = RowAdapters.trainable(pm.base_model.model, names, 1, 4, 2.0, [7 + e])  # expert e's initial A
+        init = RowAdapters.trainable(peft_model(base), names, 1, 4, 2.0, [7 + e])  # expert e's initial A
         init.remove()
         with torch.no_grad():
             for n in names:

@@ -289,37 +289,46 @@ def test_merge_save_model_and_peft(row, arch, lora, root, capsys):
 # ----------------------------------------------------------------------------- train-expert
 
 
-def peft_step(b: Built, names: list[str], A: dict, B: dict, ids, mask, lab, lr: float):
-    """peft's loss (each row's mean next-token cross-entropy, averaged over rows), its LoRA gradients, and its
-    factors after one AdamW step, from the factors A, B (module name -> tensor)."""
+def peft_step(b: Built, names: list[str], A: dict, B: dict, ids, mask, lab, lr: float, M: dict | None = None):
+    """peft's loss (each row's mean next-token cross-entropy, averaged over rows), its gradients, and its factors
+    after one AdamW step, from the factors A, B (module name -> tensor) and, for DoRA, the magnitudes M; per module
+    the tuple (A, B) or (A, B, m)."""
     from peft import LoraConfig, get_peft_model
 
-    pm = get_peft_model(load_base(b), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=names))
+    pm = get_peft_model(load_base(b), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=names,
+                                                  use_dora=M is not None))
     mods = dict(pm.base_model.model.named_modules())
+    own = {n: [mods[n].lora_A["default"].weight, mods[n].lora_B["default"].weight]
+           + ([mods[n].lora_magnitude_vector["default"].weight] if M is not None else []) for n in names}
     with torch.no_grad():
         for n in names:
-            mods[n].lora_A["default"].weight.copy_(A[n])
-            mods[n].lora_B["default"].weight.copy_(B[n])
+            for w, v in zip(own[n], (A[n], B[n], *([M[n]] if M is not None else []))):
+                w.copy_(v)
     params = [p for p in pm.parameters() if p.requires_grad]
     logits = pm(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), lab[:, 1:], ignore_index=-100, reduction="none")
     loss = (ce.sum(1) / (lab[:, 1:] != -100).sum(1)).mean()
     loss.backward()
-    grads = {n: (mods[n].lora_A["default"].weight.grad.clone(), mods[n].lora_B["default"].weight.grad.clone())
-             for n in names}
+    # a module the forward never calls (BART's cross-attention) has no gradient
+    grads = {n: tuple(torch.zeros_like(w) if w.grad is None else w.grad.clone() for w in own[n]) for n in names}
     torch.optim.AdamW(params, lr=lr, weight_decay=0.0).step()
-    after = {n: (mods[n].lora_A["default"].weight.detach(), mods[n].lora_B["default"].weight.detach()) for n in names}
-    return float(loss), grads, after
+    return float(loss), grads, {n: tuple(w.detach() for w in own[n]) for n in names}
+
+
+TRAIN = {k.name: k.train for k in zoo.KINDS}
 
 
 @pytest.mark.parametrize("row,arch,lora", row_params("train-expert"))
 def test_train_expert_step(row, arch, lora, root, capsys):
-    from safetensors import safe_open
+    """train-expert on a batch of texts (per task), a plain LoRA on the model's default targets or the kind's (its
+    train-expert options: --dora, --target-modules): its gradients on one batch against peft's, and the expert it
+    writes (a standard safetensors file) against peft's first step from the same start."""
     from transformers import AutoTokenizer
 
     from mergetool import train as tr
     from mergetool.adapters import RowAdapters
-    from mergetool.updates import PREFIX
+    from mergetool.inputs import load_inputs
+    from mergetool.updates import PREFIX, Dora
 
     b = build(arch, root, lora, row)
     tok = AutoTokenizer.from_pretrained(b.base)
@@ -327,42 +336,54 @@ def test_train_expert_step(row, arch, lora, root, capsys):
     data.write_text("".join(json.dumps({"id": f"x{i}", "task": "t", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
     lr = 1e-2
     out = b.base.parent / "expert.safetensors"
+    extra = list(TRAIN.get(row) or ())
+    dora = "--dora" in extra
     r = cli(capsys, "train-expert", "--base", b.base, "--rank", 4, "--alpha", 8, "--lr", lr, "--epochs", 1,
-            "--batch-size", len(TEXTS), "-o", out, data)
+            "--batch-size", len(TEXTS), "-o", out, *extra, data)
     assert r.code == 0, r.err
     model = load_base(b)
-    names = tr.target_modules(model, tr.LoraSpec(rank=4, alpha=8), default_middle=False)
+    targets = extra[extra.index("--target-modules") + 1].split(",") if "--target-modules" in extra else None
+    names = tr.target_modules(model, tr.LoraSpec(rank=4, alpha=8, targets=targets), default_middle=False)
     ids, mask, lab = tr.lm_batch(tok, [("", t) for t in TEXTS], "cpu")
     # the gradients: mergetool's trainable experts with random factors against peft's, on one batch
-    ad = RowAdapters.trainable(model, names, 1, 4, 2.0, [7])
+    ad = RowAdapters.trainable(model, names, 1, 4, 2.0, [7], dora)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for s in ad.sites.values():
             s.B.copy_(torch.randn(s.B.shape, generator=g) * 0.3)
+            if dora:  # magnitudes away from ‖W‖, where the norm's gradient matters
+                s.M.mul_(1 + 0.2 * torch.randn(s.M.shape, generator=g))
     ad.use(0)
     loss = tr.model_row_losses(model, ids, mask, tr.Targets(lab)).mean()
     loss.backward()
-    A = {n: ad.sites[n].A[0].detach().clone() for n in names}
-    B = {n: ad.sites[n].B[0].detach().clone() for n in names}
-    ref_loss, ref_grads, _ = peft_step(b, names, A, B, ids, mask, lab, lr)
+    mine = {n: [ad.sites[n].A, ad.sites[n].B] + ([ad.sites[n].M] if dora else []) for n in names}
+    start = {n: [w[0].detach().clone() for w in ws] for n, ws in mine.items()}
+    ref_loss, ref_grads, _ = peft_step(b, names, *({n: v[i] for n, v in start.items()} for i in range(2)), ids, mask,
+                                       lab, lr, {n: v[2] for n, v in start.items()} if dora else None)
     assert abs(float(loss) - ref_loss) <= 1e-5 * max(1.0, ref_loss), (float(loss), ref_loss)
     for n in names:
-        for got, want in ((ad.sites[n].A.grad[0], ref_grads[n][0]), (ad.sites[n].B.grad[0], ref_grads[n][1])):
+        for w, want in zip(mine[n], ref_grads[n]):
+            got = torch.zeros_like(w[0]) if w.grad is None else w.grad[0]  # BART's cross-attention: never called
             assert float((got - want).abs().max()) <= 1e-4 * max(1e-3, float(want.abs().max())), n
     ad.remove()
-    # the step: train-expert's file (a standard safetensors file) against peft's step from the same start
-    init = RowAdapters.trainable(load_base(b), names, 1, 4, 2.0, [0])
+    # the step: train-expert's file against peft's step from the same start (A as initialised, B zero, m = ‖W‖)
+    init = RowAdapters.trainable(load_base(b), names, 1, 4, 2.0, [0], dora)
     A0 = {n: init.sites[n].A[0].detach().clone() for n in names}
     B0 = {n: torch.zeros_like(init.sites[n].B[0]) for n in names}
-    _, _, after = peft_step(b, names, A0, B0, ids, mask, lab, lr)
-    with safe_open(str(out), "pt") as f:
-        written = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(f.metadata()["mergetool"])
-    assert meta["peft_config"]["fan_in_fan_out"] == (arch.model_type == "gpt2")
-    assert sorted(written) == sorted(f"{PREFIX}{n}.lora_{x}.weight" for n in names for x in "AB")
-    for n in names:  # the file folds the scale (alpha / r = 2) into B
-        assert torch.allclose(written[f"{PREFIX}{n}.lora_A.weight"], after[n][0], atol=1e-6)
-        assert torch.allclose(written[f"{PREFIX}{n}.lora_B.weight"] / 2.0, after[n][1], atol=lr * 1e-3), n
+    M0 = {n: init.sites[n].M[0].detach().clone() for n in names} if dora else None
+    _, _, after = peft_step(b, names, A0, B0, ids, mask, lab, lr, M0)
+    (u,) = load_inputs([str(out)])
+    assert u.meta["peft_config"]["fan_in_fan_out"] == (arch.model_type == "gpt2")
+    assert sorted(u.modules) == sorted(PREFIX + n for n in names)
+    assert all(isinstance(m, Dora) == dora for m in u.modules.values())
+    for n in names:
+        m = u.modules[PREFIX + n]
+        lo = m.lora if dora else m
+        assert torch.allclose(lo.A, after[n][0], atol=1e-6)
+        # (Adam's first step is lr·g/(|g| + ε): where |g| nears ε, rounding in g moves it by up to lr·1e-2)
+        assert torch.allclose(lo.B * lo.scale / 2.0, after[n][1], atol=lr * 1e-2), n  # peft's scale: 8 / 4
+        if dora:
+            assert torch.allclose(m.magnitude.view(-1), after[n][2].view(-1), atol=lr * 1e-2), n
 
 
 # ----------------------------------------------------------------------------- the README
@@ -553,3 +574,72 @@ def test_gpt2_full_fine_tunes_apply_transposed(root, capsys):
     for k, t in saved.items():
         want = base[k].double() + sum(f[k].double() - base[k].double() for f in ft)
         assert float((t.double() - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max())), k
+
+
+# ----------------------------------------------------------------------------- statistics of the data-aware merges
+
+
+def as_linear(model):
+    """The same model with every ``Conv1D`` replaced by the ``nn.Linear`` of the same map (its weight transposed)."""
+    from mergetool.model import is_conv1d
+
+    for name, m in list(model.named_modules()):
+        if is_conv1d(m):
+            lin = torch.nn.Linear(m.nx, m.nf)
+            with torch.no_grad():
+                lin.weight.copy_(m.weight.T)
+                lin.bias.copy_(m.bias)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, lin)
+    return model
+
+
+def test_data_aware_statistics_read_conv1d_as_linear_maps(root):
+    """On GPT-2 (every adapted module a Conv1D) the statistics of the data-aware merges (RegMean's and RegMean++'s
+    Grams, Fisher diagonals [out, in], AdaMerging's coefficients) and diagnose's gradient metrics equal those of
+    the same model with nn.Linear modules, the route tests/test_datamerge.py checks against plain loops and
+    fusion-bench; they once skipped Conv1D modules (RegMean and Fisher fell back to the mean, exit 0) or refused
+    them as "another kind of module"."""
+    from transformers import AutoTokenizer
+
+    from mergetool.diagnose.gradients import mean_gradients, pair_gradient_metrics
+    from mergetool.examples import check_examples
+    from mergetool.inputs import load_inputs
+    from mergetool.merging import DataOptions, dev_data, statistics
+    from mergetool.methods import Params
+    from mergetool.model import resolve_base
+
+    b = build(ARCH["GPT-2"], root, dict(target_modules="all-linear"), "GPT-2 Conv1D statistics")
+    tok = AutoTokenizer.from_pretrained(b.base)
+    ups = load_inputs([str(a) for a in b.adapters], resolve_base(str(b.base)))
+    for u, t in zip(ups, ("a", "b")):
+        u.meta["task"] = t
+    exs = check_examples([{"id": f"{t}{i}", "task": t, "prompt": c, "choices": ch, "answer": a}
+                          for t in "ab" for i, (c, ch, a) in enumerate(CONTEXTS)], "dev")
+    for e in exs:
+        e.context = e.rec["prompt"]
+    models = (load_base(b), as_linear(load_base(b)))
+    assert sum(isinstance(m, torch.nn.Linear) for m in models[1].modules()) >= 8
+    for method, opts in (("regmean", DataOptions()), ("regmean++", DataOptions()), ("fisher", DataOptions()),
+                         ("adamerging", DataOptions(steps=3, lr=0.05))):
+        dev = dev_data(ups, exs, method)
+        conv, lin = (statistics(method, m, tok, ups, dev, Params(alpha=0.9), opts) for m in models)
+        (key,) = set(lin) - {"info"}
+        assert set(conv[key]) == set(lin[key]) == set(ups[0].modules), method
+        for k, want in lin[key].items():
+            got, want = torch.as_tensor(conv[key][k]).double(), torch.as_tensor(want).double()
+            assert got.shape == want.shape and float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()), \
+                (method, k)
+    data = [[e for e in exs if e.task == t] for t in "ab"]
+    conv, lin = (pair_gradient_metrics(mean_gradients(m, tok, ups, data)[0]) for m in models)
+    for k in lin:
+        assert torch.allclose(torch.as_tensor(conv[k]).double(), torch.as_tensor(lin[k]).double(), rtol=1e-4), k
+
+
+def test_a_lora_on_a_module_that_is_not_a_linear_map_is_refused(root, capsys):
+    """peft's all-linear takes Llama-4's router, an nn.Linear whose forward also routes (top-k, sigmoid) and returns
+    a tuple: peft's own forward fails on it, and eval failed with an internal error; it is refused in one
+    line naming the module's class."""
+    b = build(ARCH["Llama-4 (text)"], root, dict(target_modules="all-linear"), "Llama-4 all-linear")
+    refused(cli(capsys, "eval", "--base", b.base, "--adapter", b.adapters[0], b.data),
+            "router: is a Llama4Router, whose forward returns a tuple")

@@ -127,7 +127,6 @@ def train_cmd(
 
     from .. import evaluate as ev
     from .. import train as tr
-    from ..adapters import decoder_layers, layer_of
     from ..examples import check_examples
     from ..jsonl import read_jsonl
     from ..model import fingerprint, load_model, resolve_base
@@ -165,18 +164,10 @@ def train_cmd(
         from ..model import skeleton
 
         layout = skeleton(b)
-        names = tr.target_modules(layout, spec, default_middle=per_example)
-        layer_ids = sorted({layer_of(n, decoder_layers(layout)[0]) for n in names})
     else:
         model, tok = load_model(b, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        names = tr.target_modules(model, spec, default_middle=per_example)
-        layer_ids = sorted({layer_of(n, decoder_layers(model)[0]) for n in names})
-    peft_cfg = {"r": spec.rank, "lora_alpha": spec.alpha, "use_rslora": False, "use_dora": spec.dora,
-                "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}), "layers_to_transform": layer_ids,
-                "fan_in_fan_out": tr.fan_in_fan_out(layout if ray else model, names)}
-    template = {"kind": "lora", "base_model": base, "base_fingerprint": fp, "peft_config": peft_cfg,
-                "training": {"lr": spec.lr, "epochs": spec.epochs, "seed": spec.seed,
-                             "mode": "per-example" if per_example else "per-task"}}
+    names = tr.target_modules(layout if ray else model, spec, default_middle=per_example)
+    template = tr.run_template(layout if ray else model, spec, names, base, fp, per_example)
 
     written: list[tuple[str, bytes]] = []
     outdir = Path(out_dir) if out_dir else None
@@ -239,20 +230,7 @@ def train_cmd(
             cluster.run("train", [(rspec, [index[e.id] for e in chunk]) for chunk in batches],
                         lambda j, res: take(res), not unordered)
         for chunk in (batches if cluster is None else []):
-            st, losses = tr.train_stacked(model, tok, [("", e.rec["text"]) for e in chunk], spec, names,
-                                          [tr.expert_seed(spec.seed, e.id) for e in chunk])
-            ok = [True] * len(chunk)
-            if keep_if_correct:
-                scores = tr.stacked_choice_scores(model, tok, st, [e.rec for e in chunk])
-                ok = [max(range(len(sc)), key=sc.__getitem__) == e.rec["answer"] for sc, e in zip(scores, chunk)]
-            results = []
-            for i, e in enumerate(chunk):
-                u = st.expert(i, e.id, tr.expert_meta(template, e.id, e.task, example=e.id, final_loss=losses[i]))
-                if ok[i]:
-                    tr.check_finite(u)
-                results.append((e.id, blob_bytes(to_tensors(u), metadata_for(u)) if ok[i] else None, losses[i]))
-            st.remove()
-            take(results)
+            take(tr.train_examples(model, tok, chunk, spec, names, template, keep_if_correct))
         if keep_if_correct:
             log.info("--keep-if-correct: kept %d experts, dropped %d that miss their own question", tally["kept"],
                      tally["dropped"])
@@ -261,11 +239,7 @@ def train_cmd(
         if ray:
             raise UsageError("--ray", "runs per-example training (--per-example)", "train per-task experts without --ray")
         by_task: dict[str, list] = {}
-        for e in exs:
-            r = e.rec
-            item = (("", r["text"]) if e.kind == "ppl" else
-                    (r["prompt"], r["choices"][r["answer"]]) if e.kind == "mc" else
-                    (r["prompt"], r.get("target") or r["targets"][0]))
+        for e, item in zip(exs, tr.training_pairs(exs)):
             by_task.setdefault(e.task, []).append(item)
         for task, items in by_task.items():
             if resume and (outdir / f"{_safe(task)}.safetensors").exists():

@@ -15,24 +15,10 @@ import torch
 
 from ..adapters import RowAdapters
 from ..examples import Example
-from ..train import Targets, lm_batch, model_row_losses
+from ..train import Targets, lm_batch, model_row_losses, training_pairs
 from ..updates import Update
 
 BUDGET = 4 * 2**30
-
-
-def pair_texts(examples: list[Example]) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs whose answer tokens carry the loss."""
-    out = []
-    for e in examples:
-        r = e.rec
-        if e.kind == "mc":
-            out.append((e.context or r["prompt"], r["choices"][r["answer"]]))
-        elif e.kind == "gen":
-            out.append((e.context or r["prompt"], r.get("target") or r["targets"][0]))
-        else:
-            out.append(("", r["text"]))
-    return out
 
 
 def mean_gradients(model, tok, updates: list[Update], data: list[list[Example]], batch: int = 16,
@@ -41,7 +27,7 @@ def mean_gradients(model, tok, updates: list[Update], data: list[list[Example]],
     paths in the order they are laid out. ``data[i]`` are expert i's calibration examples."""
     dev = next(model.parameters()).device
     with RowAdapters(model, updates) as ad:
-        paths = [p for p in ad.paths() if isinstance(model.get_submodule(p), torch.nn.Linear)]
+        paths = ad.linear_paths()  # a Conv1D's gradient is [in, out]: the pair metrics do not see the layout
         params = [model.get_submodule(p).weight for p in paths]
         size = sum(p.numel() for p in params)
         if len(updates) * size * 4 > budget:
@@ -59,7 +45,7 @@ def mean_gradients(model, tok, updates: list[Update], data: list[list[Example]],
                 p.requires_grad_(True)
             for i, exs in enumerate(data):
                 ad.use(i)
-                texts = pair_texts(exs)
+                texts = training_pairs(exs)
                 for p in params:
                     p.grad = None
                 for s in range(0, len(texts), batch):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MergetoolError
+from ..model import linear_dims
 from ..scoring import encode_choices, packed_batches
 from ..updates import PREFIX, LowRank, Update
 from .data import DevData
@@ -69,7 +70,7 @@ def adamerging_coefficients(model, tok, updates: list[Update], dev: DevData, ste
     given = {k for u in updates for k in u.modules}
     keys = [k for k in (PREFIX + p for p in names) if k in given] + [p for p in names if p in given]
     bad = next((k for k in sorted(given) if k not in keys or
-                not isinstance(names[k[len(PREFIX):] if k.startswith(PREFIX) else k], torch.nn.Linear)), None)
+                linear_dims(names[k[len(PREFIX):] if k.startswith(PREFIX) else k]) is None), None)
     if bad is not None:
         raise MergetoolError(bad, "adamerging learns coefficients of linear modules; this update changes another "
                              "kind of module", "merge LoRA adapters, or use another method")

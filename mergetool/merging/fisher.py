@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters import RowAdapters
+from ..model import linear_dims
 from ..scoring import encode_choices, model_max_len, packed_batches, truncate, _packed_len
 from ..updates import PREFIX, Update
 from .data import DevData, answer_items
@@ -69,8 +70,9 @@ def fisher_diagonals(model, tok, updates: list[Update], dev: DevData, norm: str 
     devc = params[0].device
     try:
         with RowAdapters(model, updates) as ad:
-            paths = [p for p in ad.paths() if isinstance(model.get_submodule(p), torch.nn.Linear)]
-            F = {p: torch.zeros((len(updates), *model.get_submodule(p).weight.shape), device=devc) for p in paths}
+            paths = ad.linear_paths()  # F is [n, out, in], as ΔW (a Conv1D's weight is stored [in, out])
+            F = {p: torch.zeros((len(updates), *linear_dims(model.get_submodule(p))[::-1]), device=devc)
+                 for p in paths}
             taps = _Taps(model, paths)
             try:
                 for batch, packed, ready in packed_batches(model, items, jobs, ad, batch_tokens):

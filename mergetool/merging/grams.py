@@ -14,6 +14,7 @@ import torch
 
 from ..adapters import RowAdapters, decoder_layers, layer_of
 from ..errors import MergetoolError
+from ..model import linear_dims
 from ..methods.dataaware import Normal, regmean_dense, regmean_lora
 from ..scoring import packed_batches
 from ..updates import PREFIX, Dense, LowRank, Update
@@ -76,10 +77,6 @@ class _Grams:
             h.remove()
 
 
-def _linear_paths(model, ad: RowAdapters) -> list[str]:
-    return [p for p in ad.paths() if isinstance(model.get_submodule(p), torch.nn.Linear)]
-
-
 @torch.no_grad()
 def collect(model, tok, updates: list, dev: DevData, paths: list[str] | None = None, stop_after: int | None = None,
             batch_tokens: int | None = None, cache: dict | None = None) -> dict[str, torch.Tensor]:
@@ -91,7 +88,7 @@ def collect(model, tok, updates: list, dev: DevData, paths: list[str] | None = N
     dev_ = next(model.parameters()).device
     found = decoder_layers(model)
     with RowAdapters(model, updates) as ad:
-        paths = paths if paths is not None else _linear_paths(model, ad)
+        paths = paths if paths is not None else ad.linear_paths()
         hooks = _Grams(model, paths, len(updates))
         stopper = None
         if stop_after is not None and found and stop_after + 1 < len(found[1]):
@@ -132,7 +129,7 @@ def regmean_pp_grams(model, tok, updates: list[Update], dev: DevData, alpha: flo
         path = k[len(PREFIX):] if k.startswith(PREFIX) else k
         lay = layer_of(path, found[0]) if found else None
         m = dict(model.named_modules()).get(path)
-        if lay is None or not isinstance(m, torch.nn.Linear):
+        if lay is None or linear_dims(m) is None:
             raise MergetoolError(k, "regmean++ merges decoder layers one after another; this update changes "
                                  "something that is not a linear module of a decoder layer",
                                  "use regmean, which merges every module from one pass")
