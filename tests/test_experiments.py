@@ -261,3 +261,27 @@ def test_cross_seed_is_the_spearman_of_the_two_runs_scores():
     assert res["rho"] == pytest.approx(stats.spearmanr([0.1, 0.5, 0.3, 0.9, 0.7, 0.2],
                                                        [0.2, 0.4, 0.1, 0.8, 0.9, 0.3]).statistic)
     assert res["exact"] and res["merges"] == 5 and res["ci"][0] <= res["rho"] <= res["ci"][1]
+
+
+def test_score_task_tables_from_their_records(tmp_path):
+    """The task-level tables from small records: the per-task rows sorted by S with the other seed's S beside,
+    the tasks not scored named with their p-value, p-values with significant digits and a Monte Carlo floor."""
+    base = {"partners": 5, "trials": 5, "method": "knots", "params": {"inner": "ties", "density": 0.2},
+            "base_accuracy": 0.5, "finetuned": 0.8, "control": 0.4, "merging_loss": -12.5, "off_target": 0.01}
+    harness.write_jsonl(tmp_path / "score-task.jsonl", [
+        {**base, "task": "a", "seed": 0, "score": 0.7, "contribution": 0.3},
+        {**base, "task": "b", "seed": 0, "score": 0.9, "contribution": 0.5},
+        {**base, "task": "a", "seed": 1, "score": 0.65, "contribution": 0.25},
+        {**base, "task": "b", "seed": 1, "score": 0.85, "contribution": 0.45}])
+    harness.write_jsonl(tmp_path / "score-task-pool.jsonl", [
+        {"task": "cola", "expert": 0.64, "majority": 0.64, "p_vs_majority": 0.5453, "learned": False}])
+    harness.write_jsonl(tmp_path / "score-task-stability.jsonl", [
+        {"seeds": [0, 1], "n": 13, "partners": 5, "trials": 5, "merges": 30, "rho": 0.8, "ci": [0.41, 0.95],
+         "p": 0.0001, "floor": 0.0001}])
+    t = report.tables(tmp_path)
+    assert set(t) == {"score-task", "score-task-stability"}
+    rows = t["score-task"].splitlines()
+    assert rows[2] == "| b | 0.50 | 0.80 | 0.900 | 0.850 | 0.400 | 0.500 | -12.5 | +0.010 |"
+    assert rows[3].startswith("| a | 0.50 | 0.80 | 0.700 | 0.650 |")
+    assert "Not scored: cola (expert 64.0% against a majority label of 64.0%, p = 0.55)." in rows[-1]
+    assert t["score-task-stability"].splitlines()[2] == "| 0 and 1 | 13 | 5 | 5 | 30 | 0.80 [0.41, 0.95] | ≤ 0.0001 |"
