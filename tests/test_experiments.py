@@ -198,7 +198,7 @@ def test_score_task_pool_drops_an_expert_at_the_majority_rate():
     json.dumps(rows)  # plain JSON types
 
 
-def _simulated_run(groups, effect, rng, n_dev=20):
+def _simulated_run(groups, effect, rng, n_dev=16):
     """score records of one run of the plan: a task's accuracy under merge g is Binomial(n_dev, logistic(effect
     of the task + effect of g)) / n_dev, the merge effects N(0, 1)."""
     import numpy as np
@@ -215,12 +215,13 @@ def _simulated_run(groups, effect, rng, n_dev=20):
 
 
 def test_cross_seed_spearman_holds_its_level_and_covers_the_truth():
-    """The stability of S across two seeds, simulated on the stage's plan (13 tasks, M = 5, N = 5; seeds 0 and 1)
+    """The stability of S across two seeds, simulated on the stage's plan (13 tasks, M = 5, N = 3; seeds 0 and 1)
     with merge effects shared by a merge's members, 200 runs each. No task effect (the true ρ is 0): the
     permutation p rejects at about α (at most 9 % at α = 0.05) and the interval, which resamples tasks and both
-    runs' merges, holds 0 in at least 95 %. Task effects (logit-normal, σ = 1): the test finds the agreement in
-    at least 85 % of runs (94 % when written), and the interval covers the mean ρ of 3000 simulated runs in at least 96 % (it is
-    conservative, as the pigeonhole bootstrap is; resampling the merges alone covers it in about 92 %)."""
+    runs' merges, holds 0 in at least 95 %. Task effects (logit-normal, σ = 1.5): the test finds the agreement in
+    at least 90 % of runs (96.5 % when written), and the interval covers the mean ρ of 3000 simulated runs in at
+    least 98.5 % (200 of 200 when written: conservative, as the pigeonhole bootstrap is; resampling the merges
+    alone, not the tasks, covers it in 193)."""
     import numpy as np
     from scipy import stats
 
@@ -232,11 +233,11 @@ def test_cross_seed_spearman_holds_its_level_and_covers_the_truth():
     rng = np.random.default_rng(7)
     rhos = []
     for _ in range(3000):
-        effect = rng.normal(0, 1, P)
+        effect = rng.normal(0, 1.5, P)
         a, b = (_simulated_run(g, effect, rng) for g in plans)
         rhos.append(stats.spearmanr([x["score"] for x in a], [x["score"] for x in b]).statistic)
-    truth = {0.0: 0.0, 1.0: float(np.mean(rhos))}
-    for sigma, p_max, p_min, cover_min in ((0.0, 0.09, 0, 0.95), (1.0, 1, 0.85, 0.96)):
+    truth = {0.0: 0.0, 1.5: float(np.mean(rhos))}
+    for sigma, p_max, p_min, cover_min in ((0.0, 0.09, 0, 0.95), (1.5, 1, 0.9, 0.985)):
         rejected = covered = 0
         for r in range(runs):
             effect = rng.normal(0, sigma, P)
