@@ -21,10 +21,10 @@ from .harness import Run, read_jsonl, stage, write_jsonl
 from .stages import ALPHA, base_dir, data_dir, one_sided
 
 # the plan: 13 experts in groups of M + 1 = 6 (two full groups and one topped up per partition), so partners
-# vary between trials and every trial has a control merge of other experts; N = 3 (the paper's 5), 16 dev
-# examples per task and one off-target task, to fit the shared CPU (a pilot: 4 tasks, N = 1, M = 1, the full
-# dev sets, took 10 minutes of wall time and 5 of CPU)
-TASK_M, TASK_N, TASK_DEV, TASK_OFF, TASK_SEEDS = 5, 3, 16, 1, (0, 1)
+# vary between trials and every trial has a control merge of other experts; the paper's N; 20 dev examples
+# per task and one off-target task, to fit the shared CPU (a pilot: 4 tasks, N = 1, M = 1, the full dev sets,
+# took 10 minutes of wall time and 5 of CPU)
+TASK_M, TASK_N, TASK_DEV, TASK_OFF, TASK_SEEDS = 5, 5, 20, 1, (0, 1)
 REPLICATES = 2000
 
 
@@ -65,12 +65,12 @@ def cross_seed(runs: list[list[dict]], replicates: int = REPLICATES, seed: int =
 
 @stage("score-task", needs=("accuracy",))
 def score_task(run: Run) -> list[Path]:
-    """score --level task on the kept experts that learned their task (M = 5, N = 3, the control), seeds 0 and 1,
+    """score --level task on the kept experts that learned their task (M = 5, N = 5, the control), seeds 0 and 1,
     with each run's summary and the Spearman of S across the seeds."""
     acc = read_jsonl(run.records / "accuracy.jsonl")
     tasks, pool_rows = learned(acc)
-    out = run.cache / "score-task"
-    out.mkdir(exist_ok=True)
+    out = run.cache / "score-task" / f"M{TASK_M}-N{TASK_N}-dev{TASK_DEV}"  # a changed plan is a new run
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for t in tasks:  # the first TASK_DEV dev examples, and the train split (the training text's perplexity)
         rows += read_jsonl(data_dir(run) / "dev" / f"{t}.jsonl")[:TASK_DEV]
