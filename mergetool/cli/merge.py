@@ -265,8 +265,8 @@ def merge_cmd(
     else:
         merged = merge_updates(updates, m, p, dev, **kw)
     if save_peft and not any(lora_of(mm) for mm in merged.modules.values()):
-        raise MergetoolError("--save-peft", f"{merged.meta['method']} gives only dense deltas here, and a PEFT adapter "
-                             "needs a LoRA module", "pass --rank R to write a LoRA by truncated SVD")
+        raise MergetoolError("--save-peft", f"{merged.meta['method']} gives only dense deltas here, which PEFT cannot "
+                             "hold without a LoRA module", "pass --rank R to write a LoRA by truncated SVD")
     if save_peft and b is not None:
         mark_embeddings(merged, b)
     with contextlib.ExitStack() as outputs:  # every output is built aside and lands only if all of them succeed
