@@ -73,6 +73,99 @@ def timings(records: Path) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- task-level mergeability (score-task)
+
+# the fields of score's records, the base model's knowledge of the task first ("Will it Merge?" section 4.1)
+KNOWLEDGE = ("base_accuracy", "p_correct", "p_max", "gap", "rank")
+OTHER = ("delta_trained", "finetuned", "perplexity", "length", "norm_f", "sigma_max", "effective_rank", "off_target")
+
+
+def num(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def ci(c: list | None, digits: int = 2) -> str:
+    return "–" if not c else f"[{c[0]:.{digits}f}, {c[1]:.{digits}f}]"
+
+
+def summaries(records: Path) -> list[dict]:
+    return sorted(read_jsonl(records / "score-task-summary.jsonl"), key=lambda s: s["seed"])
+
+
+@table("score-task", ["score-task.jsonl", "score-task-pool.jsonl"])
+def score_task(records: Path) -> str:
+    recs = read_jsonl(records / "score-task.jsonl")
+    seeds = sorted({r["seed"] for r in recs})
+    by = {(r["seed"], r["task"]): r for r in recs}
+    first = sorted((r for r in recs if r["seed"] == seeds[0]), key=lambda r: (-r["score"], r["task"]))
+    head = (["task", "base", "alone"] + [f"S (seed {s})" for s in seeds] +
+            ["control", "contribution", "merging loss %", "off-target"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in first:
+        lines.append(f"| {r['task']} | {num(r['base_accuracy'], 2)} | {num(r['finetuned'], 2)} | " +
+                     " | ".join(num(by[(s, r['task'])]["score"]) for s in seeds) +
+                     f" | {num(r['control'])} | {num(r['contribution'], 3)} | {r['merging_loss']:+.1f} | "
+                     f"{r['off_target']:+.3f} |")
+    out = [r for r in read_jsonl(records / "score-task-pool.jsonl") if not r["learned"]]
+    x = first[0]
+    lines.append(f"\n{len(first)} task experts, M = {x['partners']}, N = {x['trials']}, {x['method']} "
+                 f"({x['params'].get('inner')} inside, density {x['params'].get('density')}); accuracies as "
+                 f"fractions of the dev examples scored; control, contribution, merging loss and off-target of "
+                 f"seed {seeds[0]}." + "".join(
+                     f" Not scored: {r['task']} (expert {pct(r['expert'])}% against a majority label of "
+                     f"{pct(r['majority'])}%, p = {format_p(r['p_vs_majority'])})." for r in out))
+    return "\n".join(lines)
+
+
+@table("score-task-means", ["score-task-summary.jsonl"])
+def score_task_means(records: Path) -> str:
+    lines = ["| seed | experts | merges | S [95% CI] | control [95% CI] | contribution [95% CI] | "
+             "adapters differ beyond their merges: p |", "|---|---|---|---|---|---|---|"]
+    for s in summaries(records):
+        m, e = s["means"], s["existence"]
+        cells = [f"{num(m[k]['mean'])} {ci(m[k]['ci'], 3)}" for k in ("score", "control", "contribution")]
+        lines.append(f"| {s['seed']} | {s['n']} | {s['merges']} | " + " | ".join(cells) +
+                     f" | {format_p(e['p'], e['floor'])} |")
+    return "\n".join(lines)
+
+
+@table("score-task-bins", ["score-task-summary.jsonl"])
+def score_task_bins(records: Path) -> str:
+    cols = [("control", "control"), ("contribution", "contribution"), ("base_accuracy", "base accuracy"),
+            ("norm_f", "‖ΔW‖_F"), ("sigma_max", "σ_max"), ("perplexity", "perplexity"), ("length", "length")]
+    lines = ["| seed | S | n | " + " | ".join(c for _, c in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for s in summaries(records):
+        for b in s["bins"]:
+            cells = [f"{b[f + '_mean']:.3g} ± {b[f + '_se']:.2g}" if b[f + "_se"] is not None
+                     else f"{b[f + '_mean']:.3g}" for f, _ in cols]
+            lines.append(f"| {s['seed']} | {b['bin']} | {b['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@table("score-task-spearman", ["score-task-summary.jsonl"])
+def score_task_spearman(records: Path) -> str:
+    lines = ["| field | seed | ρ(S) [95% CI] | p | ρ(contribution) [95% CI] | p | n |", "|---|---|---|---|---|---|---|"]
+    summ = summaries(records)
+    for f in (*KNOWLEDGE, *OTHER):
+        for s in summ:
+            row = {r["measure"]: r for r in s["spearman"] if r["field"] == f}
+            if not row:
+                continue
+            cells = [f"{num(row[m]['rho'], 2)} {ci(row[m]['ci'])} | {format_p(row[m]['p'], row[m]['floor'])}"
+                     if m in row else "– | –" for m in ("score", "contribution")]
+            lines.append(f"| {f} | {s['seed']} | " + " | ".join(cells) + f" | {row['score']['n']} |")
+    return "\n".join(lines)
+
+
+@table("score-task-stability", ["score-task-stability.jsonl"])
+def score_task_stability(records: Path) -> str:
+    lines = ["| seeds | experts | M | N | merges | ρ(S, S') [95% CI] | p |", "|---|---|---|---|---|---|---|"]
+    for r in read_jsonl(records / "score-task-stability.jsonl"):
+        lines.append(f"| {' and '.join(map(str, r['seeds']))} | {r['n']} | {r['partners']} | {r['trials']} | "
+                     f"{r['merges']} | {num(r['rho'], 2)} {ci(r['ci'])} | {format_p(r['p'], r['floor'])} |")
+    return "\n".join(lines)
+
+
 def tables(records: Path = RECORDS) -> dict[str, str]:
     """Every table whose records exist."""
     return {name: fn(records) for name, fn in TABLES.items() if all((records / n).exists() for n in NEEDS[name])}

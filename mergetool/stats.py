@@ -337,7 +337,8 @@ def weighted_spearman(x, y, weights):
 
 
 def crossed_bootstrap(n_adapters: int, trials: dict[str, tuple], fields: dict[str, Sequence],
-                      replicates: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+                      replicates: int = 2000, seed: int = 0, level: float = 0.95,
+                      between: Sequence[tuple[str, str]] = ()) -> dict:
     """Intervals for a score run's means and Spearman correlations, by the pigeonhole bootstrap (Owen 2007, for
     crossed random effects): each replicate resamples the updates and, independently, the merges, both with
     replacement. An update's S (or control) in a replicate is the mean of its trials weighted by how often
@@ -349,8 +350,10 @@ def crossed_bootstrap(n_adapters: int, trials: dict[str, tuple], fields: dict[st
     ``trials``: per measure (``score``, ``control``), (update, merge, f) arrays, one row per trial; merges are
     named alike across measures (a merge that gives some members their score gives others their control).
     ``contribution`` = score − control per update. ``fields``: per field, one value per update (None/NaN
-    missing). Percentile intervals at ``level``. Returns ``{"means": {m: (lo, hi)}, "spearman": {(m, field):
-    (lo, hi)}}``."""
+    missing). ``between``: pairs of measures whose Spearman over the updates gets an interval too, both
+    estimated in each replicate (the S of one pool in two runs, their merges named apart: the stability of S
+    across seeds). Percentile intervals at ``level``. Returns ``{"means": {m: (lo, hi)}, "spearman": {(m,
+    field): (lo, hi)}}``, the pairs of ``between`` among the keys of ``spearman``."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -395,4 +398,8 @@ def crossed_bootstrap(n_adapters: int, trials: dict[str, tuple], fields: dict[st
             rho = weighted_spearman(np.where(ok, np.broadcast_to(x, e.shape), np.inf), np.where(ok, e, np.inf),
                                     wad * ok)
             out["spearman"][(m, f)] = interval(rho)
+    for m1, m2 in between:
+        ok = np.isfinite(est[m1]) & np.isfinite(est[m2])
+        out["spearman"][(m1, m2)] = interval(weighted_spearman(np.where(ok, est[m1], np.inf),
+                                                               np.where(ok, est[m2], np.inf), wad * ok))
     return out

@@ -19,7 +19,8 @@ DOC = ROOT / "EXPERIMENTS.md"
 def test_experiments_md_tables_are_the_records():
     doc = DOC.read_text()
     marked = [m["name"] for m in report.BLOCK.finditer(doc)]
-    assert {"tasks", "timings"} <= set(marked)
+    assert {"tasks", "timings", "score-task", "score-task-means", "score-task-bins", "score-task-spearman",
+            "score-task-stability"} <= set(marked)
     assert report.check(doc, report.tables()) == []
     assert report.fill(doc, report.tables()) == doc
 
@@ -178,3 +179,131 @@ def test_pools_table_from_its_records(tmp_path):
     assert md.splitlines()[2] == "| sentence | 40 | 482 | 355 | 127 | 100 | 27 | 30 min |"
     assert md.splitlines()[3] == "| prose | 68 | 482 | 355 | 127 | 60 | 67 | 50 min |"
     assert set(report.tables(tmp_path)) == {"pools"}  # the tables whose records exist, and only those
+
+
+def test_score_task_pool_drops_an_expert_at_the_majority_rate():
+    """An expert that answers the majority label (CoLA's: 64 % where 64 % are that label) is not counted as
+    having learned its task; one far above it is; a task the bar dropped is not scored at all."""
+    from experiments.scores import learned
+
+    acc = [{"task": "cola", "n": 100, "expert": 0.64, "majority": 0.64, "kept": True},
+           {"task": "sst2", "n": 100, "expert": 0.76, "majority": 0.52, "kept": True},
+           {"task": "near", "n": 100, "expert": 0.70, "majority": 0.62, "kept": True},
+           {"task": "region", "n": 100, "expert": 0.51, "majority": 0.16, "kept": False}]
+    tasks, rows = learned(acc)
+    assert tasks == ["sst2"]
+    assert [r["task"] for r in rows] == ["cola", "near", "sst2"] and not rows[0]["learned"]
+    from scipy.stats import binom
+
+    assert rows[1]["p_vs_majority"] == pytest.approx(binom.sf(69, 100, 0.62)) and rows[1]["p_vs_majority"] > 0.05
+    json.dumps(rows)  # plain JSON types
+
+
+def _simulated_run(groups, effect, rng):
+    """score records of one run of the plan: a task's accuracy under merge g is Binomial(n, logistic(effect of the
+    task + effect of g)) / n, n the stage's dev examples per task, the merge effects N(0, 1)."""
+    import numpy as np
+
+    from experiments.scores import TASK_DEV as n_dev
+
+    beta = rng.normal(0, 1, len(groups))
+    out = {a: {"adapter": f"t{a}", "per_trial": [], "trial_merges": []} for a in range(len(effect))}
+    for gi, g in enumerate(groups):
+        for a in g.counted:
+            out[a]["per_trial"].append(rng.binomial(n_dev, 1 / (1 + np.exp(-effect[a] - beta[gi]))) / n_dev)
+            out[a]["trial_merges"].append(gi)
+    for r in out.values():
+        r["score"] = sum(r["per_trial"]) / len(r["per_trial"])
+    return list(out.values())
+
+
+def test_cross_seed_spearman_holds_its_level_and_covers_the_truth():
+    """The stability of S across two seeds, simulated on the stage's plan (13 tasks, M = 5, N = 5; seeds 0 and 1)
+    with merge effects shared by a merge's members, 200 runs each. No task effect (the true ρ is 0): the
+    permutation p rejects at about α (at most 9 % at α = 0.05) and the interval, which resamples tasks and both
+    runs' merges, holds 0 in at least 95 %. Task effects (logit-normal, σ = 1.5): the test finds the agreement in
+    at least 90 % of runs (199 of 200 when written), and the interval covers the mean ρ of 3000 simulated runs in
+    at least 97 % (198 of 200 when written: conservative, as the pigeonhole bootstrap is; resampling the merges
+    alone, not the tasks, covers it in 183)."""
+    import numpy as np
+    from scipy import stats
+
+    from experiments.scores import TASK_M, TASK_N, TASK_SEEDS, cross_seed
+    from mergetool.score import plan
+
+    P, runs = 13, 200
+    plans = [plan(P, TASK_M, TASK_N, seed=s) for s in TASK_SEEDS]
+    rng = np.random.default_rng(7)
+    rhos = []
+    for _ in range(3000):
+        effect = rng.normal(0, 1.5, P)
+        a, b = (_simulated_run(g, effect, rng) for g in plans)
+        rhos.append(stats.spearmanr([x["score"] for x in a], [x["score"] for x in b]).statistic)
+    truth = {0.0: 0.0, 1.5: float(np.mean(rhos))}
+    for sigma, p_max, p_min, cover_min in ((0.0, 0.09, 0, 0.95), (1.5, 1, 0.9, 0.97)):
+        rejected = covered = 0
+        for r in range(runs):
+            effect = rng.normal(0, sigma, P)
+            res = cross_seed([_simulated_run(g, effect, rng) for g in plans], replicates=300, seed=r)
+            assert res["n"] == P and res["merges"] == 2 * len(plans[0])
+            rejected += res["p"] <= 0.05
+            covered += res["ci"][0] <= truth[sigma] <= res["ci"][1]
+        assert p_min * runs <= rejected <= p_max * runs, (sigma, rejected)
+        assert covered >= cover_min * runs, (sigma, covered)
+
+
+def test_cross_seed_is_the_spearman_of_the_two_runs_scores():
+    from scipy import stats
+
+    from experiments.scores import cross_seed
+
+    a = [{"adapter": f"t{i}", "score": s, "per_trial": [s], "trial_merges": [i % 3]}
+         for i, s in enumerate([0.1, 0.5, 0.3, 0.9, 0.7, 0.2])]
+    b = [{"adapter": f"t{i}", "score": s, "per_trial": [s], "trial_merges": [i % 2]}
+         for i, s in enumerate([0.2, 0.4, 0.1, 0.8, 0.9, 0.3])]
+    res = cross_seed([a, list(reversed(b))], replicates=200)  # matched by adapter, not by position
+    assert res["rho"] == pytest.approx(stats.spearmanr([0.1, 0.5, 0.3, 0.9, 0.7, 0.2],
+                                                       [0.2, 0.4, 0.1, 0.8, 0.9, 0.3]).statistic)
+    assert res["exact"] and res["merges"] == 5 and res["ci"][0] <= res["rho"] <= res["ci"][1]
+
+
+def test_score_task_tables_from_their_records(tmp_path):
+    """The task-level tables from small records: the per-task rows sorted by S with the other seed's S beside,
+    the tasks not scored named with their p-value, p-values with significant digits and a Monte Carlo floor."""
+    base = {"partners": 5, "trials": 5, "method": "knots", "params": {"inner": "ties", "density": 0.2},
+            "base_accuracy": 0.5, "finetuned": 0.8, "control": 0.4, "merging_loss": -12.5, "off_target": 0.01}
+    harness.write_jsonl(tmp_path / "score-task.jsonl", [
+        {**base, "task": "a", "seed": 0, "score": 0.7, "contribution": 0.3},
+        {**base, "task": "b", "seed": 0, "score": 0.9, "contribution": 0.5},
+        {**base, "task": "a", "seed": 1, "score": 0.65, "contribution": 0.25},
+        {**base, "task": "b", "seed": 1, "score": 0.85, "contribution": 0.45}])
+    harness.write_jsonl(tmp_path / "score-task-pool.jsonl", [
+        {"task": "cola", "expert": 0.64, "majority": 0.64, "p_vs_majority": 0.5453, "learned": False}])
+    harness.write_jsonl(tmp_path / "score-task-stability.jsonl", [
+        {"seeds": [0, 1], "n": 13, "partners": 5, "trials": 5, "merges": 30, "rho": 0.8, "ci": [0.41, 0.95],
+         "p": 0.0001, "floor": 0.0001}])
+    t = report.tables(tmp_path)
+    assert set(t) == {"score-task", "score-task-stability"}
+    rows = t["score-task"].splitlines()
+    assert rows[2] == "| b | 0.50 | 0.80 | 0.900 | 0.850 | 0.400 | 0.500 | -12.5 | +0.010 |"
+    assert rows[3].startswith("| a | 0.50 | 0.80 | 0.700 | 0.650 |")
+    assert "Not scored: cola (expert 64.0% against a majority label of 64.0%, p = 0.55)." in rows[-1]
+    assert t["score-task-stability"].splitlines()[2] == "| 0 and 1 | 13 | 5 | 5 | 30 | 0.80 [0.41, 0.95] | ≤ 0.0001 |"
+
+
+def test_committed_score_task_records_agree_with_each_other():
+    """The committed task-level records are one another's: each seed's summary is score's summary of that seed's
+    records (what `score --summary` prints), and the stability record is the Spearman of the two seeds' S."""
+    from experiments.scores import cross_seed
+    from mergetool.score_summary import summarize
+
+    recs = harness.read_jsonl(harness.RECORDS / "score-task.jsonl")
+    summ = {s["seed"]: s for s in harness.read_jsonl(harness.RECORDS / "score-task-summary.jsonl")}
+    seeds = sorted({r["seed"] for r in recs})
+    assert seeds == sorted(summ) and len(seeds) == 2
+    for s in seeds:
+        again = json.loads(json.dumps(summarize([r for r in recs if r["seed"] == s]), default=lambda x: x.item()))
+        assert {"seed": s, **again} == summ[s]
+    stab = harness.read_jsonl(harness.RECORDS / "score-task-stability.jsonl")[0]
+    again = cross_seed([[r for r in recs if r["seed"] == s] for s in seeds])
+    assert {k: stab[k] for k in again} == again
