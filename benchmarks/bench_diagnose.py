@@ -72,7 +72,7 @@ def plain_pair(a: Update, b: Update, dev) -> dict:
         dot, na, nb = dot + d, na + sa, nb + sb
         cos.append(d / (sa * sb) ** 0.5)
     tot = l1a + l1b
-    return {"dots": (dot, na, nb), "magnitude_change_ratio": l1d / tot,"magnitude_change_ratio": l1d / tot, "sign_change_ratio": sign_ne / entries,
+    return {"dots": (dot, na, nb), "magnitude_change_ratio": l1d / tot, "sign_change_ratio": sign_ne / entries,
             "sign_change_ratio_strict": strict / entries, "conflict_magnitude_ratio": conf / tot,
             "conflict_magnitude_ratio_strict": conf_strict / tot, "cosine": sum(cos) / len(cos),
             "cosine_global": dot / (na * nb) ** 0.5, "l2_distance": float((diff_sq) ** 0.5)}

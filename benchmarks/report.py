@@ -64,7 +64,7 @@ def mergeability(out: Path) -> None:
     if main.exists() and main.stat().st_size:
         recs = jsonl(main)
         rows = binned(recs, "score", FIELDS, recs[0]["trials"])
-        print(f"Means ± standard errors per S bin (KnOTS, M=50; n experts per bin):\n")
+        print("Means ± standard errors per S bin (KnOTS, M=50; n experts per bin):\n")
         print("| field | " + " | ".join(f"S={r['bin']} (n={r['n']})" for r in rows) + " |")
         print("|---|" + "---|" * len(rows))
         for fld in FIELDS:
@@ -107,7 +107,6 @@ PAIRS = ["magnitude_change_ratio", "sign_change_ratio", "conflict_magnitude_rati
 
 def collapse(out: Path) -> None:
     losses = jsonl(out / "losses.jsonl")
-    groups = list(dict.fromkeys(r["group"] for r in losses))
     alone = {r["task"]: r["alone"] for r in losses}
     print("Accuracy of each task expert alone on its dev examples:\n")
     print("| " + " | ".join(alone) + " |\n|" + "---|" * len(alone))

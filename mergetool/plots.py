@@ -6,7 +6,6 @@ chooses what goes in them)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 
 def _plt():

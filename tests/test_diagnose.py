@@ -124,7 +124,6 @@ def test_hidden_sim_and_mds_by_hand():
 def test_a_copy_of_an_adapter_is_identical_in_every_metric(tiny_lm, tmp_path):
     """End to end: an adapter and its copy under another name have sign change 0, cosine 1, HiddenSim 1 and
     the distance 0 between their hidden states."""
-    import shutil
 
     pool, data = pool_of(tmp_path, 3)
     from mergetool.blobs import read_blobs

@@ -4,7 +4,6 @@ outputs that must not be clobbered or left half-written, inputs checked before t
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess

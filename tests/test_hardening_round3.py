@@ -140,8 +140,9 @@ def zero_lora(seed: int, name: str):
 
 
 def method_args(m: str, files: list[str], tmp_path: Path) -> list[str]:
-    if m == "slerp":
-        return files[:2]
+    from mergetool.methods import get
+
+    files = files[:get(m).max_inputs]  # slerp two, nearswap one
     if m == "weighted-base":
         acc = tmp_path / "acc.jsonl"
         acc.write_text("".join(json.dumps({"task": Path(f).stem, "adapter": None, "accuracy": 0.5}) + "\n"
