@@ -93,15 +93,27 @@ def _check_header_len(n: int, available: int | None, source: str) -> None:
 
 
 def _unique_keys(pairs: list) -> dict:
+    """An object of the header: each key once, and every string in it text that UTF-8 can hold (JSON's escapes
+    let a lone surrogate such as \\udc80 through Python's parser; the safetensors library refuses it)."""
     out = {}
     for k, v in pairs:
         if k in out:
             raise _Duplicate(k)
+        for x in (k, *(v if isinstance(v, list) else [v])):
+            if isinstance(x, str):
+                try:
+                    x.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise _Surrogate(k) from None
         out[k] = v
     return out
 
 
 class _Duplicate(Exception):
+    pass
+
+
+class _Surrogate(Exception):
     pass
 
 
@@ -118,6 +130,9 @@ def parse_header_json(raw: bytes | bytearray | memoryview, source: str) -> Heade
         doc = json.loads(bytes(raw).decode("utf-8"), object_pairs_hook=_unique_keys)
     except _Duplicate as e:
         raise MergetoolError(source, f"header has the key {e.args[0]!r} twice", "the file is corrupt") from None
+    except _Surrogate as e:
+        raise MergetoolError(source, f"header entry {e.args[0].encode('utf-8', 'replace').decode()!r} holds a lone "
+                             "surrogate escape, which is not UTF-8 text", "the file is corrupt") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise MergetoolError(source, f"header is not valid JSON ({e.__class__.__name__})",
                              "the file is corrupt or not safetensors") from None

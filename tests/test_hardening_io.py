@@ -863,3 +863,23 @@ def test_property_jsonl_readers(data, tmp_path_factory):
     if not isinstance(acc, MergetoolError):
         assert all(type(a) is float and math.isfinite(a) and 0 <= a <= 1 for a in acc.by_task.values())
         event("base accuracy read")
+
+
+def test_a_header_with_a_lone_surrogate_is_refused_as_the_safetensors_library_refuses_it(tmp_path):
+    """JSON's \\u escapes let a lone surrogate through Python's parser; the safetensors library refuses such a
+    header, so mergetool does too, in one line (found by the reader's property test)."""
+    from safetensors.torch import load as st_load
+
+    from mergetool.blobs import read_blobs
+
+    header = b'{"__metadata__": {"": "\\udc80"}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    data = len(header).to_bytes(8, "little") + header + b"\x00" * 4
+    with pytest.raises(Exception):
+        st_load(data)
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(data)
+    with pytest.raises(MergetoolError, match="lone surrogate"):
+        read_blobs(str(p))
+    r = run_cli("merge", "-m", "mean", str(p), str(p), "-o", str(tmp_path / "out.safetensors"))
+    assert r.returncode == 1 and len(r.stderr.decode().strip().splitlines()) == 1 and b"lone surrogate" in r.stderr
+    assert not (tmp_path / "out.safetensors").exists()
