@@ -603,7 +603,11 @@ def test_jsonl_to_stdout_closed_or_full(redirect, needle):
 
 # ----------------------------------------------------------------------------- 8: properties of every reader
 
-SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+# derandomize: the same 400 examples on every run, so the suite passes or fails alike everywhere (an unseeded
+# search found the lone-surrogate header in one CI run and not in the next); to search further, run these with
+# derandomize=False (a new draw each run) when the readers change.
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+                    derandomize=True)
 
 
 def _valid_blobs() -> list[bytes]:
