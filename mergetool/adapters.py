@@ -35,7 +35,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import MergetoolError
-from .model import is_conv1d, linear_dims
+from .model import check_updatable, is_conv1d, linear_dims
 from .updates import PREFIX, Dora, Full, LowRank, OnBase, Update, check_copy, lora_like, row_norms
 
 # ----------------------------------------------------------------------------- decoder layers
@@ -87,6 +87,10 @@ def first_layer(model, paths: Sequence[str]) -> int:
 
 
 # ----------------------------------------------------------------------------- per-row adapters
+
+
+# what to do with updates of a model whose forward changes its own weights (``model.check_updatable``)
+APPLY_FIX = "merge them into the weights with a method that needs no model run (merge -m task-arithmetic --save-model DIR) and evaluate DIR as the base"
 
 
 class _Stop(Exception):
@@ -186,6 +190,8 @@ class RowAdapters:
         self._patched: int | None = None
         self._saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self.dev = next(model.parameters()).device
+        if any(u is not None for u in self.updates):
+            check_updatable(model, APPLY_FIX)
         mods = dict(model.named_modules())
         params = dict(model.named_parameters(remove_duplicate=False))
         for ui, u in enumerate(self.updates):
@@ -258,6 +264,8 @@ class RowAdapters:
         """``n`` trainable LoRA experts on the modules ``paths``: A kaiming-uniform (as peft), B zero, each
         expert's initialisation seeded by ``seeds[e]`` and the module's name; row e uses expert e. ``dora``: each
         expert also trains a DoRA magnitude per output row, initialised to ‖W‖ (‖W + scale·B A‖ with B = 0)."""
+        check_updatable(model, "train it where the model keeps its weights as stored (peft, in training mode) and "
+                        "merge the result into a full model (merge --save-model)")
         self = cls(model)
         mods = dict(model.named_modules())
         for path in paths:

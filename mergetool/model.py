@@ -280,6 +280,49 @@ def linear_dims(module) -> tuple[int, int] | None:
     return None
 
 
+def weights_its_forward_changes(model) -> list[str]:
+    """The parameters the model's own forward changes in place, in training or eval mode (transformers' RWKV
+    divides its blocks' ``attention.output`` and ``feed_forward.value`` weights by 2**(layer // rescale_every)
+    on its first pass in eval mode, and multiplies them back on the first in training mode). Found on a probe:
+    a forward of one token in each mode, without gradients, after which a parameter whose version counter or
+    values (a strided sample of them) moved is one; the model's mode is restored and the answer cached on
+    it. A model whose forward fails on the probe is taken as changing nothing (its own run will fail)."""
+    cached = getattr(model, "_mergetool_self_changed", None)
+    if cached is not None:
+        return cached
+    params = dict(model.named_parameters())
+
+    def sample(p):
+        return p.detach().reshape(-1)[:: max(1, p.numel() // 64)].clone()
+
+    before = {n: (p._version, sample(p)) for n, p in params.items()}
+    was = model.training
+    ids = torch.full((1, 1), 3, dtype=torch.long, device=next(model.parameters()).device)
+    try:
+        with torch.no_grad():
+            for training in (not was, was):
+                model.train(training)
+                model(input_ids=ids)
+    except (TypeError, ValueError, AttributeError, IndexError, NotImplementedError, RuntimeError) as e:
+        log.info("the in-place probe failed (%s)", str(e)[:200])
+    finally:
+        model.train(was)
+    changed = [n for n, p in params.items() if p._version != before[n][0] or not torch.equal(sample(p), before[n][1])]
+    model._mergetool_self_changed = changed
+    return changed
+
+
+def check_updatable(model, fix: str) -> None:
+    """An update applied beside the weights of a model whose forward changes them in place would not follow
+    them (RWKV's eval mode runs W / 2**k, and W + ΔW as the merged model, but peft's forward and the hooks
+    would add ΔW unscaled): refused, naming a weight and how many."""
+    changed = weights_its_forward_changes(model)
+    if changed:
+        raise MergetoolError(type(model).__name__, f"its forward changes {len(changed)} of its weights in place "
+                             f"(such as {changed[0]}), which an update beside them does not follow: its numbers "
+                             "would be wrong", fix)
+
+
 @dataclass
 class Layout:
     """How a base's weight files meet the model's own parameters. ``transposed``: the parameters stored [in, out]

@@ -35,10 +35,11 @@ from typing import Callable, Sequence
 import torch
 
 from . import evaluate as ev
-from .adapters import RowAdapters
+from .adapters import APPLY_FIX, RowAdapters
 from .errors import MergetoolError, UsageError
 from .examples import Example
 from .methods import Method, Params, effective_params, merge_many
+from .model import check_updatable
 from .updates import Update, adapter_stats
 
 LEVELS = ("example", "task")
@@ -155,6 +156,9 @@ class Scorer:
     cache: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=lambda: {"merge": 0.0, "evaluate": 0.0})  # where the time goes
     _base: dict = field(default_factory=dict)  # example index -> the base model's result
+
+    def __post_init__(self) -> None:  # every trial runs updates beside the weights: refused before any is written
+        check_updatable(self.model, APPLY_FIX)
 
     @staticmethod
     def _value(results: list[dict]) -> float:

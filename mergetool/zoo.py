@@ -111,6 +111,11 @@ ARCHS = [
                                           moe_shared_expert_intermediate_size=16),
          targets=("q_proj", "k_proj", "v_proj", "o_proj"),
          note="hybrid Mamba-attention: the attention (peft refuses LoRA on the Mamba mixers)"),
+    Arch("RWKV", "rwkv", dict(rescale_every=1), note="refused where an update runs beside its weights: in eval "
+         "mode its forward divides block i's `attention.output` and `feed_forward.value` weights in place by "
+         "2^(i // `rescale_every`) (1 here: the second block's are halved), which a LoRA beside them does not "
+         "follow (peft's own forward neither: the merge's PEFT directory is checked through peft's "
+         "`merge_and_unload`); merged into the weights (`--save-model`) it is exact"),
 ]
 
 
@@ -160,12 +165,14 @@ KINDS = [
 # (row, check) -> what the check must show when it is not "ok": "refused: <words of the one-line refusal>", or
 # "n/a" (not run)
 MOE = "MoE expert parameters (`target_parameters`)"
+SELF_CHANGING = "refused: of its weights in place"  # a model whose forward changes its weights (model.check_updatable)
 CONV_SAVED = "`modules_to_save` of a `Conv1D` module"
 OUTCOMES: dict[tuple[str, str], str] = {
     (MOE, "eval LoRA"): "refused: target_parameters", (MOE, "merge --save-model"): "refused: target_parameters",
     (MOE, "merge --save-peft"): "refused: target_parameters",
     # train-expert trains LoRAs (on the targets of --target-modules) and DoRAs (--dora), not the other kinds
     **{(k.name, "train-expert"): "n/a" for k in KINDS if k.train is None},
+    ("RWKV", "eval LoRA"): SELF_CHANGING, ("RWKV", "train-expert"): SELF_CHANGING,
     **{(CONV_SAVED, c): "refused: of a Conv1D module is not supported"
        for c in ("eval LoRA", "merge --save-model", "merge --save-peft")},
 }

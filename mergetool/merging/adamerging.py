@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from ..adapters import APPLY_FIX
 from ..errors import MergetoolError
-from ..model import linear_dims
+from ..model import check_updatable, linear_dims
 from ..scoring import encode_choices, packed_batches
 from ..updates import PREFIX, LowRank, Update
 from .data import DevData
@@ -78,6 +79,7 @@ def adamerging_coefficients(model, tok, updates: list[Update], dev: DevData, ste
     items = encode_choices(tok, [(e.context, e.rec["choices"]) for e in exs])
     weight_of = {i: 1.0 / len(idx) for idx in dev.of for i in idx}  # each task's mean entropy (a task counts once)
     every = sorted(weight_of)
+    check_updatable(model, APPLY_FIX)
     params = list(model.parameters())
     was = [p.requires_grad for p in params]
     for p in params:
