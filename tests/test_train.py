@@ -12,6 +12,7 @@ from conftest import run_cli
 from mergetool import train as tr
 from mergetool.adapters import RowAdapters
 from mergetool.blobs import read_blobs
+from mergetool.model import weights_its_forward_changes
 from mergetool.scoring import own_head
 from mergetool.updates import from_blob
 
@@ -82,7 +83,8 @@ def test_frozen_layers_below_the_expert_run_once(tiny_lm):
     texts = [("", r["text"]) for r in capitals(n=2)]
     spec = tr.LoraSpec(rank=4, alpha=8, layers=[1], lr=1e-2, epochs=4)
     names = tr.target_modules(model, spec, default_middle=True)
-    own_head(model)  # the one-time probe of the output head runs the whole model; training is counted after it
+    own_head(model)  # the one-time probes (the output head, the weights a forward changes) run the whole model;
+    weights_its_forward_changes(model)  # training is counted after them
     calls = []
     h = model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
     st, losses = tr.train_stacked(model, tok, texts, spec, names, [1, 2])
