@@ -50,6 +50,15 @@ def base_of(updates: list[Update]) -> str:
     raise UsageError("--base", f"eval needs the base model; {why}", "pass --base MODEL")
 
 
+def check_adapters(updates: list[Update], fp: str) -> None:
+    """The adapters fit the base (``fp``: its fingerprint), and their names tell their records apart."""
+    from .inputs import check_compatible, check_unique_names
+
+    if updates:
+        check_compatible(updates, fp)
+        check_unique_names(updates, "their records could not be told apart")
+
+
 def run_key(fp, norm, shots, shots_from, seed, chat, max_new_tokens, split, updates=(), dtype="auto auto",
             examples=(), demos=()) -> str:
     """What an eval record depends on: the base, every option that changes a number (``dtype``: --dtype and
@@ -198,11 +207,21 @@ def evaluate_on_ray(address, workers, unordered, b, gguf_file, fp, device, dtype
     cluster.run("evaluate", jobs, deliver, not unordered)
 
 
-def summary_lines(collected: list[dict] | None, rec_path: Path | None) -> str:
-    """One JSONL line per task (``evaluate.summarise``) of this run's records, or of every record in
-    ``rec_path`` (those of earlier, resumed runs included)."""
+def write_summary(collected: list[dict] | None, rec_path: Path | None, out_path: Path | None) -> None:
+    """One JSONL line per task (``evaluate.summarise``) of this run's records, or of every record in ``rec_path``
+    (those of earlier, resumed runs included, which is then removed), to ``out_path`` (atomically) or stdout."""
     from .evaluate import summarise
 
     if rec_path is not None:
         collected = [json.loads(x) for x in rec_path.read_text().splitlines() if x.strip()]
-    return "".join(record_line(s, f"the summary of task {s.get('task')}") for s in summarise(collected or []))
+    lines = "".join(record_line(s, f"the summary of task {s.get('task')}") for s in summarise(collected or []))
+    if out_path is not None:
+        from .outputs import atomic_output
+
+        with atomic_output(str(out_path)) as fh:
+            fh.write(lines.encode())
+        rec_path.unlink()
+    else:
+        from .streams import write_stdout
+
+        write_stdout(lines)

@@ -86,7 +86,7 @@ def eval_cmd(
         check_output(o)  # a directory, a missing directory, a closed stdout: refused before anything is read
 
     from .. import eval_run as er
-    from ..inputs import check_compatible, check_unique_names, load_inputs
+    from ..inputs import load_inputs
     from ..model import content_digest, fingerprint, load_model, resolve_base
 
     dev = pick_device(device)
@@ -97,9 +97,7 @@ def eval_cmd(
     for o in {out_path, rec_path} - {None}:  # before the model loads: no output may destroy what is read
         refuse_destroying_inputs(o, [data, shots_from, *adapters, base_input(b)])
     fp = fingerprint(b)
-    if updates:
-        check_compatible(updates, fp)
-        check_unique_names(updates, "their records could not be told apart")
+    er.check_adapters(updates, fp)
     names = [u.name for u in updates] or [None]
     run = er.run_key(f"{fp}:{content_digest(b)}", norm, shots, shots_from, seed, chat, max_new_tokens, split,
                      updates, f"{dtype} {device}", examples, pool)
@@ -123,17 +121,7 @@ def eval_cmd(
             bar(None)
             records.close()
     if summary:
-        lines = er.summary_lines(records.collected, rec_path)
-        if out_path is not None:
-            from ..outputs import atomic_output
-
-            with atomic_output(str(out_path)) as fh:
-                fh.write(lines.encode())
-            rec_path.unlink()
-        else:
-            from ..streams import write_stdout
-
-            write_stdout(lines)
+        er.write_summary(records.collected, rec_path, out_path)
 
 
 def _check_options(data, adapters, norm, resume, output, shots, max_new_tokens, batch_tokens) -> None:
