@@ -38,6 +38,7 @@ STAGES = [
     ["mergetool.merging.lorahub", "mergetool.merging.auto"],
     ["mergetool.merging.core"],
     ["mergetool.merging"],
+    ["mergetool.merge_run"],
     ["mergetool.cli", "mergetool.cli.app", "mergetool.cli.common"],
     ["mergetool.cli.merge", "mergetool.cli.eval", "mergetool.cli.train_expert", "mergetool.cli.score",
      "mergetool.cli.diagnose", "mergetool.cli.weight"],
