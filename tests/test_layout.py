@@ -30,7 +30,7 @@ STAGES = [
      "mergetool.diagnose.resample", "mergetool.diagnose.forecast", "mergetool.diagnose.compare", "mergetool.diagnose.records",
      "mergetool.diagnose.tables", "mergetool.diagnose.figures", "mergetool.diagnose.representation",
      "mergetool.diagnose.predict", "mergetool.diagnose.analysis", "mergetool.diagnose.gradients", "mergetool.score",
-     "mergetool.score_run", "mergetool.score_summary", "mergetool.eval_run",
+     "mergetool.score_run", "mergetool.score_summary", "mergetool.eval_run", "mergetool.train_run",
      "mergetool.diagnose.core", "mergetool.distributed"],
     ["mergetool.merging.data", "mergetool.merging.forward"],
     ["mergetool.merging.grams", "mergetool.merging.fisher", "mergetool.merging.adamerging",
