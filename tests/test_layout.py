@@ -31,7 +31,7 @@ STAGES = [
      "mergetool.diagnose.tables", "mergetool.diagnose.figures", "mergetool.diagnose.representation",
      "mergetool.diagnose.predict", "mergetool.diagnose.analysis", "mergetool.diagnose.gradients", "mergetool.score",
      "mergetool.score_run", "mergetool.score_summary", "mergetool.eval_run", "mergetool.train_run",
-     "mergetool.diagnose.core", "mergetool.distributed"],
+     "mergetool.diagnose.core", "mergetool.diagnose.run", "mergetool.distributed"],
     ["mergetool.merging.data", "mergetool.merging.forward"],
     ["mergetool.merging.grams", "mergetool.merging.fisher", "mergetool.merging.adamerging",
      "mergetool.merging.candidates"],
