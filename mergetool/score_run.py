@@ -324,3 +324,77 @@ def plan_groups(pool: Pool, partners: int, trials: int, seed: int, independent: 
     apart = pool.partner_pool is not None
     return plan(len(pool.everyone), partners, trials, seed, independent or apart, pool.scored if apart else None,
                 pool.partner_pool, control)
+
+
+def sizes(level: str, partners: int | None, trials: int | None) -> tuple[int, int]:
+    """M partners per merge and N trials per adapter: the level's defaults (the paper's) where not given."""
+    from .score import DEFAULTS
+
+    M, N = DEFAULTS[level]
+    M = M if partners is None else partners
+    N = N if trials is None else trials
+    if M < 1 or N < 1:
+        raise UsageError("--partners", "--partners and --trials must be at least 1", "pass positive counts")
+    return M, N
+
+
+def read_examples(data: str, shots_from: str | None) -> tuple[list[Example], list[Example], list[Example]]:
+    """DATA's examples to score on (all but split=train), its split=train records (demonstrations and training
+    text) and the demonstrations (``shots_from``, else those)."""
+    from .examples import check_examples
+    from .jsonl import read_jsonl
+
+    src = "<stdin>" if data == "-" else data
+    everything = check_examples(read_jsonl(data), src)
+    examples = [e for e in everything if e.rec.get("split") != "train"]
+    train_pool = [e for e in everything if e.rec.get("split") == "train"]
+    if not examples:
+        raise MergetoolError(src, "has no examples to score on (all are split=train)", "give held-out examples")
+    demos = check_examples(read_jsonl(shots_from), shots_from) if shots_from else train_pool
+    return examples, train_pool, demos
+
+
+def load_pool(paths: list[str], partners_from: list[str] | None, base, fp: str, allow_pickle: bool,
+              examples: list[Example], level: str) -> Pool:
+    """The pool and the partners of ``--partners-from``, read, checked against the base and composed."""
+    from .inputs import check_compatible, load_inputs
+
+    updates = load_inputs(list(paths), base, allow_pickle)
+    extra = load_inputs(list(partners_from), base, allow_pickle) if partners_from else None
+    check_compatible(updates + (extra or []), fp)
+    return compose(updates, extra, examples, level)
+
+
+def scorer(base, fp: str, pool: Pool, examples: list[Example], demos: list[Example], method: Method, params: Params,
+           key: str, dev, torch_dtype, *, shots: int, chat: bool, seed: int, norm: str, batch_tokens: int | None,
+           merge_chunk: int, level: str, off_target: int, ray: str | None = None, workers: int | None = None,
+           unordered: bool = False, base_name: str | None = None, gguf_file: str | None = None,
+           device: str = "auto", dtype: str = "auto"):
+    """What runs the plan's groups: a ``score.Scorer`` over the model loaded here (in ``torch_dtype``), or the same
+    jobs on a Ray cluster (``ray``: its address; --device and --dtype as given), each worker with the model
+    resident. Each example's context
+    (demonstrations, chat template) is set here, after the tokenizer loads."""
+    from .examples import add_contexts
+    from .model import load_model, load_tokenizer
+
+    model = None
+    if ray:
+        tok = load_tokenizer(base) if chat else None
+    else:
+        model, tok = load_model(base, dev, torch_dtype)
+    if shots or chat:
+        add_contexts(examples, demos, shots, seed, tok, chat)
+    else:
+        for e in examples:
+            e.context = e.rec.get("prompt", "")
+    scoring = dict(norm=norm, batch_tokens=batch_tokens, merge_chunk=merge_chunk, level=level, off_target=off_target,
+                   seed=seed)
+    if ray:
+        from . import distributed as dist
+
+        cluster = dist.connect(ray, workers, base_name, gguf_file, fp, device, dtype if dtype != "auto" else None)
+        spec = dist.examples_spec(examples, key, data_of=pool.data_of, method=method.name, params=params, **scoring)
+        return dist.RayScorer(cluster, spec, cluster.put_updates(pool.everyone), merge_chunk, not unordered)
+    from .score import Scorer
+
+    return Scorer(model, tok, pool.everyone, examples, pool.data_of, method, params, dev, **scoring)

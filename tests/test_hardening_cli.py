@@ -410,7 +410,7 @@ def test_a_model_saved_from_a_gguf_base_is_plain_safetensors(smol, tmp_path):
 def test_long_expert_names_sharing_a_prefix_get_distinct_short_files():
     """Names whose encodings pass 200 characters keep a prefix and a hash of the whole name: two ids sharing
     their first 250 characters get two files, each within the file systems' 255 bytes."""
-    from mergetool.cli.train_expert import file_names
+    from mergetool.train_run import file_names
 
     a, b = "q" * 250 + "/1", "q" * 250 + "/2"
     names = file_names([a, b, "x/1"])

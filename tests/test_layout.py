@@ -30,14 +30,15 @@ STAGES = [
      "mergetool.diagnose.resample", "mergetool.diagnose.forecast", "mergetool.diagnose.compare", "mergetool.diagnose.records",
      "mergetool.diagnose.tables", "mergetool.diagnose.figures", "mergetool.diagnose.representation",
      "mergetool.diagnose.predict", "mergetool.diagnose.analysis", "mergetool.diagnose.gradients", "mergetool.score",
-     "mergetool.score_run", "mergetool.score_summary",
-     "mergetool.diagnose.core", "mergetool.distributed"],
+     "mergetool.score_run", "mergetool.score_summary", "mergetool.eval_run", "mergetool.train_run",
+     "mergetool.diagnose.core", "mergetool.diagnose.run", "mergetool.distributed"],
     ["mergetool.merging.data", "mergetool.merging.forward"],
     ["mergetool.merging.grams", "mergetool.merging.fisher", "mergetool.merging.adamerging",
      "mergetool.merging.candidates"],
     ["mergetool.merging.lorahub", "mergetool.merging.auto"],
     ["mergetool.merging.core"],
     ["mergetool.merging"],
+    ["mergetool.merge_run"],
     ["mergetool.cli", "mergetool.cli.app", "mergetool.cli.common"],
     ["mergetool.cli.merge", "mergetool.cli.eval", "mergetool.cli.train_expert", "mergetool.cli.score",
      "mergetool.cli.diagnose", "mergetool.cli.weight"],
@@ -121,3 +122,33 @@ def test_the_cycle_check_notices_a_cycle(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), "graph", lambda: g)
     with pytest.raises(AssertionError, match="a -> b -> c -> a"):
         test_no_import_cycle()
+
+
+PAGE = 60  # body lines of a command: parse and check its options, call the library, print or write the results
+
+
+def command_bodies(cli: Path = PKG / "cli") -> dict[str, int]:
+    """The lines of each command's body (a function of ``cli/`` registered with ``@command``)."""
+    out = {}
+    for p in sorted(cli.glob("*.py")):
+        for node in ast.parse(p.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and any(
+                    isinstance(d, ast.Call) and getattr(d.func, "id", None) == "command" for d in node.decorator_list):
+                out[f"{p.name}:{node.name}"] = node.end_lineno - node.body[0].lineno + 1
+    return out
+
+
+def test_every_command_reads_as_a_page():
+    """A command parses and checks its options, calls the library and prints: the work (plans, resume state,
+    records, loops over inputs, summaries) lives in the library, where Python callers and tests reach it."""
+    bodies = command_bodies()
+    assert sorted(bodies) == ["diagnose.py:diagnose_cmd", "eval.py:eval_cmd", "merge.py:merge_cmd",
+                              "score.py:score_cmd", "train_expert.py:train_cmd", "weight.py:weight_cmd"]
+    assert {c: n for c, n in bodies.items() if n > PAGE} == {}
+
+
+def test_the_page_check_notices_a_long_command(tmp_path):
+    """The check itself can fail: a command of PAGE + 1 body lines is found."""
+    body = "".join(f"    x{i} = {i}\n" for i in range(PAGE + 1))
+    (tmp_path / "long.py").write_text(f'@command("long")\ndef long_cmd():\n{body}\n\ndef helper():\n{body}')
+    assert command_bodies(tmp_path) == {"long.py:long_cmd": PAGE + 1}

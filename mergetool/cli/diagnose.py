@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -13,7 +11,7 @@ import typer
 from ..errors import UsageError
 from .app import begin, command
 from .common import AllowPickle, BaseModel, BatchTokens, Chat, Debug, Device, GgufFile, ModelDtype, Quiet, Seed, \
-    base_input, model_dtype, pick_device, progress_bar
+    base_input, model_dtype, progress_bar
 
 log = logging.getLogger("mergetool")
 
@@ -118,24 +116,7 @@ def diagnose_cmd(
     adapters = list(adapters or [])
     model_opts = [o for o, v in (("--merged", merged), ("--budget", budget is not None), ("--gradients", gradients),
                                  ("--explain", explain), ("--select", select is not None)) if v]
-    if compare_fits:
-        others = [o for o, v in (("--base", base), ("--data", data), ("--records", records), ("--fit", fit),
-                                 ("--predict", predict), ("--scores", scores), ("--losses", losses)) if v]
-        if others or model_opts:
-            raise UsageError((others + model_opts)[0], "does not go with --compare-fits",
-                             "compare fits on their own: diagnose --compare-fits A.json B.json ...")
-        if len(adapters) < 2:
-            raise UsageError("--compare-fits", "needs two model files or more", "pass the files diagnose --fit wrote")
-    elif records:
-        if adapters or base or data or model_opts or candidates:
-            raise UsageError("--records", "analyses records instead of adapters: adapters, --base, --data and "
-                             "what needs them do not go with it", "pass the adapters or the records, not both")
-    elif not adapters:
-        raise UsageError("adapters", "no adapters given", "pass adapter files, directories, or - (or --records FILE)")
-    if bool(base) != bool(data) and (base or data):
-        raise UsageError("--base" if data else "--data", "hidden states need both --base and --data", "pass both")
-    if model_opts and not base and not records:
-        raise UsageError(model_opts[0], "needs the model's hidden states", "pass --base MODEL --data DATA.jsonl")
+    _check_modes(adapters, compare_fits, records, model_opts, base, data, fit, predict, scores, losses, candidates)
     if pool not in ("last", "mean"):
         raise UsageError("--pool", f"unknown pooling {pool!r}", "use last or mean")
     if level not in ("task", "example"):
@@ -156,7 +137,7 @@ def diagnose_cmd(
     if stdin_uses > 1:
         raise UsageError("-", "stdin is named twice", "read one input from stdin")
     torch_dtype = model_dtype(dtype)
-    from ..model import fingerprint, resolve_base
+    from ..model import resolve_base
     from ..outputs import check_figure_output, check_output, refuse_destroying_inputs
 
     b = resolve_base(base, gguf_file) if base else None
@@ -172,64 +153,45 @@ def diagnose_cmd(
     for opt, out in (("-o", output), ("--fit", fit), ("--plot", plot)):
         refuse_destroying_inputs(out, inputs, opt)
 
-    from ..diagnose import core
-    from ..diagnose.analysis import check_joins, read_losses
-    from ..diagnose.predict import read_model
+    from ..diagnose import run
 
     if compare_fits:
-        from ..diagnose.compare import compare_fits as compare
-
-        models = [(m.method or Path(p).stem, m) for p, m in ((p, read_model(p)) for p in adapters)]
-        _finish([compare(models)], output, quiet, None, None, None, [])
-        return
-    model_doc = read_model(predict) if predict else None
-    from ..weights import score_records
-
-    score_recs = score_records(scores) if scores else None
-    loss_recs = read_losses(losses) if losses else None
-    fit_spec = None
-    if fit:
-        fit_spec = {"target": "score" if scores else "pair", "method": fit_method, "lam": l1, "seed": seed,
-                    "resamples": resamples,
-                    "features": [f.strip() for f in features.split(",") if f.strip()] if features else None}
+        return _finish(run.compare(adapters), output, quiet, None, None, None, [])
+    score_recs, loss_recs, model_doc = run.read_measured(scores, losses, predict)
+    spec = run.fit_spec(fit, scores, fit_method, l1, seed, resamples, features)
     if records:
-        from ..diagnose.records import read_records
-
-        rec = read_records(records)
-        names = [a["adapter"] for a in rec.adapters] or sorted({x for p in rec.pairs for x in (p["a"], p["b"])})
-        check_joins(score_recs, loss_recs, names, names, bool(rec.groups))
-        out = core.analyze(rec, score_recs, loss_recs, fit_spec, model_doc, seed=seed, resamples=resamples,
-                           permutations=permutations)
-        _finish(out, output, quiet, fit, plot, loss_recs, rec.all() + out)
-        return
-    from ..inputs import check_compatible, load_inputs
-
-    fp = fingerprint(b) if b else None
-    updates = load_inputs(adapters, b, allow_pickle)
-    cands = load_inputs(list(candidates), b, allow_pickle) if candidates else []
-    check_compatible(updates + cands, fp)
-    names = [u.name for u in updates]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup is not None:
-        raise UsageError(dup, "two adapters share this name", "rename one (metadata 'name')")
-    if len(updates) < 2:
-        raise UsageError("adapters", "diagnose compares adapters: give at least two", "pass more adapters")
-    if select is not None and select > len(updates) + len(cands):
-        raise UsageError("--select", f"a group of {select} from {len(updates) + len(cands)} adapters", "lower --select")
-    check_joins(score_recs, loss_recs, names, names + [c.name for c in cands], b is not None)
-    merged_files = core.merged_files(merged or [])
-    setup = core.Setup(level=level, k=k, pool=pool, seed=seed, batch_tokens=batch_tokens, gradients=gradients,
-                       grad_samples=grad_samples, explain=explain, budget=budget, device=pick_device(device),
-                       merged=core.merged_chunks(merged_files, b, fp, allow_pickle), resamples=resamples,
-                       permutations=permutations)
-    if b is not None:
-        core.load_model_data(setup, b, data, chat, torch_dtype)
-    bar = progress_bar(len(updates) + len(cands) + len(merged_files), quiet, "diagnose", "models")
-    try:
-        out = core.diagnose(updates, setup, cands, score_recs, loss_recs, fit_spec, model_doc, select, bar)
-    finally:
-        bar(None)
+        out, drawn = run.from_records(records, score_recs, loss_recs, spec, model_doc, seed, resamples, permutations)
+        return _finish(out, output, quiet, fit, plot, loss_recs, drawn)
+    setup = dict(level=level, k=k, pool=pool, seed=seed, batch_tokens=batch_tokens, gradients=gradients,
+                 grad_samples=grad_samples, explain=explain, budget=budget, resamples=resamples,
+                 permutations=permutations)
+    out = run.measure(adapters, candidates, merged, b, data, chat, torch_dtype, device, allow_pickle, setup,
+                      score_recs, loss_recs, spec, model_doc, select,
+                      lambda total: progress_bar(total, quiet, "diagnose", "models"))
     _finish(out, output, quiet, fit, plot, loss_recs, out)
+
+
+def _check_modes(adapters, compare_fits, records, model_opts, base, data, fit, predict, scores, losses,
+                 candidates) -> None:
+    """The three ways diagnose runs (compare fits; analyse records; measure adapters) and what each needs."""
+    if compare_fits:
+        others = [o for o, v in (("--base", base), ("--data", data), ("--records", records), ("--fit", fit),
+                                 ("--predict", predict), ("--scores", scores), ("--losses", losses)) if v]
+        if others or model_opts:
+            raise UsageError((others + model_opts)[0], "does not go with --compare-fits",
+                             "compare fits on their own: diagnose --compare-fits A.json B.json ...")
+        if len(adapters) < 2:
+            raise UsageError("--compare-fits", "needs two model files or more", "pass the files diagnose --fit wrote")
+    elif records:
+        if adapters or base or data or model_opts or candidates:
+            raise UsageError("--records", "analyses records instead of adapters: adapters, --base, --data and "
+                             "what needs them do not go with it", "pass the adapters or the records, not both")
+    elif not adapters:
+        raise UsageError("adapters", "no adapters given", "pass adapter files, directories, or - (or --records FILE)")
+    if bool(base) != bool(data) and (base or data):
+        raise UsageError("--base" if data else "--data", "hidden states need both --base and --data", "pass both")
+    if model_opts and not base and not records:
+        raise UsageError(model_opts[0], "needs the model's hidden states", "pass --base MODEL --data DATA.jsonl")
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -244,24 +206,13 @@ def _same_file(a: str, b: str) -> bool:
 
 def _finish(out: list[dict], output, quiet: bool, fit, plot, losses, drawn: list[dict]) -> None:
     """Write the records (and the fitted model), print the tables, draw the figures."""
-    from ..diagnose import tables
-    from ..diagnose.figures import write_figures
-    from ..jsonl import record_line
-    from ..outputs import atomic_output
+    from ..diagnose import run, tables
 
-    text = "".join(record_line(r, f"a {r['kind']} record") for r in out)
-    if fit:
-        with atomic_output(fit) as fh:
-            fh.write(json.dumps(next(r for r in out if r["kind"] == "model"), indent=2, ensure_ascii=False,
-                                allow_nan=False).encode())
-    with atomic_output(output) as fh:
-        fh.write(text.encode())
+    run.write_records(out, output, fit)
     if not quiet:
         _print(tables.tables(out))
     if plot:
-        Path(plot).mkdir(exist_ok=True)
-        written = write_figures(drawn, losses, Path(plot))
-        log.info("wrote %d figures into %s", len(written), plot)
+        log.info("wrote %d figures into %s", run.draw(drawn, losses, plot), plot)
 
 
 def _print(items) -> None:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..errors import MergetoolError, UsageError
+from ..errors import UsageError
 from .common import (AllowPickle, BaseModel, BatchTokens, Chat, Data, Debug, Device, GgufFile, ModelDtype, Norm, Quiet,
                      Ray, Seed, Shots, ShotsFrom, Unordered, Workers, base_input, model_dtype, pick_device, progress_bar)
 from .app import begin, command
@@ -40,108 +37,6 @@ Examples:
 """
 
 Opt = typer.Option
-FIRST_CHUNK, MAX_CHUNK, FLUSH_SECONDS = 32, 1024, 3.0
-RAY_CHUNK = 256  # examples per Ray job
-
-
-def _eval_on_ray(dist, address, workers, unordered, b, gguf_file, fp, device, dtype, todo, updates, run, norm,
-                 max_new_tokens, batch_tokens, write, bar) -> None:
-    """The same evaluation on a Ray cluster: jobs of (a chunk of examples, a share of the adapters), each worker
-    with the model resident; a chunk's records are written, example by example, once all its shares are in."""
-    cluster = dist.connect(address, workers, b.name, gguf_file, fp, device, dtype if dtype != "auto" else None)
-    spec = dist.examples_spec(todo, run, norm=norm, max_new_tokens=max_new_tokens, batch_tokens=batch_tokens)
-    ref = cluster.put_updates(updates) if updates else []
-    n = len(updates)
-    per = max(1, -(-n // (2 * len(cluster.actors)))) if n else 1
-    shares = [list(range(s, min(n, s + per))) for s in range(0, n, per)] or [[]]
-    chunks = [list(range(s, min(len(todo), s + RAY_CHUNK))) for s in range(0, len(todo), RAY_CHUNK)]
-    jobs = [(spec, ref, share, ids) for ids in chunks for share in shares]
-    got: dict[int, list] = {}
-
-    def deliver(j, res):
-        c = j // len(shares)
-        got.setdefault(c, [None] * len(shares))[j % len(shares)] = res
-        if all(x is not None for x in got[c]):
-            write([todo[i] for i in chunks[c]], [r for part in got.pop(c) for r in part])
-            bar(len(chunks[c]) * max(n, 1))
-
-    cluster.run("evaluate", jobs, deliver, not unordered)
-
-
-def _done_ids(path: Path, run: str) -> set[tuple]:
-    """(adapter, id) pairs already written by a run of the same base and options (``run``); a last line cut by a
-    crash is dropped from the file (and redone); records of another run are refused, never mixed."""
-    from ..jsonl import resume_records
-
-    ids = set()
-    if path.exists():
-        recs, cut = resume_records(path, "eval")
-        for i, r in enumerate(recs, 1):
-            if not isinstance(r.get("id"), str) or not isinstance(r.get("adapter"), (str, type(None))):
-                raise MergetoolError(f"{path}:{i}", "is not an eval record (no 'id')", "resume into a file eval wrote")
-            key = (r.get("adapter"), r["id"])
-            if r.get("run") != run:
-                raise MergetoolError(str(path), "was written by eval with another base model, other adapters "
-                                     "(or other contents under their names), other examples (or other contents "
-                                     "under their ids) or other options (--norm, --shots, --seed, --chat, --split, "
-                                     "--max-new-tokens, --dtype, --device)",
-                                     "resume with the same adapters and options, or write to a new file")
-            ids.add(key)
-        cut()  # accepted: a last line cut by a crash is dropped (and redone)
-    return ids
-
-
-def _run_key(fp, norm, shots, shots_from, seed, chat, max_new_tokens, split, updates=(), dtype="auto auto",
-             examples=(), demos=()) -> str:
-    """What an eval record depends on: the base, every option that changes a number (``dtype``: --dtype and
-    --device as given, the same for a run on Ray and in one process), the adapters (their names and contents,
-    so a file written for adapter A is not continued with B, nor with A retrained), and the examples' contents
-    and the demonstrations drawn from (so data edited under the same ids is not continued either). Records with
-    different keys never mix."""
-    import hashlib
-
-    doc = [fp, norm, shots, shots_from, seed, chat, max_new_tokens, split, dtype]
-    if updates:
-        doc.append(sorted([u.name, u.digest()] for u in updates))
-    data = hashlib.sha256()
-    for part in (examples, demos if shots else ()):
-        data.update(json.dumps(sorted(json.dumps(e.rec, sort_keys=True) for e in part)).encode())
-    doc.append(data.hexdigest())
-    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:12]
-
-
-def _base_of(updates) -> str:
-    """The base model named by the adapters' metadata, when --base is not given."""
-    bases = {u.meta.get("base_model") for u in updates if u.meta.get("base_model")}
-    if len(bases) == 1:
-        return bases.pop()
-    why = "the adapters name different base models" if bases else "no adapter names its base model"
-    raise UsageError("--base", f"eval needs the base model; {why}", "pass --base MODEL")
-
-
-class _Sink:
-    """Where records go: a file opened only when the first record is ready (a run that fails before leaves no
-    empty file), stdout, or nowhere (--summary to stdout collects them)."""
-
-    def __init__(self, path: Path | None, append: bool, stdout):
-        self.path, self.mode, self.fh, self.stdout = path, "a" if append else "w", None, stdout
-
-    def write(self, text: str) -> None:
-        if self.path is not None:
-            if self.fh is None:
-                self.fh = open(self.path, self.mode)
-            self.fh.write(text)
-        elif self.stdout is not None:
-            self.stdout.write(text)
-
-    def flush(self) -> None:
-        target = self.fh if self.path is not None else self.stdout
-        if target is not None:
-            target.flush()
-
-    def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
 
 
 @command("eval", help=HELP, short_help="Evaluate a model or adapter on examples: JSONL records.",
@@ -176,17 +71,8 @@ def eval_cmd(
     debug: Debug = False,
 ):
     begin("eval", quiet, debug)
-    if data is None:
-        raise UsageError("DATA", "no examples given", "pass a JSONL file or -")
     adapters = list(adapter or [])
-    if data == "-" and "-" in adapters:
-        raise UsageError("-", "stdin is named twice", "read the adapter or the examples from stdin, not both")
-    if norm not in ("tokens", "chars", "none"):
-        raise UsageError("--norm", f"unknown norm {norm!r}", "use tokens, chars or none")
-    if resume and (not output or output == "-"):
-        raise UsageError("--resume", "needs -o FILE (a file, not stdout)", "write the records to a file to resume them")
-    if shots < 0 or max_new_tokens < 1 or (batch_tokens is not None and batch_tokens < 16):
-        raise UsageError("options", "--shots ≥ 0, --max-new-tokens ≥ 1 and --batch-tokens ≥ 16", "fix the values")
+    _check_options(data, adapters, norm, resume, output, shots, max_new_tokens, batch_tokens)
     torch_dtype = model_dtype(dtype)
     if ray:
         from ..distributed import check_address
@@ -199,115 +85,53 @@ def eval_cmd(
     for o in {output, rec_path and str(rec_path)} - {None}:
         check_output(o)  # a directory, a missing directory, a closed stdout: refused before anything is read
 
-    from .. import evaluate as ev
-    from ..adapters import RowAdapters, fitting_groups
-    from ..examples import add_contexts, check_examples
-    from ..inputs import check_compatible, check_unique_names, load_inputs
-    from ..jsonl import read_jsonl, record_line
+    from .. import eval_run as er
+    from ..inputs import load_inputs
     from ..model import content_digest, fingerprint, load_model, resolve_base
 
     dev = pick_device(device)
-    rows = read_jsonl(data)
-    examples = check_examples(rows, "<stdin>" if data == "-" else data)
-    pool = examples
-    if shots_from:
-        pool = check_examples(read_jsonl(shots_from), shots_from)
-    elif shots:
-        pool = [e for e in examples if e.rec.get("split") == "train"]
-    examples = [e for e in examples if (e.rec.get("split") == split if split else e.rec.get("split") != "train")]
-    if not examples:
-        raise MergetoolError(data, "no examples to evaluate after the split filter", "check --split")
-    if shots and not chat:  # demonstrations are drawn (and their count checked) before the model loads
-        add_contexts(examples, pool, shots, seed)
+    examples, pool = er.read_examples(data, split, shots, shots_from, seed, chat)
     given = resolve_base(base, gguf_file) if base else None  # a full model's task vector is taken against it
     updates = load_inputs(adapters, given, allow_pickle) if adapters else []
-    if not base:
-        base = _base_of(updates)
-    b = given or resolve_base(base, gguf_file)
+    b = given or resolve_base(base or er.base_of(updates), gguf_file)
     for o in {out_path, rec_path} - {None}:  # before the model loads: no output may destroy what is read
         refuse_destroying_inputs(o, [data, shots_from, *adapters, base_input(b)])
     fp = fingerprint(b)
-    if updates:
-        check_compatible(updates, fp)
-        check_unique_names(updates, "their records could not be told apart")
+    er.check_adapters(updates, fp)
     names = [u.name for u in updates] or [None]
-    run = _run_key(f"{fp}:{content_digest(b)}", norm, shots, shots_from, seed, chat, max_new_tokens, split, updates,
-                   f"{dtype} {device}", examples, pool)
-
-    done = _done_ids(rec_path, run) if (resume and rec_path) else set()
+    run = er.run_key(f"{fp}:{content_digest(b)}", norm, shots, shots_from, seed, chat, max_new_tokens, split,
+                     updates, f"{dtype} {device}", examples, pool)
+    done = er.done_ids(rec_path, run) if (resume and rec_path) else set()
     todo = [e for e in examples if any((n, e.id) not in done for n in names)]
     log.info("%d examples (%d done before) on %s%s", len(examples), len(examples) - len(todo), b.name,
              f" + {len(updates)} adapter{'s' if len(updates) > 1 else ''}" if updates else "")
-    collected: list[dict] = []
+    records = er.Records(rec_path, resume, not summary, names, done, run, summary)
     if todo:
-        ray_mode = bool(ray)
-        model = tok = None
-        if chat:  # the template is applied (or refused, one line) before the model loads
-            from ..model import load_tokenizer
-
-            tok = load_tokenizer(b)
-            add_contexts(todo, pool, shots, seed, tok, chat)
-        elif not shots:
-            for e in todo:
-                e.context = e.rec.get("prompt", "")
-        if ray_mode:
-            from .. import distributed as dist
-        else:
+        tok = er.set_contexts(todo, pool, shots, seed, chat, b)
+        if not ray:
             model, tok = load_model(b, dev, torch_dtype)
-        from ..streams import StdoutText
-
-        sink = _Sink(rec_path, resume, None if summary else StdoutText())
         bar = progress_bar(len(todo) * len(names), quiet, "eval", "examples")
-
-        def write(chunk, results):  # example by example, every adapter's record: the order chunks cannot change
-            for k, e in enumerate(chunk):
-                for n, res in zip(names, results):
-                    if (n, e.id) in done:
-                        continue
-                    rec = {"id": e.id, "task": e.task, "adapter": n, **res[k], "run": run}
-                    line = record_line(rec, f"adapter {n}, example {e.id}" if n else f"example {e.id}")
-                    if summary:
-                        collected.append(rec)
-                    sink.write(line)
-            sink.flush()
-
         try:
-            if ray_mode:
-                _eval_on_ray(dist, ray, workers, unordered, b, gguf_file, fp, device, dtype, todo, updates, run,
-                             norm, max_new_tokens, batch_tokens, write, bar)
+            if ray:
+                er.evaluate_on_ray(ray, workers, unordered, b, gguf_file, fp, device, dtype, todo, updates, run,
+                                   norm, max_new_tokens, batch_tokens, records, bar)
             else:
-                # the adapters in groups that fit the device (usually one group, applied once for the whole run)
-                groups = fitting_groups(updates, dev) if updates else [[]]
-                with contextlib.ExitStack() as held:
-                    resident = held.enter_context(RowAdapters(model, updates)) if len(groups) == 1 else None
-                    s, size = 0, FIRST_CHUNK
-                    while s < len(todo):
-                        chunk = todo[s:s + size]
-                        t0 = time.monotonic()
-                        results = []
-                        for group in groups:
-                            with (contextlib.nullcontext(resident) if resident is not None else
-                                  RowAdapters(model, [updates[i] for i in group])) as ad:
-                                results += ev.evaluate(model, tok, chunk, norm, max_new_tokens, batch_tokens, bar, ad,
-                                                       [(k, range(len(chunk))) for k in (range(len(group)) or [-1])])
-                        write(chunk, results)
-                        s += len(chunk)
-                        # records reach the disk every few seconds: a crash loses seconds of work, not the run
-                        size = max(8, min(MAX_CHUNK, int(len(chunk) * FLUSH_SECONDS / max(time.monotonic() - t0, 1e-3))))
+                er.evaluate_here(model, tok, todo, updates, dev, norm, max_new_tokens, batch_tokens, records, bar)
         finally:
             bar(None)
-            sink.close()
+            records.close()
     if summary:
-        if rec_path is not None:  # include the records of earlier, resumed runs
-            collected = [json.loads(x) for x in rec_path.read_text().splitlines() if x.strip()]
-        lines = "".join(record_line(s, f"the summary of task {s.get('task')}") for s in ev.summarise(collected))
-        if out_path is not None:
-            from ..outputs import atomic_output
+        er.write_summary(records.collected, rec_path, out_path)
 
-            with atomic_output(str(out_path)) as fh:
-                fh.write(lines.encode())
-            rec_path.unlink()
-        else:
-            from ..streams import write_stdout
 
-            write_stdout(lines)
+def _check_options(data, adapters, norm, resume, output, shots, max_new_tokens, batch_tokens) -> None:
+    if data is None:
+        raise UsageError("DATA", "no examples given", "pass a JSONL file or -")
+    if data == "-" and "-" in adapters:
+        raise UsageError("-", "stdin is named twice", "read the adapter or the examples from stdin, not both")
+    if norm not in ("tokens", "chars", "none"):
+        raise UsageError("--norm", f"unknown norm {norm!r}", "use tokens, chars or none")
+    if resume and (not output or output == "-"):
+        raise UsageError("--resume", "needs -o FILE (a file, not stdout)", "write the records to a file to resume them")
+    if shots < 0 or max_new_tokens < 1 or (batch_tokens is not None and batch_tokens < 16):
+        raise UsageError("options", "--shots ≥ 0, --max-new-tokens ≥ 1 and --batch-tokens ≥ 16", "fix the values")

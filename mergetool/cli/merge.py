@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..errors import MergetoolError, UsageError
+from ..errors import UsageError
 from .common import AllowPickle, BatchTokens, Debug, Device, Norm, Quiet, Seed, pick_device, progress_bar
 from .app import begin, command
 
@@ -151,45 +150,20 @@ def merge_cmd(
     debug: Debug = False,
 ):
     begin("merge", quiet, debug)
-    from ..methods import all_methods
-
     if list_methods:
-        for m in sorted(all_methods().values(), key=lambda m: m.name):
-            typer.echo(f"{m.name:16} {m.pretty:28} {m.reference}")
-            typer.echo(f"{'':16} {m.summary}")
-        typer.echo(f"{'auto':16} {'Search (needs --data)':28} merge --help")
-        typer.echo(f"{'':16} The best merge of the inputs on dev examples: method, options, weights, members.")
-        return
+        return _list_methods()
     if not inputs:
         raise UsageError("inputs", "no adapters given", "pass adapter files, directories, or -")
-    import torch
-
-    from ..blobs import write_blob
-    from ..outputs import atomic_dir, atomic_output, check_output
-    from ..streams import refuse_binary_to_tty
-    from ..inputs import BaseWeights, check_compatible, load_inputs, mark_embeddings
-    from ..methods import Params, check_inputs, get, merge as merge_updates, merge_stream
-    from ..methods.engine import check_options, checked, describe, widest_dtype
-    from ..model import fingerprint, resolve_base, save_model as write_model
-    from ..updates import check_bound, lora_of, metadata_for, save_peft as write_peft, to_tensors
-    from ..weights import base_accuracy, read_weights
+    from .. import merge_run as mr
+    from ..merging import DataOptions, check_data_options, read_dev
+    from ..methods import Params, check_inputs, get
+    from ..methods.engine import check_options, describe, widest_dtype
+    from ..model import resolve_base
 
     auto = method == "auto"
     m = None if auto else get(method)
     with_data = auto or m.data
-    if "-" in inputs and (weights == "-" or base_acc == "-"):
-        raise UsageError("-", "stdin is named twice", "read adapters or weights from stdin, not both")
-    to_blob = output is not None or not (save_peft or save_model)
-    if to_blob:
-        refuse_binary_to_tty(output)
-        check_output(output)
-    if save_model and not base:
-        raise UsageError("--save-model", "needs the base model", "pass --base MODEL")
-    out_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, 0)
-    if out_dtype == 0:
-        raise UsageError("--dtype", f"unknown dtype {dtype!r}", "use auto, float32, bfloat16 or float16")
-    if rank is not None and rank < 1:
-        raise UsageError("--rank", f"{rank} is not a positive rank", "pass --rank 16, say")
+    to_blob, out_dtype = _check_outputs(inputs, weights, base_acc, output, save_peft, save_model, base, dtype, rank)
     dev = pick_device(device)
     p = Params(lam=lam, density=density, trim_scope=trim_scope, rescale=rescale, t=t, seed=seed, gamma=gamma,
                alpha=alpha, epsilon=epsilon, inner=inner, for_task=for_task, tau=tau, rank_fraction=rank_fraction,
@@ -198,8 +172,6 @@ def merge_cmd(
                consensus_k=consensus_k)
     if not auto:
         check_options(m, p, {opt for opt, v in (("weights", weights), ("base-acc", base_acc)) if v})  # before any input
-    from ..merging import DataOptions, check_data_options, read_dev
-
     opts = DataOptions(norm=norm, batch_tokens=batch_tokens, steps=steps, lr=lr, granularity=granularity,
                        budget=budget, population=population, l1=l1, seed=seed, objective=objective, drop=drop,
                        holdout=holdout, trace=trace, predict=predict, scores=scores)
@@ -209,83 +181,62 @@ def merge_cmd(
     examples = read_dev(data) if with_data else None
 
     b = resolve_base(base, gguf_file) if base else None
-    updates = load_inputs(list(inputs), b, allow_pickle)
-    check_bound(updates)  # DoRA and full tensors are task vectors against the base
-    base_fp = fingerprint(b) if b else None
-    check_compatible(updates, base_fp)
-    p.names = [u.name for u in updates]
-    if weights:
-        p.weights = read_weights(weights, p.names)
-    if base_acc:
-        p.base_acc = base_accuracy(base_acc).of([(u.name, u.meta.get("task") or u.name) for u in updates])
+    updates, base_fp = mr.read_inputs(inputs, b, allow_pickle, p, weights, base_acc)
     if not auto:
         check_inputs(m, len(updates), p)
     out_name = name or (Path(output).name.removesuffix(".safetensors") if output and output != "-"
                         else f"{method}-merge")
     out_dtype = out_dtype or widest_dtype(updates)
     keep_dtype = None if dtype == "auto" else out_dtype
-    full_models = (not with_data and rank is None and m.coefficients is None and "inner" not in m.options
-                   and not save_peft and not any(lora_of(mm) for u in updates for mm in u.modules.values())
-                   and bool(to_blob) != bool(save_model))
-    if full_models:
+    if mr.streams(updates, m, with_data, rank, save_peft, to_blob, save_model):
         meta = describe(updates, m, p, rank=rank, base_model=base, base_fingerprint=base_fp)
-    if full_models and save_model:  # one tensor at a time from the inputs into the merged model's shards
-        with atomic_dir(save_model) as d:
-            info = write_model(b, d, checked(merge_stream(updates, m, p, dev)), dev, allow_pickle, keep_dtype)
-        log.info("merged %d inputs with %s into %s (%d tensors, %d patched, %d shards)", len(updates), m.name,
-                 save_model, info["tensors"], info["patched"], info["shards"])
-        return
-    if full_models:  # one module at a time from the inputs into the output blob
-        order = list(dict.fromkeys(mod for u in updates for mod in u.modules))
-        shapes = {mod: tuple(u.modules[mod].shape) for u in reversed(updates) for mod in u.modules}
-        specs = [(f"{mod}.delta", out_dtype, shapes[mod]) for mod in order]
-        header = {"format": "pt", "mergetool": json.dumps({**meta, "name": out_name, "kind": "dense"}, sort_keys=True)}
-        with atomic_output(output) as fh:
-            write_blob(fh, ((f"{mod}.delta", d.to(out_dtype)) for mod, d in checked(merge_stream(updates, m, p, dev))),
-                          header, specs)
-        log.info("merged %d inputs with %s into %d dense modules -> %s", len(updates), m.name, len(order),
-                 output or "stdout")
-        return
-    kw = dict(rank=rank, name=out_name, base_model=base, base_fingerprint=base_fp, dtype=out_dtype)
-    if with_data:
-        from ..merging import merge_on_data
-
-        import time
-
-        from ..merging.auto import parse_budget
-
-        total = {"adamerging": steps, "lorahub": int(budget or 40),
-                 "auto": parse_budget(budget or "64").candidates or 0}.get(method, 0)
-        bar = progress_bar(total, quiet, method, "steps" if method == "adamerging" else "candidates")
-        t0 = time.monotonic()
-        merged = merge_on_data(method, updates, examples, p, b, opts, dev, progress=bar, **kw)
-        bar(None)
-        if auto:
-            _auto_summary(merged.meta["auto"], time.monotonic() - t0)
-    else:
-        merged = merge_updates(updates, m, p, dev, **kw)
-    if save_peft and not any(lora_of(mm) for mm in merged.modules.values()):
-        raise MergetoolError("--save-peft", f"{merged.meta['method']} gives only dense deltas here, which PEFT cannot "
-                             "hold without a LoRA module", "pass --rank R to write a LoRA by truncated SVD")
-    if save_peft and b is not None:
-        mark_embeddings(merged, b)
-    with contextlib.ExitStack() as outputs:  # every output is built aside and lands only if all of them succeed
-        if save_model:
-            d = outputs.enter_context(atomic_dir(save_model))
-            info = write_model(b, d, iter(merged.modules.items()), dev, allow_pickle, keep_dtype)
-            log.info("wrote merged model to %s (%d tensors, %d patched, %d shards)", save_model, info["tensors"],
-                     info["patched"], info["shards"])
-        if save_peft:
-            write_peft(merged, outputs.enter_context(atomic_dir(save_peft)),
-                       BaseWeights(b, allow_pickle) if b else None)
-            log.info("wrote PEFT adapter to %s", save_peft)
-        if to_blob:
-            write_blob(outputs.enter_context(atomic_output(output)), to_tensors(merged), metadata_for(merged))
-    ranks = sorted({lora_of(mm).rank for mm in merged.modules.values() if lora_of(mm)})
-    kinds = ([f"LoRA rank {ranks[0]}-{ranks[-1]}"] if ranks else []) + (["dense"] if merged.kind == "dense" else [])
+        return mr.merge_streaming(updates, m, p, b, dev, meta, out_name, save_model, output, out_dtype, keep_dtype,
+                                  allow_pickle)
+    total, unit = mr.steps_of(method, steps, budget) if with_data else (0, "")
+    bar = progress_bar(total, quiet, method, unit)
+    t0 = time.monotonic()
+    merged = mr.merge_in_memory(method, m, updates, p, dev, examples, b, opts, bar, rank=rank, name=out_name,
+                                base_model=base, base_fingerprint=base_fp, dtype=out_dtype)
+    bar(None)
+    if auto:
+        _auto_summary(merged.meta["auto"], time.monotonic() - t0)
+    mr.write_outputs(merged, b, dev, save_model, save_peft, to_blob, output, allow_pickle, keep_dtype)
     log.info("merged %d inputs with %s: %d modules, %s%s", len(updates), merged.meta["method"], len(merged.modules),
-             " and ".join(kinds),
-             f" -> {output}" if output and output != "-" else "")
+             mr.kinds(merged), f" -> {output}" if output and output != "-" else "")
+
+
+def _list_methods() -> None:
+    from ..methods import all_methods
+
+    for m in sorted(all_methods().values(), key=lambda m: m.name):
+        typer.echo(f"{m.name:16} {m.pretty:28} {m.reference}")
+        typer.echo(f"{'':16} {m.summary}")
+    typer.echo(f"{'auto':16} {'Search (needs --data)':28} merge --help")
+    typer.echo(f"{'':16} The best merge of the inputs on dev examples: method, options, weights, members.")
+
+
+def _check_outputs(inputs, weights, base_acc, output, save_peft, save_model, base, dtype, rank) -> tuple:
+    """Where the merge goes, checked before any input is read: whether it is written as a blob (a file or stdout),
+    and the output dtype (None: auto, the inputs' widest)."""
+    import torch
+
+    from ..outputs import check_output
+    from ..streams import refuse_binary_to_tty
+
+    if "-" in inputs and (weights == "-" or base_acc == "-"):
+        raise UsageError("-", "stdin is named twice", "read adapters or weights from stdin, not both")
+    to_blob = output is not None or not (save_peft or save_model)
+    if to_blob:
+        refuse_binary_to_tty(output)
+        check_output(output)
+    if save_model and not base:
+        raise UsageError("--save-model", "needs the base model", "pass --base MODEL")
+    dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise UsageError("--dtype", f"unknown dtype {dtype!r}", "use auto, float32, bfloat16 or float16")
+    if rank is not None and rank < 1:
+        raise UsageError("--rank", f"{rank} is not a positive rank", "pass --rank 16, say")
+    return to_blob, dtypes[dtype]
 
 
 def _auto_summary(a: dict, seconds: float) -> None:

@@ -118,37 +118,16 @@ def score_cmd(
     begin("score", quiet, debug)
     if summary is not None:
         return _summary_only(summary, pool, data, base, output, plot, seed, quiet)
+    from .. import score_run as run
     from ..methods import Params, check_options, get
-    from ..score import DEFAULTS, check_level
 
-    if not pool:
-        raise UsageError("pool", "no adapters given", "pass adapter files, directories, or -")
-    if not data:
-        raise UsageError("--data", "no examples given", "pass --data DATA.jsonl")
-    if not base:
-        raise UsageError("--base", "score needs the base model", "pass --base MODEL")
-    check_level(level)
-    if norm not in ("tokens", "chars", "none"):
-        raise UsageError("--norm", f"unknown norm {norm!r}", "use tokens, chars or none")
-    if resume and (not output or output == "-"):
-        raise UsageError("--resume", "needs -o FILE (a file, not stdout)", "write the records to a file to resume them")
-    M, N = DEFAULTS[level]
-    M = M if partners is None else partners
-    N = N if trials is None else trials
-    if M < 1 or N < 1:
-        raise UsageError("--partners", "--partners and --trials must be at least 1", "pass positive counts")
+    _check_inputs(pool, data, base, level, norm, resume, output)
+    M, N = run.sizes(level, partners, trials)
     off_target = N if off_target is None else off_target
     if shots < 0 or (batch_tokens is not None and batch_tokens < 16) or merge_chunk < 1 or off_target < 0:
         raise UsageError("options", "--shots ≥ 0, --batch-tokens ≥ 16, --merge-chunk ≥ 1, --off-target ≥ 0",
                          "fix the values")
-    if "-" in pool and data == "-":
-        raise UsageError("-", "stdin is named twice", "read the adapters or the examples from stdin, not both")
-    if ray:
-        from ..distributed import check_address
-
-        check_address(ray)
-    if workers is not None and workers < 1:
-        raise UsageError("--workers", f"{workers} workers", "pass at least 1")
+    _check_streams_and_ray(pool, data, ray, workers)
     _check_plot(plot)
     m = get(method)
     p = Params(lam=lam, density=density, trim_scope=trim_scope, rescale=rescale, seed=seed, gamma=gamma,
@@ -161,12 +140,7 @@ def score_cmd(
     if m.max_inputs is not None and m.max_inputs < M + 1:
         raise UsageError("--method", f"{m.name} merges at most {m.max_inputs} adapters, a trial merges {M + 1}",
                          "choose a method for many inputs (knots, ties, mean, ...)")
-
-    from .. import score_run as run
-    from ..examples import add_contexts, check_examples
-    from ..inputs import check_compatible, load_inputs
-    from ..jsonl import read_jsonl
-    from ..model import content_digest, fingerprint, load_model, load_tokenizer, resolve_base
+    from ..model import content_digest, fingerprint, resolve_base
 
     b = resolve_base(base, gguf_file)
     inputs = [data, shots_from, *pool, *(partners_from or []), base_input(b)]
@@ -174,18 +148,9 @@ def score_cmd(
         refuse_destroying_inputs(o, inputs)
     if plot:
         refuse_destroying_inputs(plot, inputs, "--plot")
-    src = "<stdin>" if data == "-" else data
-    everything = check_examples(read_jsonl(data), src)
-    examples = [e for e in everything if e.rec.get("split") != "train"]
-    train_pool = [e for e in everything if e.rec.get("split") == "train"]
-    if not examples:
-        raise MergetoolError(src, "has no examples to score on (all are split=train)", "give held-out examples")
-    demos = check_examples(read_jsonl(shots_from), shots_from) if shots_from else train_pool
+    examples, train_pool, demos = run.read_examples(data, shots_from)
     fp = fingerprint(b)
-    updates = load_inputs(list(pool), b, allow_pickle)
-    extra = load_inputs(list(partners_from), b, allow_pickle) if partners_from else None
-    check_compatible(updates + (extra or []), fp)
-    the_pool = run.compose(updates, extra, examples, level)
+    the_pool = run.load_pool(pool, partners_from, b, fp, allow_pickle, examples, level)
     control = not no_control
     groups = run.plan_groups(the_pool, M, N, seed, independent, control)
     key = run.run_key(the_pool, examples, demos if shots else [], m, p, f"{fp}:{content_digest(b)}", level=level,
@@ -198,39 +163,50 @@ def score_cmd(
         log.info("%s holds the records of this run, finished: nothing to do", output)
         _report([progress.written[names[a]] for a in the_pool.scored], seed, quiet, plot)
         return
-    shared = not (independent or partners_from)
-    log.info("%d adapters, %d trials each with %d partners: %d merges (%d done before)%s%s", len(updates), N, M,
-             len(groups), sum(1 for g in range(len(groups)) if g in progress.groups),
-             f", shared (independent: {len(updates) * N})" if shared else "",
-             "; the control evaluates each adapter's data under a merge without it per trial"
-             + ("" if shared else " (its partners merged alone)") if control else "")
-
-    dev = pick_device(device)
-    if ray:
-        from .. import distributed as dist
-
-        tok = load_tokenizer(b) if chat else None
-    else:
-        model, tok = load_model(b, dev, torch_dtype)
-    if shots or chat:
-        add_contexts(examples, demos, shots, seed, tok, chat)
-    else:
-        for e in examples:
-            e.context = e.rec.get("prompt", "")
-    scoring = dict(norm=norm, batch_tokens=batch_tokens, merge_chunk=merge_chunk, level=level,
-                   off_target=off_target if control else 0, seed=seed)
-    if ray:  # the same jobs, on the cluster's workers (each with the model resident)
-        cluster = dist.connect(ray, workers, base, gguf_file, fp, device, dtype if dtype != "auto" else None)
-        spec = dist.examples_spec(examples, key, data_of=the_pool.data_of, method=m.name, params=p, **scoring)
-        scorer = dist.RayScorer(cluster, spec, cluster.put_updates(the_pool.everyone), merge_chunk, not unordered)
-    else:
-        from ..score import Scorer
-
-        scorer = Scorer(model, tok, the_pool.everyone, examples, the_pool.data_of, m, p, dev, **scoring)
+    _log_plan(len(the_pool.scored), M, N, groups, progress, not (independent or partners_from), control)
+    scorer = run.scorer(b, fp, the_pool, examples, demos, m, p, key, pick_device(device), torch_dtype, shots=shots,
+                        chat=chat, seed=seed, norm=norm, batch_tokens=batch_tokens, merge_chunk=merge_chunk,
+                        level=level, off_target=off_target if control else 0, ray=ray, workers=workers,
+                        unordered=unordered, base_name=base, gguf_file=gguf_file, device=device, dtype=dtype)
     settings = run.Settings(level, M, N, m, p, seed, control)
     records = run.run(scorer, the_pool, groups, examples, train_pool, settings, progress,
                       lambda total: progress_bar(total, quiet, "score", "merges"))
     _report(records, seed, quiet, plot)
+
+
+def _check_inputs(pool, data, base, level, norm, resume, output) -> None:
+    from ..score import check_level
+
+    if not pool:
+        raise UsageError("pool", "no adapters given", "pass adapter files, directories, or -")
+    if not data:
+        raise UsageError("--data", "no examples given", "pass --data DATA.jsonl")
+    if not base:
+        raise UsageError("--base", "score needs the base model", "pass --base MODEL")
+    check_level(level)
+    if norm not in ("tokens", "chars", "none"):
+        raise UsageError("--norm", f"unknown norm {norm!r}", "use tokens, chars or none")
+    if resume and (not output or output == "-"):
+        raise UsageError("--resume", "needs -o FILE (a file, not stdout)", "write the records to a file to resume them")
+
+
+def _check_streams_and_ray(pool, data, ray, workers) -> None:
+    if "-" in pool and data == "-":
+        raise UsageError("-", "stdin is named twice", "read the adapters or the examples from stdin, not both")
+    if ray:
+        from ..distributed import check_address
+
+        check_address(ray)
+    if workers is not None and workers < 1:
+        raise UsageError("--workers", f"{workers} workers", "pass at least 1")
+
+
+def _log_plan(n: int, M: int, N: int, groups, progress, shared: bool, control: bool) -> None:
+    log.info("%d adapters, %d trials each with %d partners: %d merges (%d done before)%s%s", n, N, M,
+             len(groups), sum(1 for g in range(len(groups)) if g in progress.groups),
+             f", shared (independent: {n * N})" if shared else "",
+             "; the control evaluates each adapter's data under a merge without it per trial"
+             + ("" if shared else " (its partners merged alone)") if control else "")
 
 
 def _check_plot(plot: str | None) -> None:
