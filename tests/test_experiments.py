@@ -167,6 +167,33 @@ def test_expert_accuracy_and_merge_stages_on_a_tiny_model(tiny_lm, tmp_path, mon
     stages.merges(run)
     assert (cache / "merges" / "eval-ta.jsonl").read_bytes() == before
     assert harness.read_jsonl(rec / "merges.jsonl") == merged
+    # datamerge: the data-aware merges given the first 3 dev examples of each task, judged on the other 3
+    from experiments import datamerge, report, scores
+
+    monkeypatch.setattr(scores, "ALPHA", 1.01)
+    monkeypatch.setattr(datamerge, "DM_SEARCH", 3)
+    monkeypatch.setattr(datamerge, "DM_HELD", 3)
+    monkeypatch.setattr(datamerge, "DATA_FREE", {"mean": [], "task-arithmetic": ["--lambda", "0.4"]})
+    monkeypatch.setattr(datamerge, "DATA_AWARE", {"regmean": [], "auto-worst": ["--objective", "worst", "--holdout",
+                                                                                 "0", "--budget", "4"]})
+    datamerge.datamerge(run)
+    dm = harness.read_jsonl(rec / "datamerge.jsonl")
+    assert len(dm) == 4 * 3 and {r["kind"] for r in dm} == {"data-free", "data-aware"}
+    raw = {(r["adapter"], r["id"]): r["correct"] for r in
+           harness.read_jsonl(cache / "datamerge" / "search3-held3" / "eval-tb.jsonl")}
+    r = next(r for r in dm if r["method"] == "regmean" and r["task"] == "tb")
+    assert r["merged_held"] == sum(raw[("regmean", f"tb-{i}")] for i in range(9, 12)) / 3
+    assert r["merged_search"] == sum(raw[("regmean", f"tb-{i}")] for i in range(6, 9)) / 3
+    assert r["alone_held"] == max(ex[("tb", "expert")][3:].count("1"), 1) / 3
+    summ = {s["method"]: s for s in harness.read_jsonl(rec / "datamerge-summary.jsonl")}
+    best = summ["mean"]["best_data_free"]
+    assert best in ("mean", "task-arithmetic") and "vs_best" not in summ[best]
+    assert summ[best]["mean_search"] == max(summ[m]["mean_search"] for m in ("mean", "task-arithmetic"))
+    assert all(-2 <= s["vs_best"]["diff"] <= 2 for m, s in summ.items() if m != best)
+    assert "auto-worst" in report.datamerge(rec) and "| tb | 3 |" in report.datamerge_tasks(rec)
+    made = (cache / "datamerge" / "search3-held3" / "regmean.safetensors").stat().st_mtime_ns
+    datamerge.datamerge(run)  # resumes: nothing merged again
+    assert (cache / "datamerge" / "search3-held3" / "regmean.safetensors").stat().st_mtime_ns == made
 
 
 def test_pools_table_from_its_records(tmp_path):
