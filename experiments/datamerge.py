@@ -34,10 +34,10 @@ DATA_FREE = {"mean": [], "task-arithmetic": ["--lambda", "0.4"], "ties": ["--den
              "dare-ties": ["--density", "0.1", "--seed", "0"], "knots": [], "tsv": [], "star": []}
 # the data-aware ones; adamerging and the searches are cut to fit the shared 2-core CPU (EXPERIMENTS.md)
 DATA_AWARE = {"regmean": [], "regmean++": [], "fisher": [],
-              "adamerging": ["--steps", "60", "--lr", "5e-3"],
-              "lorahub": ["--budget", "40"],
-              "auto-mean": ["--objective", "mean", "--holdout", "0", "--budget", "48"],
-              "auto-worst": ["--objective", "worst", "--holdout", "0", "--budget", "48"]}
+              "adamerging": ["--steps", "40", "--lr", "5e-3"],
+              "lorahub": ["--budget", "32"],
+              "auto-mean": ["--objective", "mean", "--holdout", "0", "--budget", "32"],
+              "auto-worst": ["--objective", "worst", "--holdout", "0", "--budget", "32"]}
 REPLICATES, PERMUTATIONS = 4000, 9999
 
 
