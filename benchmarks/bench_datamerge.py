@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import machine, pick, random_loras, sync, testbed_dir  # noqa: E402
+from common import country_questions, machine, pick, random_loras, sync, testbed_dir  # noqa: E402
 
 TASKS8 = ["sst2", "cola", "country-capital", "country-currency", "country-region", "country-language",
           "country-continent", "city-country"]
@@ -61,6 +61,22 @@ def _experts(d: Path, tasks: list[str]):
 
 
 # ----------------------------------------------------------------------------- (a)
+
+
+def _random_experts(model, n: int, dev, rank: int = 16):
+    """n random LoRAs laid out as the testbed's task experts (stages.EXPERT): rank 16 on q, k, v and o of the
+    upper half of the model's decoder layers, shapes read from the model, small enough to keep its answers."""
+    from mergetool.updates import PREFIX, LowRank, Update
+
+    layers = model.config.num_hidden_layers
+    want = {f"layers.{i}.self_attn.{p}" for i in range(layers // 2, layers)
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    shapes = {name: m.weight.shape for name, m in model.named_modules()
+              if any(name.endswith(w) for w in want) and hasattr(m, "weight")}
+    g = torch.Generator(device=dev).manual_seed(0)
+    return [Update(f"t{i}", {PREFIX + name: LowRank(torch.randn(rank, inp, generator=g, device=dev) / inp ** 0.5,
+                                                    torch.randn(out, rank, generator=g, device=dev) * 0.01, 2.0)
+                             for name, (out, inp) in shapes.items()}, {"name": f"t{i}"}) for i in range(n)]
 
 
 @torch.no_grad()
@@ -111,8 +127,10 @@ def candidates(args) -> dict:
     dev = pick(args.device)
     model_dir = testbed_dir(args.model, args.workdir)
     model, tok = load_model(resolve_base(str(model_dir)), dev)
-    updates = _experts(args.experts, TASKS8)
-    exs = _dev(args.data, TASKS8, args.per_task)
+    if args.experts:
+        updates, exs = _experts(args.experts, TASKS8), _dev(args.data, TASKS8, args.per_task)
+    else:  # no trained experts here (a GPU box): random ones of the testbed experts' layout, the committed questions
+        updates, exs = _random_experts(model, 8, dev), country_questions(8 * args.per_task)
     rng = random.Random(0)
     recipes = [([rng.lognormvariate(0, 0.3) for _ in updates], 0.5 * rng.lognormvariate(0, 0.3))
                for _ in range(args.candidates)]
@@ -135,7 +153,8 @@ def candidates(args) -> dict:
     loop_acc = [{t: sum(c for c, e in zip(cs, exs) if e.task == t) / sum(e.task == t for e in exs) for t in tasks}
                 for cs in got_l]
     same = sum(a == b for a, b in zip(got_b, loop_acc))
-    info = {"bench": "candidates", "machine": machine(dev), "model": model_dir.name, "experts": str(args.experts),
+    info = {"bench": "candidates", "machine": machine(dev), "model": model_dir.name,
+            "experts": str(args.experts or "random (the experts' layout)"),
             "tasks": TASKS8, "examples": len(exs), "per_task": args.per_task, "candidates": len(recipes),
             "population": args.population, "batch_tokens": batch_tokens_for(dev, args.batch_tokens),
             "batched_s": t_b, "loop_s": t_l, "batched_per_s": len(recipes) / t_b, "loop_per_s": len(recipes) / t_l,
@@ -322,7 +341,8 @@ def main():
     ap.add_argument("what", choices=["candidates", "regmean", "lorahub"])
     ap.add_argument("--model", type=Path, help="model directory (default: the testbed model, cached)")
     ap.add_argument("--workdir", type=Path, default=ROOT / ".cache")
-    ap.add_argument("--experts", type=Path, help="directory of the task experts (TASK.safetensors)")
+    ap.add_argument("--experts", type=Path, help="directory of the task experts (TASK.safetensors); (a) without it: "
+                    "8 random experts of their layout, judged on the committed country questions")
     ap.add_argument("--data", type=Path, help="dev examples JSONL of the tasks")
     ap.add_argument("--per-task", type=int, default=5)
     ap.add_argument("--candidates", type=int, default=64)

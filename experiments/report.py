@@ -166,6 +166,46 @@ def score_task_stability(records: Path) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- merges with data (datamerge)
+
+@table("datamerge", ["datamerge-summary.jsonl"])
+def datamerge(records: Path) -> str:
+    summ = read_jsonl(records / "datamerge-summary.jsonl")
+    best = summ[0]["best_data_free"]
+    lines = ["| method | kind | merge time | search: mean | search: worst | held out: mean | held out: worst (task) | "
+             f"held out: mean − {best}'s [95% CI] | p |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(summ, key=lambda r: (r["kind"], -r["mean_held"])):
+        v = r.get("vs_best")
+        name = f"**{r['method']}**" if r["method"] == best else r["method"]
+        opts = f" ({' '.join(r['options'])})" if r["options"] else ""
+        cmp = f"{100 * v['diff']:+.1f} [{100 * v['ci'][0]:+.1f}, {100 * v['ci'][1]:+.1f}] | " \
+              f"{format_p(v['p'], v['floor'])}" if v else "– | –"
+        secs = f"{r['seconds'] / 60:.1f} min" if r.get("seconds") is not None else "–"
+        lines.append(f"| {name}{opts} | {r['kind']} | {secs} | {pct(r['mean_search'])} | {pct(r['worst_search'])} | "
+                     f"{pct(r['mean_held'])} | {pct(r['worst_held'])} ({r['worst_task_held']}) | {cmp} |")
+    lines.append(f"\nNormalised accuracy in % (a task's accuracy merged over its expert's alone, on the same examples; "
+                 f"mean and worst over the tasks). **{best}**: the data-free method with the best mean on the search "
+                 f"examples, the reference of the last two columns (points of normalised accuracy; stratified paired "
+                 f"bootstrap interval and paired sign-flip test, the held-out example the unit).")
+    return "\n".join(lines)
+
+
+@table("datamerge-tasks", ["datamerge.jsonl", "datamerge-summary.jsonl"])
+def datamerge_tasks(records: Path) -> str:
+    rows = read_jsonl(records / "datamerge.jsonl")
+    best = read_jsonl(records / "datamerge-summary.jsonl")[0]["best_data_free"]
+    methods = [best] + sorted({r["method"] for r in rows if r["kind"] == "data-aware"})
+    by = {(r["method"], r["task"]): r for r in rows}
+    tasks = sorted({r["task"] for r in rows})
+    lines = ["| task | n | base | expert alone | " + " | ".join(methods) + " |", "|---|---|---|---|" + "---|" * len(methods)]
+    for t in tasks:
+        x = by[(best, t)]
+        lines.append(f"| {t} | {x['n_held']} | {pct(x['base_held'])} | {pct(x['alone_held'])} | " +
+                     " | ".join(pct(by[(m, t)]["merged_held"]) for m in methods) + " |")
+    lines.append("\nAccuracy in % on each task's held-out dev examples (none of them seen by any method).")
+    return "\n".join(lines)
+
+
 def tables(records: Path = RECORDS) -> dict[str, str]:
     """Every table whose records exist."""
     return {name: fn(records) for name, fn in TABLES.items() if all((records / n).exists() for n in NEEDS[name])}

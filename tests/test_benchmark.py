@@ -88,7 +88,7 @@ def test_gpu_script_dry_run(tiny_lm, tmp_path):
     (run,) = out.glob("gpu-run-cpu-dryrun-*.json")
     steps = json.loads(run.read_text())["steps"]
     assert [s["step"] for s in steps] == ["eval-train", "updates", "score", "score-paper", "diagnose", "subspace",
-                                          "ray", "pytest -m gpu"]
+                                          "ray", "candidates", "pytest -m gpu"]
     assert all(s["rc"] == 0 for s in steps), steps
     for s in steps[:-1]:
         assert json.loads(Path(s["json"]).read_text()), s

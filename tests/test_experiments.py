@@ -167,6 +167,33 @@ def test_expert_accuracy_and_merge_stages_on_a_tiny_model(tiny_lm, tmp_path, mon
     stages.merges(run)
     assert (cache / "merges" / "eval-ta.jsonl").read_bytes() == before
     assert harness.read_jsonl(rec / "merges.jsonl") == merged
+    # datamerge: the data-aware merges given the first 3 dev examples of each task, judged on the other 3
+    from experiments import datamerge, report, scores
+
+    monkeypatch.setattr(scores, "ALPHA", 1.01)
+    monkeypatch.setattr(datamerge, "DM_SEARCH", 3)
+    monkeypatch.setattr(datamerge, "DM_HELD", 3)
+    monkeypatch.setattr(datamerge, "DATA_FREE", {"mean": [], "task-arithmetic": ["--lambda", "0.4"]})
+    monkeypatch.setattr(datamerge, "DATA_AWARE", {"regmean": [], "auto-worst": ["--objective", "worst", "--holdout",
+                                                                                 "0", "--budget", "4"]})
+    datamerge.datamerge(run)
+    dm = harness.read_jsonl(rec / "datamerge.jsonl")
+    assert len(dm) == 4 * 3 and {r["kind"] for r in dm} == {"data-free", "data-aware"}
+    raw = {(r["adapter"], r["id"]): r["correct"] for r in
+           harness.read_jsonl(cache / "datamerge" / "search3-held3" / "eval-tb.jsonl")}
+    r = next(r for r in dm if r["method"] == "regmean" and r["task"] == "tb")
+    assert r["merged_held"] == sum(raw[("regmean", f"tb-{i}")] for i in range(9, 12)) / 3
+    assert r["merged_search"] == sum(raw[("regmean", f"tb-{i}")] for i in range(6, 9)) / 3
+    assert r["alone_held"] == max(ex[("tb", "expert")][3:].count("1"), 1) / 3
+    summ = {s["method"]: s for s in harness.read_jsonl(rec / "datamerge-summary.jsonl")}
+    best = summ["mean"]["best_data_free"]
+    assert best in ("mean", "task-arithmetic") and "vs_best" not in summ[best]
+    assert summ[best]["mean_search"] == max(summ[m]["mean_search"] for m in ("mean", "task-arithmetic"))
+    assert all(-2 <= s["vs_best"]["diff"] <= 2 for m, s in summ.items() if m != best)
+    assert "auto-worst" in report.datamerge(rec) and "| tb | 3 |" in report.datamerge_tasks(rec)
+    made = (cache / "datamerge" / "search3-held3" / "regmean.safetensors").stat().st_mtime_ns
+    datamerge.datamerge(run)  # resumes: nothing merged again
+    assert (cache / "datamerge" / "search3-held3" / "regmean.safetensors").stat().st_mtime_ns == made
 
 
 def test_pools_table_from_its_records(tmp_path):
@@ -307,3 +334,44 @@ def test_committed_score_task_records_agree_with_each_other():
     stab = harness.read_jsonl(harness.RECORDS / "score-task-stability.jsonl")[0]
     again = cross_seed([[r for r in recs if r["seed"] == s] for s in seeds])
     assert {k: stab[k] for k in again} == again
+
+
+def _paired_sim(rng, shift: float, tasks: int = 13, n: int = 40):
+    """Two merges judged on the same examples: each example has its own difficulty p_i, merge b answers with
+    p_i, merge a with p_i + shift (clipped); the expert's accuracy alone is fixed per task."""
+    import numpy as np
+
+    a, b, alone, truth = {}, {}, {}, 0.0
+    for t in range(tasks):
+        p = rng.uniform(0.1, 0.8, n)
+        pa = np.clip(p + shift, 0, 1)
+        a[t], b[t] = (rng.random(n) < pa).astype(int), (rng.random(n) < p).astype(int)
+        alone[t] = rng.uniform(0.5, 0.9)
+        truth += (pa - p).sum() / (n * alone[t]) / tasks
+    return a, b, alone, truth
+
+
+def test_datamerge_paired_difference_holds_its_level_and_covers_the_truth():
+    """The paired sign-flip test rejects about α of the time when the two merges are exchangeable on every
+    example (200 simulated comparisons on the experiment's plan, 13 tasks × 40 held-out examples), and almost
+    always when one is 15 points better; the stratified bootstrap interval covers the true difference."""
+    import numpy as np
+
+    from experiments.datamerge import paired_difference
+
+    rng = np.random.default_rng(0)
+    null = [paired_difference(*_paired_sim(rng, 0.0)[:3], replicates=999, permutations=999, seed=i) for i in range(200)]
+    assert sum(r["p"] < 0.05 for r in null) / 200 <= 0.08
+    assert sum(r["ci"][0] <= 0 <= r["ci"][1] for r in null) / 200 >= 0.9
+    hits = covered = 0
+    err = []
+    for i in range(40):
+        a, b, alone, truth = _paired_sim(rng, 0.15)
+        r = paired_difference(a, b, alone, replicates=999, permutations=999, seed=i)
+        hits += r["p"] < 0.05
+        covered += r["ci"][0] <= truth <= r["ci"][1]
+        err.append(r["diff"] - truth)
+    assert hits >= 38 and covered >= 34
+    assert abs(np.mean(err)) < 0.02  # unbiased: the mean error of 40 estimates (each of se about 0.045)
+    r = paired_difference(a, a, alone, replicates=99, permutations=99)
+    assert r["diff"] == 0 and r["p"] == 1.0 and r["floor"] == 0.01
