@@ -519,6 +519,7 @@ def packed_batches(model, items: list[Item], jobs: list[Job], adapters: RowAdapt
     ``adapted`` names the modules that change when the updates are applied some other way than ``adapters``
     (AdaMerging's own hooks), so that the layers below them still run once. Items are cut to the model's
     length first."""
+    own_head(model)  # decided before a frozen prefix is fed (the callers' forwards run inside ``ready()``)
     runner = _Runner(model, truncate(items, model_max_len(model)), [(u, list(idx)) for u, idx in jobs], adapters,
                      batch_tokens, cache=cache, adapted=adapted)
     yield from runner.run()

@@ -319,6 +319,19 @@ def test_adamerging_follows_fusion_bench_layer_wise_merged_model(model_tok):
 # ----------------------------------------------------------------------------- LoraHub
 
 
+@pytest.mark.parametrize("method", ["adamerging", "fisher"])
+def test_the_head_is_decided_before_the_frozen_prefix_is_fed(tiny_lm, method):
+    """The data-aware merges run the model themselves on packed batches whose layers below the adapted ones are fed
+    from a cache; whether the model's head can run on the gathered hidden states alone is decided before that
+    feeding starts. Before, AdaMerging's and the Fisher's probe ran inside it, failed on the fed states' shape, and every step
+    computed the logits of the whole vocabulary at every position (exact, but slow)."""
+    model, tok = load_model(resolve_base(str(tiny_lm)), CPU)
+    ups = experts(layers=(1,))  # layer 0 is the frozen prefix
+    dev = dev_data(ups, examples(2, choices=3), method, ("mc",))
+    statistics(method, model, tok, ups, dev, Params(), DataOptions(steps=1, lr=0.01))
+    assert getattr(model, "_mergetool_head", None) is True
+
+
 def test_lorahub_loss_is_the_answer_cross_entropy_of_the_weighted_sum(model_tok):
     """Judge.answer_losses of Σ w_i ΔW_i: the mean cross-entropy over every answer token of the dev examples, as
     a causal LM's loss on one batch of them (LoraHub's default_get_loss before its division by n)."""
