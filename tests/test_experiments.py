@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import harness, report
+from experiments import datamerge, harness, report, scores  # imported before a test patches stages.ALPHA
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "EXPERIMENTS.md"
@@ -168,7 +168,7 @@ def test_expert_accuracy_and_merge_stages_on_a_tiny_model(tiny_lm, tmp_path, mon
     assert (cache / "merges" / "eval-ta.jsonl").read_bytes() == before
     assert harness.read_jsonl(rec / "merges.jsonl") == merged
     # datamerge: the data-aware merges given the first 3 dev examples of each task, judged on the other 3
-    from experiments import datamerge, report, scores
+    # (datamerge, report and scores are imported at the top, before stages.ALPHA was patched above)
 
     monkeypatch.setattr(scores, "ALPHA", 1.01)
     monkeypatch.setattr(datamerge, "DM_SEARCH", 3)
