@@ -41,11 +41,6 @@ DATA_AWARE = {"regmean": [], "regmean++": [], "fisher": [],
 REPLICATES, PERMUTATIONS = 4000, 9999
 
 
-def normalised(bits: dict[str, np.ndarray], alone: dict[str, float]) -> float:
-    """The mean over tasks of acc / acc alone."""
-    return float(np.mean([bits[t].mean() / alone[t] for t in bits]))
-
-
 def paired_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray], alone: dict[str, float],
                       replicates: int = REPLICATES, permutations: int = PERMUTATIONS, seed: int = 0) -> dict:
     """The difference of mean normalised accuracy, merge a minus merge b, judged on the same examples
@@ -132,20 +127,20 @@ def datamerge(run: Run) -> list[Path]:
                       f"base_{s}": bits[(t, "base")][sl].count("1") / n}
             rows.append(r)
             ex.append({"method": m, "task": t, "correct": merged[m][t]})
-    free = [m for m, (k, _) in methods.items() if k == "data-free"]
-    best = max(free, key=lambda m: normalised({t: arr[(m, t, "search")] for t in tasks}, alone["search"]))
     summ = []
     for m, (kind, opts) in methods.items():
-        row = {"method": m, "kind": kind, "options": [str(o) for o in opts], "seconds": seconds.get(m),
-               "best_data_free": best}
+        row = {"method": m, "kind": kind, "options": [str(o) for o in opts], "seconds": seconds.get(m)}
         for s in part:
             norm = [arr[(m, t, s)].mean() / alone[s][t] for t in tasks]
             row |= {f"mean_{s}": float(np.mean(norm)), f"worst_{s}": float(np.min(norm)),
                     f"worst_task_{s}": tasks[int(np.argmin(norm))]}
-        if m != best:
-            row["vs_best"] = paired_difference({t: arr[(m, t, "held")] for t in tasks},
-                                               {t: arr[(best, t, "held")] for t in tasks}, alone["held"])
         summ.append(row)
+    best = max((r for r in summ if r["kind"] == "data-free"), key=lambda r: r["mean_search"])["method"]
+    for row in summ:
+        row["best_data_free"] = best
+        if row["method"] != best:
+            row["vs_best"] = paired_difference({t: arr[(row["method"], t, "held")] for t in tasks},
+                                               {t: arr[(best, t, "held")] for t in tasks}, alone["held"])
     run.write_records("datamerge", rows)
     run.write_records("datamerge-examples", ex)
     run.write_records("datamerge-summary", summ)
