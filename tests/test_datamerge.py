@@ -323,8 +323,9 @@ def test_adamerging_follows_fusion_bench_layer_wise_merged_model(model_tok):
 def test_the_head_is_decided_before_the_frozen_prefix_is_fed(tiny_lm, method):
     """The data-aware merges run the model themselves on packed batches whose layers below the adapted ones are fed
     from a cache; whether the model's head can run on the gathered hidden states alone is decided before that
-    feeding starts. Before, AdaMerging's and the Fisher's probe ran inside it, failed on the fed states' shape, and every step
-    computed the logits of the whole vocabulary at every position (exact, and measured side by side only slightly slower: BENCHMARKS.md)."""
+    feeding starts. Before, AdaMerging's and the Fisher's probe ran inside it, failed on the fed states' shape,
+    and every step computed the logits of the whole vocabulary at every position (exact, and measured side by
+    side only slightly slower: BENCHMARKS.md)."""
     model, tok = load_model(resolve_base(str(tiny_lm)), CPU)
     ups = experts(layers=(1,))  # layer 0 is the frozen prefix
     dev = dev_data(ups, examples(2, choices=3), method, ("mc",))
