@@ -147,14 +147,18 @@ def score_task_spearman(records: Path) -> str:
     lines = ["| field | seed | ρ(S) [95% CI] | p | ρ(contribution) [95% CI] | p | n |", "|---|---|---|---|---|---|---|"]
     summ = summaries(records)
     for f in (*KNOWLEDGE, *OTHER):
-        for s in summ:
-            row = {r["measure"]: r for r in s["spearman"] if r["field"] == f}
-            if not row:
-                continue
-            cells = [f"{num(row[m]['rho'], 2)} {ci(row[m]['ci'])} | {format_p(row[m]['p'], row[m]['floor'])}"
-                     if m in row else "– | –" for m in ("score", "contribution")]
-            lines.append(f"| {f} | {s['seed']} | " + " | ".join(cells) + f" | {row['score']['n']} |")
+        lines += [f"| {f} | {s['seed']} | {cells} |" for s in summ if (cells := spearman_cells(s, f))]
     return "\n".join(lines)
+
+
+def spearman_cells(summary: dict, field: str) -> str | None:
+    """ρ [CI] | p for S and for the contribution, and n, of one field in a score summary (None: not there)."""
+    row = {r["measure"]: r for r in summary["spearman"] if r["field"] == field}
+    if not row:
+        return None
+    cells = [f"{num(row[m]['rho'], 2)} {ci(row[m]['ci'])} | {format_p(row[m]['p'], row[m]['floor'])}"
+             if m in row else "– | –" for m in ("score", "contribution")]
+    return " | ".join(cells) + f" | {row['score']['n']}"
 
 
 @table("score-task-stability", ["score-task-stability.jsonl"])
@@ -163,6 +167,151 @@ def score_task_stability(records: Path) -> str:
     for r in read_jsonl(records / "score-task-stability.jsonl"):
         lines.append(f"| {' and '.join(map(str, r['seeds']))} | {r['n']} | {r['partners']} | {r['trials']} | "
                      f"{r['merges']} | {num(r['rho'], 2)} {ci(r['ci'])} | {format_p(r['p'], r['floor'])} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- example-level mergeability (score-pool)
+
+POOL_FIELDS = ("gap", "rank", "p_correct", "p_max", "delta_trained", "perplexity", "length", "norm_f", "sigma_max",
+               "off_target")
+
+
+def pool_summaries(records: Path) -> list[dict]:
+    return read_jsonl(records / "score-pool-summary.jsonl")
+
+
+def histogram(scores: list[float], trials: int) -> tuple[list[int], list[float], float]:
+    """Observed counts of S = k/N (k = 0..N), the counts Binomial(N, mean S) expects, and the dispersion
+    var(S) / (p(1 − p)/N) (1 under the binomial; descriptive: the test is score's permutation within merges)."""
+    from scipy.stats import binom
+
+    n = len(scores)
+    p = sum(scores) / n
+    obs = [sum(1 for s in scores if round(s * trials) == k) for k in range(trials + 1)]
+    exp = [n * float(binom.pmf(k, trials, p)) for k in range(trials + 1)]
+    var = sum((s - p) ** 2 for s in scores) / (n - 1) if n > 1 else 0.0
+    disp = var / (p * (1 - p) / trials) if 0 < p < 1 else float("nan")
+    return obs, exp, disp
+
+
+@table("pool-scores", ["score-pool.jsonl", "score-pool-summary.jsonl"])
+def pool_scores(records: Path) -> str:
+    recs = read_jsonl(records / "score-pool.jsonl")
+    lines = ["| passages | method | M | N | seed | experts | merges | S [95% CI] | control [95% CI] | "
+             "contribution [95% CI] | S = 0, 1/N, …, 1: observed | Binomial(N, mean S) expects | dispersion | "
+             "adapters differ beyond their merges: p |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in pool_summaries(records):
+        m, e = s["means"], s["existence"]
+        scores = [r["score"] for r in recs if r["condition"] == s["condition"] and r["run"] == s["run"]]
+        obs, exp, disp = histogram(scores, s["trials"])
+        cells = [f"{num(m[k]['mean'])} {ci(m[k]['ci'], 3)}" for k in ("score", "control", "contribution")]
+        lines.append(f"| {s['condition']} | {s['method']} | {s['partners']} | {s['trials']} | {s['seed']} | {s['n']} | "
+                     f"{s['merges']} | " + " | ".join(cells) + f" | {' '.join(map(str, obs))} | "
+                     f"{' '.join(f'{x:.1f}' for x in exp)} | {disp:.2f} | {format_p(e['p'], e['floor'])} |")
+    return "\n".join(lines)
+
+
+def main_summary(records: Path, condition: str) -> dict:
+    return next(s for s in pool_summaries(records) if s["condition"] == condition and s["run"] == "knots-M50-N5")
+
+
+@table("pool-spearman", ["score-pool-summary.jsonl"])
+def pool_spearman(records: Path) -> str:
+    conds = list(dict.fromkeys(s["condition"] for s in pool_summaries(records)))
+    lines = ["| field | passages | ρ(S) [95% CI] | p | ρ(contribution) [95% CI] | p | n |", "|---|---|---|---|---|---|---|"]
+    for f in POOL_FIELDS:
+        lines += [f"| {f} | {c} | {cells} |" for c in conds if (cells := spearman_cells(main_summary(records, c), f))]
+    return "\n".join(lines)
+
+
+@table("pool-bins", ["score-pool-summary.jsonl"])
+def pool_bins(records: Path) -> str:
+    cols = [("control", "control"), ("contribution", "contribution"), ("gap", "Δ_base"), ("p_correct", "p_correct"),
+            ("rank", "rank"), ("delta_trained", "Δ_trained"), ("perplexity", "perplexity"), ("length", "length"),
+            ("norm_f", "‖ΔW‖_F"), ("sigma_max", "σ_max")]
+    conds = list(dict.fromkeys(s["condition"] for s in pool_summaries(records)))
+    lines = ["| passages | S | n | " + " | ".join(c for _, c in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for c in conds:
+        for b in main_summary(records, c)["bins"]:
+            cells = [f"{b[f + '_mean']:.3g} ± {b[f + '_se']:.2g}" if b.get(f + "_se") is not None
+                     else f"{b[f + '_mean']:.3g}" for f, _ in cols]
+            lines.append(f"| {c} | {b['bin']} | {b['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@table("pool-methods", ["score-pool.jsonl", "score-pool-summary.jsonl"])
+def pool_methods(records: Path) -> str:
+    """The three merge methods on the same partitions (seed 0, M = 50, N = 5): S by KnOTS's S bin (the paper's
+    Figure 6 compares the methods per bin), and the Spearman of S with the base model's gap under each."""
+    recs = read_jsonl(records / "score-pool.jsonl")
+    runs = [s for s in pool_summaries(records) if s["seed"] == 0 and s["partners"] == 50 and s["trials"] == 5]
+    methods = list(dict.fromkeys(s["method"] for s in runs))
+    run = {(s["condition"], s["method"]): s["run"] for s in runs}
+    lines = ["| passages | experts by KnOTS's S | n | " + " | ".join(f"S under {m}" for m in methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]
+    for c in dict.fromkeys(s["condition"] for s in runs):
+        by = {(r["run"], r["adapter"]): r["score"] for r in recs if r["condition"] == c}
+        main = [r for r in recs if r["condition"] == c and r["run"] == run[(c, "knots")]]
+        for name, keep in (("S < 0.2", lambda x: x < 0.2), ("0.2 ≤ S < 0.8", lambda x: 0.2 <= x < 0.8),
+                           ("S ≥ 0.8", lambda x: x >= 0.8), ("all", lambda x: True)):
+            ads = [r["adapter"] for r in main if keep(r["score"])]
+            if not ads:
+                continue
+            cells = [num(sum(by[(run[(c, m)], a)] for a in ads) / len(ads)) for m in methods]
+            lines.append(f"| {c} | {name} | {len(ads)} | " + " | ".join(cells) + " |")
+    lines += ["", "| passages | method | ρ(gap, S) [95% CI] | p | ρ(p_correct, S) [95% CI] | p |", "|---|---|---|---|---|---|"]
+    for s in runs:
+        row = {r["field"]: r for r in s["spearman"] if r["measure"] == "score"}
+        cells = [f"{num(row[f]['rho'], 2)} {ci(row[f]['ci'])} | {format_p(row[f]['p'], row[f]['floor'])}"
+                 if f in row else "– | –" for f in ("gap", "p_correct")]
+        lines.append(f"| {s['condition']} | {s['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@table("pool-stability", ["score-pool-stability.jsonl"])
+def pool_stability(records: Path) -> str:
+    lines = ["| passages | runs differ in | run a | run b | experts | merges | ρ(S_a, S_b) [95% CI] | p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in read_jsonl(records / "score-pool-stability.jsonl"):
+        lines.append(f"| {r['condition']} | {r['differs']} | {r['a']} | {r['b']} | {r['n']} | {r['merges']} | "
+                     f"{num(r['rho'], 2)} {ci(r['ci'])} | {format_p(r['p'], r['floor'])} |")
+    return "\n".join(lines)
+
+
+@table("pool-locality", ["score-pool-locality.jsonl"])
+def pool_locality(records: Path) -> str:
+    lines = ["| passages | partners drawn from the bin S = | its experts | fixed experts (S = 1) | M | N | merges | "
+             "S [95% CI] | control [95% CI] | contribution [95% CI] |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in read_jsonl(records / "score-pool-locality.jsonl"):
+        cells = [f"{num(r[k]['mean'])} {ci(r[k]['ci'], 3)}" if k in r else "–" for k in ("score", "control", "contribution")]
+        lines.append(f"| {r['condition']} | {r['partners_bin']} | {r['bin_size']} | {r['fixed']} | {r['partners']} | "
+                     f"{r['trials']} | {r['merges']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@table("pool-forecast", ["score-pool-forecast.jsonl"])
+def pool_forecast(records: Path) -> str:
+    lines = ["| passages | model | features | held-out Spearman [95% CI] | held-out Pearson [95% CI] | "
+             "predictor − model, Spearman [95% CI] |", "|---|---|---|---|---|---|"]
+    for f in read_jsonl(records / "score-pool-forecast.jsonl"):
+        v = f.get("validation") or {}
+        if "skipped" in v or not v:
+            lines.append(f"| {f['condition']} | predictor | – | not validated: {v.get('skipped', 'no record')} | – | – |")
+            continue
+        used = sum(1 for x in v["nonzero_frequency"].values() if x > 0)
+        lines.append(f"| {f['condition']} | **predictor** (L1) | {used} of {len(v['nonzero_frequency'])} used | "
+                     f"{num(v['spearman'], 2)} {ci(v['spearman_ci'])} | {num(v['pearson'], 2)} {ci(v['pearson_ci'])} | – |")
+        for b in sorted(f.get("baselines") or [], key=lambda b: -(b["spearman"] if b["spearman"] is not None else -9)):
+            lines.append(f"| {f['condition']} | {b['name']} | {', '.join(b['features'])} | "
+                         f"{num(b['spearman'], 2)} {ci(b['spearman_ci'])} | {num(b['pearson'], 2)} {ci(b['pearson_ci'])} | "
+                         f"{ci(b['predictor_minus_spearman_ci'])} |")
+    tasks = sorted({len(f["validation"]["folds"]) for f in read_jsonl(records / "score-pool-forecast.jsonl")
+                    if f.get("validation") and "folds" in f["validation"]})
+    lines.append(f"\nLeave one task out ({' or '.join(map(str, tasks))} tasks, each held out in turn); the models "
+                 "are compared on their slopes (no fold's constant). Intervals resample tasks (the unit the folds "
+                 "hold out)" + (": with two tasks a resample is both tasks, or one of them twice, so an interval "
+                                "shows how far the figure moves between the tasks, not a 95 % confidence interval "
+                                "over tasks." if tasks and tasks[0] == 2 else "."))
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ their inputs are unchanged and rerun when they change."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -375,3 +376,70 @@ def test_datamerge_paired_difference_holds_its_level_and_covers_the_truth():
     assert abs(np.mean(err)) < 0.02  # unbiased: the mean error of 40 estimates (each of se about 0.045)
     r = paired_difference(a, a, alone, replicates=99, permutations=99)
     assert r["diff"] == 0 and r["p"] == 1.0 and r["floor"] == 0.01
+
+
+@pytest.mark.slow
+def test_score_pool_stage_on_a_tiny_model(tiny_lm, tmp_path, monkeypatch):
+    """The example-level stage end to end on a tiny random Llama and two pools of 8 planted per-example experts:
+    every run's records are score's (contribution = S − control), the stability row is the Spearman of the two
+    runs' S, the tables build from the records, and a second run resumes without scoring anything again."""
+    from scipy.stats import spearmanr
+
+    from conftest import lora_blob, random_lora
+    from experiments import pool_scores
+
+    cache, rec = tmp_path / "cache", tmp_path / "records"
+    rec.mkdir()
+    (cache / "smollm2-135m").parent.mkdir(parents=True)
+    (cache / "smollm2-135m").symlink_to(tiny_lm, target_is_directory=True)
+    rows = [json.loads(x) for x in (ROOT / "examples" / "data" / "countries.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["task"] == "country-capital"][:4] + [r for r in rows if r["task"] == "country-currency"][:4]
+    questions, pools = {}, []
+    for c, cond in enumerate(("sentence", "prose")):
+        data = tmp_path / f"{cond}.jsonl"
+        data.write_text("".join(json.dumps({**r, "text": r["text"] if c == 0 else " ".join(reversed(r["text"].split()))})
+                                + "\n" for r in rows))
+        questions[cond] = data
+        pool = cache / f"pool-{cond}"
+        pool.mkdir()
+        for i, r in enumerate(rows):
+            u = random_lora(10 * c + i, rank=8, targets={"up_proj": (128, 64)}, layers=[1], name=r["id"])
+            u.meta["training"], u.meta["task"] = {"example": r["id"]}, r["task"]
+            for m in u.modules.values():
+                m.B *= 30.0
+            (pool / f"{r['id']}.safetensors").write_bytes(lora_blob(u))
+        pools.append({"condition": cond, "kept_ids": sorted(r["id"] for r in rows)})
+    harness.write_jsonl(rec / "pools.jsonl", pools)
+    monkeypatch.setattr(pool_scores, "QUESTIONS", questions)
+    monkeypatch.setattr(pool_scores, "RUNS", {"knots-M50-N5": ("mean", 2, 2, 0), "other": ("ties", 2, 3, 1)})
+    monkeypatch.setattr(pool_scores, "STABILITY", [("seed", "knots-M50-N5", "other")])
+    monkeypatch.setattr(pool_scores, "LOCAL_M", 1)
+    run = harness.Run(cache=cache, glue=tmp_path, records=rec, quiet=True, log=tmp_path / "log")
+    pool_scores.score_pool(run)
+    recs = harness.read_jsonl(rec / "score-pool.jsonl")
+    assert len(recs) == 2 * 2 * 8
+    raw = {(r["adapter"]): r for r in harness.read_jsonl(cache / "score-pool" / "prose" / "other.jsonl")}
+    for r in recs:
+        assert r["contribution"] == pytest.approx(r["score"] - r["control"], abs=1e-5)
+        if (r["condition"], r["run"]) == ("prose", "other"):
+            assert r["score"] == pytest.approx(raw[r["adapter"]]["score"]) and len(r["per_trial"]) == 3
+    for st in harness.read_jsonl(rec / "score-pool-stability.jsonl"):
+        a, b = ({r["adapter"]: r["score"] for r in recs if r["condition"] == st["condition"] and r["run"] == x}
+                for x in (st["a"], st["b"]))
+        names = sorted(a)
+        want = spearmanr([a[n] for n in names], [b[n] for n in names]).statistic
+        assert st["rho"] == pytest.approx(want) or (st["rho"] is None and math.isnan(want))
+    summ = harness.read_jsonl(rec / "score-pool-summary.jsonl")
+    assert [(s["condition"], s["run"]) for s in summ] == [(c, x) for c in ("sentence", "prose") for x in ("knots-M50-N5", "other")]
+    for loc in harness.read_jsonl(rec / "score-pool-locality.jsonl"):  # the S = 1 experts of the main run, fixed
+        main = [r for r in recs if r["condition"] == loc["condition"] and r["run"] == "knots-M50-N5"]
+        assert loc["fixed"] == sum(r["score"] == 1 for r in main)
+    fc = harness.read_jsonl(rec / "score-pool-forecast.jsonl")
+    assert [f["condition"] for f in fc] == ["sentence", "prose"]
+    built = {n: report.TABLES[n](rec) for n in ("pool-scores", "pool-spearman", "pool-bins", "pool-stability",
+                                                 "pool-forecast", "pool-methods", "pool-locality")}
+    assert built["pool-scores"].count("\n| prose |") == 2
+    made = (cache / "score-pool" / "prose" / "other.jsonl").read_bytes()
+    pool_scores.score_pool(run)  # resumes: every score run is complete, nothing is scored again
+    assert (cache / "score-pool" / "prose" / "other.jsonl").read_bytes() == made
+    assert harness.read_jsonl(rec / "score-pool.jsonl") == recs
