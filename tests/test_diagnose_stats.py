@@ -305,3 +305,26 @@ def test_theorem_stats_count_the_bounds_and_correlate_the_distortion():
     c = corr[("distortion_max", "mean_loss", "ties")]
     assert c["size"] == "groups" and c["n"] == 12 and c["pearson"] < -0.9 and c["pearson_ci"][1] < -0.5
     assert c["bootstrap"]["unit"].startswith("group")
+
+
+def test_a_constant_feature_has_no_slope_and_is_no_baseline():
+    """Experts kept because they answer their own question all have accuracy alone 1: such a feature carries no
+    information, yet a fold's fit on it returned a per-fold constant, and pooled over two tasks whose S differ
+    it correlated with S (−0.09 on the testbed's pool). It is now neither a baseline nor a slope."""
+    rng = random.Random(7)
+    adapters, scores = [], {}
+    for i in range(80):
+        t = i % 2
+        a = {"kind": "adapter", "adapter": f"e{i}", "task": f"t{t}", "noise": rng.random(), "finetuned": 1.0,
+             "p_correct": rng.random(), "gap": rng.random(), "rank": 1}
+        adapters.append(a)
+        scores[a["adapter"]] = {"score": 0.6 * t + rng.gauss(0, 0.05)}  # a task effect and nothing else
+    (m,) = forecast.fit_with_baselines({"target": "score", "lam": 1.0, "seed": 0, "resamples": 100,
+                                        "features": ["noise", "finetuned"]}, Records([], adapters), scores, None)
+    base = {b["name"]: b for b in m["baselines"]}
+    assert "finetuned" not in base and "noise" in base
+    assert base["base_knowledge"]["features"] == ["p_correct", "gap"]  # rank is constant too
+    # the pooled held-out figure is about the slopes: noise carries none, whatever the tasks' means
+    assert abs(m["validation"]["spearman"]) < 0.35
+    model = predict.Model("score", ["a", "c"], [0.0, 1.0], [1.0, 1.0], [0.5, 0.7], 1.0, intercept=0.1, slope=2.0)
+    assert model.linear([{"a": 0.2, "c": 1.0}]) == [pytest.approx(2.0 * 2 * 0.5 * 0.2)]

@@ -9,10 +9,13 @@ is held out in the folds of both its tasks, as in the authors' code); reported: 
 correlation of all held-out predictions with the truth (pooled), each fold's correlations and their mean (the
 authors' per-fold figure), the mean weight of each feature over the folds and how often it is non-zero, and how
 many fold fits did not converge. The pooled figure compares each fold's forecasts without the fold's constant
-term (Σ β_i x_i in the target's unit, the calibrated slopes of the raw features): a fold's constant is what it
-learned about the tasks it saw, which is biased against the held-out task (the training mean leaves that task's
-effect out), and pooling those constants makes even a metric with no information look anti-correlated with the
-loss. The per-fold correlations are not touched by a constant.
+term (Σ β_i (x_i − x̄_i) in the target's unit: the calibrated slopes of the raw features, from one origin for
+every fold, each feature's mean over all the rows): a fold's constant is what it learned about the tasks it saw,
+which is biased against the held-out task (the training mean leaves that task's effect out), and pooling those
+constants makes even a metric with no information look anti-correlated with the loss. The common origin keeps
+β_i·x̄_i out as well, a constant that would differ between folds with their slopes (a feature whose values sit
+far from 0, such as a norm near 30, made it the largest term); a feature constant on a fold's training rows
+has no slope there, and one constant on all the rows is neither a feature nor a baseline. The per-fold correlations are not touched by a constant.
 
 **Baselines**, through the same folds on the same rows: each feature alone, and for pairs the plain cosine, as a
 least-squares line y ≈ a + b·x fitted on the fold's training rows (compared as b·x, like the predictor); for S
@@ -79,7 +82,7 @@ def fit_with_baselines(spec: dict, rec, scores: dict | None, losses: list[dict] 
     rows, target = training_rows(spec, rec, scores, losses)
     lam, seed, boot = spec.get("lam", 1.0), spec.get("seed", 0), spec.get("resamples", RESAMPLES)
     feats = spec.get("features") or [f for f in numeric_fields(rows) if f not in (target, "score", "jung_weight")
-                                     and all(predict._ok(r.get(f)) for r in rows)]
+                                     and all(predict._ok(r.get(f)) for r in rows) and _varies(rows, f)]
     if not feats:
         raise MergetoolError("--fit", "no feature is present in every record", "compute more metrics (--base, --data)")
     rows = [r for r in rows if all(predict._ok(r.get(f)) for f in feats) and predict._ok(r.get(target))]
@@ -87,9 +90,10 @@ def fit_with_baselines(spec: dict, rec, scores: dict | None, losses: list[dict] 
     m.method = spec.get("method")
     _say(m.fit, "the predictor")
     fits: list[dict] = []
-    learners: dict[str, Learner] = {"predictor": _l1(feats, target, lam, seed, fits)}
     baselines = _baselines(rows, feats, target)
-    learners.update({name: _ols(fs, target) for name, fs in baselines.items()})
+    o = origin(rows, {f for fs in baselines.values() for f in fs} | set(feats))
+    learners: dict[str, Learner] = {"predictor": _l1(feats, target, lam, seed, fits, o)}
+    learners.update({name: _ols(fs, target, o) for name, fs in baselines.items()})
     try:
         m.validation, others = _loto(rows, target, learners, fits, feats, boot, seed)
         m.baselines = [{"name": name, "model": "least squares", "features": list(baselines[name]), **others[name]}
@@ -106,8 +110,16 @@ def leave_one_task_out(rows: list[dict], features: Sequence[str], target: str, l
     """The predictor's leave-one-task-out validation alone (no baselines) over rows with ``tasks``."""
     rows = [r for r in rows if all(predict._ok(r.get(f)) for f in features) and predict._ok(r.get(target))]
     fits: list[dict] = []
-    return _loto(rows, target, {"predictor": _l1(features, target, lam, seed, fits)}, fits, features, resamples,
-                 seed)[0]
+    return _loto(rows, target, {"predictor": _l1(features, target, lam, seed, fits, origin(rows, features))}, fits,
+                 features, resamples, seed)[0]
+
+
+def origin(rows: list[dict], feats) -> dict[str, float]:
+    """Each feature's mean over all the rows: the one origin every fold's forecasts are measured from. Raw
+    features would add β_i·x̄_i to a fold's forecasts, a constant that differs from fold to fold with the fold's
+    slope and grows with how far the feature's unit is from 0 (a norm near 30), and pooling such constants is
+    the artefact the folds' constants are dropped for. Computed from the features alone, never the target."""
+    return {f: sum(float(r[f]) for r in rows) / len(rows) for f in feats if rows}
 
 
 def _say(info: dict, what: str) -> None:
@@ -118,34 +130,42 @@ def _say(info: dict, what: str) -> None:
                     what)
 
 
+def _varies(rows: list[dict], f: str) -> bool:
+    """Whether feature f takes more than one value over the rows (one that does not has no slope to learn:
+    e.g. the accuracy alone of experts all kept because they answer their question)."""
+    return len({float(r[f]) for r in rows if predict._ok(r.get(f))}) > 1
+
+
 def _baselines(rows: list[dict], feats: Sequence[str], target: str) -> dict[str, list[str]]:
-    out = {f: [f] for f in feats}
+    out = {f: [f] for f in feats if _varies(rows, f)}
     if target == "normalized_accuracy" and "cosine" not in out and all(predict._ok(r.get("cosine")) for r in rows):
         out["cosine"] = ["cosine"]
     if target == "score":
-        known = [f for f in BASE_KNOWLEDGE if all(predict._ok(r.get(f)) for r in rows)]
+        known = [f for f in BASE_KNOWLEDGE if all(predict._ok(r.get(f)) for r in rows) and _varies(rows, f)]
         if known:
             out["base_knowledge"] = known
     return out
 
 
-def _l1(feats, target, lam, seed, fits: list[dict]) -> Learner:
-    """The predictor, fitted on a fold's training rows; its forecasts without their constant."""
+def _l1(feats, target, lam, seed, fits: list[dict], o: dict[str, float]) -> Learner:
+    """The predictor, fitted on a fold's training rows; its forecasts without their constant, from ``o``."""
     def learn(train):
         m = predict.fit(train, feats, target, lam, seed)
         fits.append({"weights": m.weights, **m.fit})
-        return m.linear
+        return lambda rows: m.linear(rows, o)
     return learn
 
 
-def _ols(feats: Sequence[str], target: str) -> Learner:
+def _ols(feats: Sequence[str], target: str, o: dict[str, float]) -> Learner:
     """A least-squares model with an intercept on ``feats`` (a plain line for one feature); its forecasts
-    without the intercept."""
+    without the intercept, from ``o``. A feature constant on the fold's training rows is left out of that
+    fold's fit (it would only split the intercept with it, and its share would come back as a constant)."""
     def learn(train):
-        X = np.array([[1.0] + [float(r[f]) for f in feats] for r in train])
+        used = [f for f in feats if _varies(train, f)]
+        X = np.array([[1.0] + [float(r[f]) for f in used] for r in train])
         y = np.array([float(r[target]) for r in train])
         beta = np.linalg.lstsq(X, y, rcond=None)[0]
-        return lambda rows: [float(sum(b * float(r[f]) for b, f in zip(beta[1:], feats))) for r in rows]
+        return lambda rows: [float(sum(b * (float(r[f]) - o[f]) for b, f in zip(beta[1:], used))) for r in rows]
     return learn
 
 

@@ -62,14 +62,17 @@ class Model:
         """The calibrated forecast a + b·(X w) of each row, in the target's unit."""
         return [None if v is None else self.intercept + self.slope * v for v in self.scores(rows)]
 
-    def linear(self, rows: list[dict]) -> list[float | None]:
-        """The forecast without its constant: Σ β_i x_i with β_i = b·2w_i/(hi_i − lo_i), the raw features' slopes
-        in the target's unit (what leave-one-task-out pools across folds; see ``forecast``)."""
-        beta = [self.slope * 2 * w / (h - lo if h > lo else 1.0) for w, lo, h in zip(self.weights, self.lo, self.hi)]
+    def linear(self, rows: list[dict], origin: dict[str, float] | None = None) -> list[float | None]:
+        """The forecast without its constant: Σ β_i (x_i − o_i) with β_i = b·2w_i/(hi_i − lo_i), the raw features'
+        slopes in the target's unit, from the origin o (default 0; what leave-one-task-out pools across folds,
+        from one origin for every fold: see ``forecast``). A feature that was constant on the rows fitted has no
+        slope (β_i = 0): its term w_i·z_i was part of the constant."""
+        beta = [self.slope * 2 * w / (h - lo) if h > lo else 0.0 for w, lo, h in zip(self.weights, self.lo, self.hi)]
+        o = [(origin or {}).get(f, 0.0) for f in self.features]
         out = []
         for r in rows:
             x = [r.get(f) for f in self.features]
-            out.append(None if any(not _ok(v) for v in x) else sum(b * float(v) for b, v in zip(beta, x)))
+            out.append(None if any(not _ok(v) for v in x) else sum(b * (float(v) - c) for b, v, c in zip(beta, x, o)))
         return out
 
     def to_json(self) -> dict:
