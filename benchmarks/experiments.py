@@ -1,7 +1,6 @@
 """The papers' experiments at testbed scale (SmolLM2-135M-Instruct, country facts and GLUE), through the
 mergetool commands; EXPERIMENTS.md has the commands and what they found.
 
-    python benchmarks/experiments.py mergeability --out exp/      # "Will it Merge?" sections 2-5
     python benchmarks/experiments.py tasks --out exp/              # task experts (8+ tasks), for the next two
     python benchmarks/experiments.py weighted --out exp/           # section 6: weighted vs plain mean
     python benchmarks/experiments.py collapse --out exp/           # "Task-level model-merging collapse"
@@ -9,8 +8,8 @@ mergetool commands; EXPERIMENTS.md has the commands and what they found.
 
 Every mergetool call is printed (``$ mergetool ...``) with its stderr, so the log is the exact sequence of
 commands. The GLUE data is read from ../shared/testbed (``--glue DIR``); the country facts are rebuilt from
-the installed packages (examples/make_countries.py; mergeability uses the committed capitals and currencies,
-examples/data/countries.jsonl, built the same way).
+the installed packages (examples/make_countries.py). "Will it Merge?" at example level (sections 2-5) is the
+stage ``score-pool`` of ``python -m experiments`` (experiments/README.md), with its records committed.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import random
 import subprocess
 import sys
@@ -74,59 +72,6 @@ def countries(out: Path) -> Path:
         p.write_bytes(sh(sys.executable, str(ROOT / "examples" / "make_countries.py"), "--attrs",
                          "capital,currency,region,language,tld"))
     return p
-
-
-# ----------------------------------------------------------------------------- Will it Merge? sections 2-5
-
-
-def mergeability(out: Path, args) -> None:
-    base, data = base_model(out), args.facts
-    pool = out / "pool"
-    if not pool.exists() or not any(pool.iterdir()):
-        mt("train-expert", "--base", str(base), "--per-example", "--skip-known", "--keep-if-correct", str(data),
-           "--out-dir", str(pool), "--resume")
-    n = len(list(pool.glob("*.safetensors")))
-    print(f"{n} per-example experts", flush=True)
-    M = min(50, n - 1)
-    for method in ("knots", "ties", "mean"):
-        for m in sorted({M, 10}):
-            name = out / f"scores-{method}-M{m}.jsonl"
-            if not name.exists():
-                mt("score", "--base", str(base), "--data", str(data), "--method", method, "--partners", str(m),
-                   "--trials", "5", str(pool), "-o", str(name), "--plot", str(name.with_suffix(".png")))
-    locality(out, base, data, pool, out / f"scores-knots-M{M}.jsonl")
-    fit = out / "s-predictor.json"
-    mt("diagnose", "--base", str(base), "--data", str(data), "--level", "example", "--explain",
-       "--scores", str(out / f"scores-knots-M{M}.jsonl"), "--fit", str(fit), str(pool),
-       "-o", str(out / "diagnose-pool.jsonl"))
-
-
-def locality(out: Path, base: Path, data: Path, pool: Path, scores: Path) -> None:
-    """Section 5.1: the experts with S = 1 merged with partner groups drawn from each S bin."""
-    recs = jsonl(scores.read_bytes())
-    bins: dict[str, list[str]] = {}
-    for r in recs:
-        bins.setdefault(f"{r['score']:.1f}", []).append(r["adapter"])
-    fixed = bins.get("1.0", [])
-    if len(fixed) < 2:
-        print("locality: fewer than two experts with S = 1; skipped", flush=True)
-        return
-    links = out / "bins"
-    for b, names in bins.items():
-        d = links / b
-        d.mkdir(parents=True, exist_ok=True)
-        for n in names:
-            if not (d / f"{n}.safetensors").exists():
-                os.symlink((pool / f"{n}.safetensors").resolve(), d / f"{n}.safetensors")
-    M = 10
-    for b, names in sorted(bins.items()):
-        if len(names) < M:
-            continue
-        o = out / f"locality-partners-{b}.jsonl"
-        if not o.exists():
-            mt("score", "--base", str(base), "--data", str(data), "--partners", str(M), "--trials", "3",
-               "--partners-from", str(links / b), *[str(links / "1.0" / f"{n}.safetensors") for n in fixed[:30]],
-               "-o", str(o), "-q")
 
 
 # ----------------------------------------------------------------------------- task experts
@@ -299,11 +244,9 @@ def methods(out: Path, args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["mergeability", "tasks", "weighted", "collapse", "methods"])
+    ap.add_argument("what", choices=["tasks", "weighted", "collapse", "methods"])
     ap.add_argument("--out", type=Path, default=Path("exp"))
     ap.add_argument("--glue", type=Path, default=GLUE)
-    ap.add_argument("--facts", type=Path, default=ROOT / "examples" / "data" / "countries.jsonl",
-                    help="mergeability: the questions whose per-example experts form the pool")
     ap.add_argument("--per-split", type=int, default=200, help="training examples per task")
     ap.add_argument("--dev", type=int, default=40, help="evaluated examples per task")
     ap.add_argument("--extra", type=int, default=0, help="collapse: candidate tasks trained beyond the 8 (0-2)")
@@ -311,9 +254,7 @@ def main() -> None:
     ap.add_argument("--weighted-tasks", default="sst2,rte,country-capital,country-region,cola,mrpc")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.what == "mergeability":
-        mergeability(args.out, args)
-    elif args.what == "tasks":
+    if args.what == "tasks":
         task_experts(args.out, args)
     elif args.what == "weighted":
         weighted(args.out, args)

@@ -1,11 +1,11 @@
 """The tables of EXPERIMENTS.md, printed as markdown from what benchmarks/experiments.py wrote.
 
-    python benchmarks/report.py mergeability --out exp/
     python benchmarks/report.py collapse --out exp/
     python benchmarks/report.py weighted --out exp/
 
-The statistics are mergetool's own (mergetool.stats: the binomial fit, Spearman with p-values, bins with
-standard errors; diagnose's records for the collapse tables), so the report says what the commands say.
+The statistics are mergetool's own (mergetool.stats, and diagnose's records for the collapse tables), so the
+report says what the commands say. The example-level tables of "Will it Merge?" are built by
+``python -m experiments report`` from committed records (stage ``score-pool``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mergetool.stats import binned, binomial_fit, correlate, format_p  # noqa: E402
+from mergetool.stats import format_p  # noqa: E402
 
-FIELDS = ["gap", "rank", "p_correct", "delta_trained", "perplexity", "length", "norm_f", "sigma_max"]
 
 
 def jsonl(p: Path) -> list[dict]:
@@ -33,71 +32,6 @@ def f(x, d=3) -> str:
     if isinstance(x, float):
         return f"{x:.{d}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{d}f}"
     return str(x)
-
-
-def mergeability(out: Path) -> None:
-    runs = sorted((p for p in out.glob("scores-*-M*.jsonl") if p.stat().st_size),
-                  key=lambda p: (p.stem.split("-")[1], int(p.stem.split("M")[-1])))
-    print("| method | M | experts | mean S | histogram S = 0, 0.2, …, 1 (observed) | binomial (expected) | χ² (dof) | p | dispersion |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for p in runs:
-        recs = jsonl(p)
-        method, m = p.stem.split("-")[1], p.stem.split("M")[-1]
-        fit = binomial_fit([r["score"] for r in recs], recs[0]["trials"])
-        print(f"| {method} | {m} | {fit['n']} | {fit['mean']:.3f} | {' '.join(str(o) for o in fit['observed'])} | "
-              f"{' '.join(f'{e:.1f}' for e in fit['expected'])} | {f(fit['chi2'], 1)} ({fit['dof']}) | "
-              f"{format_p(fit['p_value'])} | {f(fit['dispersion'], 2)} |")
-    print()
-    print("Spearman correlation of S with each field (p-value), per run:\n")
-    print("| method | M | " + " | ".join(FIELDS) + " |")
-    print("|---|---|" + "---|" * len(FIELDS))
-    for p in runs:
-        recs = jsonl(p)
-        method, m = p.stem.split("-")[1], p.stem.split("M")[-1]
-        cells = []
-        for fld in FIELDS:
-            c = correlate([r.get(fld) for r in recs], [r["score"] for r in recs])
-            cells.append(f"{f(c['spearman'], 2)} ({format_p(c['spearman_p'])})")
-        print(f"| {method} | {m} | " + " | ".join(cells) + " |")
-    print()
-    main = out / "scores-knots-M50.jsonl"
-    if main.exists() and main.stat().st_size:
-        recs = jsonl(main)
-        rows = binned(recs, "score", FIELDS, recs[0]["trials"])
-        print("Means ± standard errors per S bin (KnOTS, M=50; n experts per bin):\n")
-        print("| field | " + " | ".join(f"S={r['bin']} (n={r['n']})" for r in rows) + " |")
-        print("|---|" + "---|" * len(rows))
-        for fld in FIELDS:
-            print(f"| {fld} | " + " | ".join(f"{f(r.get(fld + '_mean'), 3)} ± {f(r.get(fld + '_se'), 2)}" for r in rows) + " |")
-        print()
-    diag, model = out / "diagnose-pool.jsonl", out / "s-predictor.json"
-    if diag.exists() and model.exists() and main.exists():
-        from mergetool.diagnose.forecast import leave_one_task_out
-
-        feats = json.loads(model.read_text())["features"]
-        score = {r["adapter"]: r["score"] for r in jsonl(main)}
-        rows = [{**r, "tasks": [r["task"]], "score": score.get(r["adapter"])} for r in jsonl(diag) if r["kind"] == "adapter"]
-        feats = [x for x in feats if any(isinstance(r.get(x), (int, float)) for r in rows)]
-        res = leave_one_task_out(rows, feats, "score")
-        print("Sparse predictor of S (KnOTS, M=50) from the adapters' features, leave-one-task-out:\n")
-        print("| held-out task | trained on | predicted | Pearson | Spearman |\n|---|---|---|---|---|")
-        for fo in res["folds"]:
-            print(f"| {fo['task']} | {fo['n_train']} | {fo['n_val']} | {f(fo['pearson'], 2)} | {f(fo['spearman'], 2)} |")
-        print(f"| all held-out | | {res['n']} | {f(res['pearson'], 2)} (p {format_p(res['pearson_p'])}) | "
-              f"{f(res['spearman'], 2)} (p {format_p(res['spearman_p'])}) |\n")
-        used = {k: v for k, v in res["mean_weights"].items() if v}
-        print("mean weights of the features used: " + ", ".join(f"{k} {v:+.4f}" for k, v in used.items()) + "\n")
-    loc = sorted(out.glob("locality-partners-*.jsonl"))
-    if loc:
-        print("Locality (section 5.1): experts with S = 1 under KnOTS M=50, merged (M=10, N=3) with partners drawn "
-              "from one S bin:\n")
-        print("| partners drawn from | fixed experts | their S with these partners (mean) |")
-        print("|---|---|---|")
-        for p in loc:
-            recs = jsonl(p)
-            b = p.stem.split("-")[-1]
-            print(f"| S = {b} | {len(recs)} | {sum(r['score'] for r in recs) / len(recs):.3f} |")
-        print()
 
 
 METHODS = ["mean", "task-arithmetic", "ties", "dare-ties", "knots"]
@@ -219,10 +153,10 @@ def methods(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["mergeability", "collapse", "weighted", "methods"])
+    ap.add_argument("what", choices=["collapse", "weighted", "methods"])
     ap.add_argument("--out", type=Path, default=Path("exp"))
     a = ap.parse_args()
-    {"mergeability": mergeability, "collapse": collapse, "weighted": weighted, "methods": methods}[a.what](a.out)
+    {"collapse": collapse, "weighted": weighted, "methods": methods}[a.what](a.out)
 
 
 if __name__ == "__main__":
