@@ -176,3 +176,21 @@ def test_summary_of_committed_records_from_the_command_line(shared, tmp_path):
     assert got["n"] == P and got["means"]["contribution"]["ci"] and png.read_bytes()[:4] == b"\x89PNG"
     bad = run_cli("score", "--summary", str(f), "--data", str(f))
     assert bad.returncode == 2 and b"runs nothing" in bad.stderr
+
+
+def test_summary_says_when_s_is_not_told_apart_from_the_control(shared, tmp_path):
+    """S beside a control as high as itself (the testbed's pools at M = 50): the summary says that the contribution's
+    interval covers 0 and what that means for S; beside a control of 0, it says nothing of the kind."""
+    note = "the contribution's interval covers 0"
+    for control_as_s, said in ((True, True), (False, False)):
+        recs = fake_records(shared[0], effect=2.0)
+        for r in recs:
+            pc = list(r["per_trial"]) if control_as_s else [0.0] * r["control_trials"]
+            r.update(control_per_trial=pc[:r["control_trials"]] + [0.0] * (r["control_trials"] - len(pc)),
+                     control_merges=r["control_merges"])
+            r["control"] = sum(r["control_per_trial"]) / r["control_trials"]
+            r["contribution"] = r["score"] - r["control"]
+        f = tmp_path / f"s{int(control_as_s)}.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        err = run_cli("score", "--summary", str(f), check=True).stderr.decode()
+        assert (note in " ".join(err.split())) == said, err[-2000:]

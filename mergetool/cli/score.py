@@ -279,6 +279,11 @@ def _print_summary(s: dict) -> None:
     for m, v in s["means"].items():
         t.add_row(m, _fmt(v["mean"]), _interval(v["ci"]), str(v["n"]))
     con.print(t)
+    c = s["means"].get("contribution") or {}
+    if c.get("ci") and c["ci"][0] <= 0 <= c["ci"][1]:
+        con.print("the contribution's interval covers 0: S cannot be told apart from the control (what merges "
+                  "without the adapter score on its data); a high S may then only mean that such merges answer it "
+                  "whoever is in them, and a test that the adapters differ may only show that their data differ")
     N = s["trials"]
     if s.get("binomial") and s["binomial"].get("n"):
         fit = s["binomial"]
