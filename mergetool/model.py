@@ -511,6 +511,10 @@ def load_model(base: Base, device: torch.device, dtype: torch.dtype | None = Non
         raise MergetoolError(base.name, "its weights hold tensors of other shapes than its config gives",
                              "pass the model's own weights (its config.json and its weight files belong together)") from None
     check_loaded(base, info)
+    # every forward mergetool runs is a whole sequence (scoring packs them, training backpropagates through
+    # them), and none reuses a cache: a model that keeps one updates it in place (RWKV's state), which breaks
+    # the backward pass of training. Greedy generation asks for its cache itself (scoring.generate).
+    model.config.use_cache = False
     return model.to(device).eval(), tok
 
 

@@ -703,7 +703,7 @@ def generate(model, tok, contexts: list[str], max_new_tokens: int, batch_size: i
             ids[r, L - len(e):] = torch.tensor(e, dtype=torch.long)
             mask[r, L - len(e):] = 1
         gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id)
+                             do_sample=False, pad_token_id=tok.pad_token_id, use_cache=True)
         for r, i in enumerate(idx):
             text = tok.decode(gen[r, L:], skip_special_tokens=True)
             out[i] = text.split("\n")[0]

@@ -725,3 +725,17 @@ def test_updates_beside_self_changing_weights_are_refused(command, root, capsys)
     refused(cli(capsys, *args), "RwkvForCausalLM: its forward changes 4 of its weights in place (such as "
             "rwkv.blocks.0.attention.output.weight)")
     assert not any(root.glob(out.name + "*"))
+
+
+def test_a_model_that_keeps_a_state_in_place_trains(root, capsys):
+    """RWKV with rescale_every=0 does not rescale its weights, so nothing refuses it; its forward updates its
+    recurrent state in place when asked for a cache, which broke train-expert's backward pass (an internal
+    error). mergetool's forwards never reuse a cache (``load_model`` turns it off): the expert trains, and
+    eval reads it."""
+    a = dataclasses.replace(ARCH["RWKV"], config=dict(rescale_every=0))
+    b = build(a, root, key="RWKV-no-rescale")
+    out = root / "rwkv0-expert.safetensors"
+    r = cli(capsys, "train-expert", "--base", b.base, b.data, "--epochs", "1", "--rank", "2", "-o", out)
+    assert r.code == 0, r.err
+    r = cli(capsys, "eval", "--base", b.base, "--adapter", out, b.data)
+    assert r.code == 0 and r.out.count("\n") == len(CONTEXTS), r.err
