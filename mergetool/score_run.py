@@ -110,6 +110,7 @@ class Progress:
         self.straight = self.out is not None and written_straight(self.out)
         self.side = Path(self.out + ".trials") if self.out is not None and not self.straight else None
         self._fh = None
+        self._logged = 0
         if self.straight and resume:
             raise UsageError("--resume", f"{out} is a device or a FIFO, which keeps no progress to resume from",
                              "write the records to a regular file to resume them")
@@ -178,6 +179,7 @@ class Progress:
         if self._fh is not None:
             self._fh.write(json.dumps(obj) + "\n")
             self._fh.flush()
+            self._logged += 1
 
     @contextlib.contextmanager
     def sink(self) -> Iterator[Callable[[str], None]]:
@@ -195,7 +197,9 @@ class Progress:
                 yield lambda line: (fh.write(line), fh.flush())
             return
         fresh = not self.side.exists() or not (self.groups or self.explained)
+        made = [p for p in (self.side, Path(self.out)) if not p.exists()]
         self._fh = open(self.side, "w" if fresh else "a")
+        self._logged = 0
         try:
             if fresh:
                 self.log({"kind": "plan", "key": self.key})
@@ -207,8 +211,18 @@ class Progress:
             else:
                 with open(self.out, "a" if self.written else "w", encoding="utf-8") as fh:
                     yield lambda line: (fh.write(line), fh.flush())
+        except BaseException:
+            # nothing scored yet (a refusal from the Ray workers, which load the model only now; an interrupt as
+            # the run began): the files this run made hold nothing worth resuming, and none is left behind
+            if fresh and self._logged <= 1:
+                self._fh.close()
+                for p in made:
+                    if p.exists() and (p == self.side or p.stat().st_size == 0):
+                        p.unlink()
+            raise
         finally:
-            self._fh.close()
+            if not self._fh.closed:
+                self._fh.close()
             self._fh = None
         self.side.unlink()
 

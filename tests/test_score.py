@@ -612,3 +612,22 @@ def test_plot_checked_before_the_run(tiny_lm, tmp_path, capsys):
                   "--plot", plot, "-o", str(tmp_path / "s.jsonl")])
         err = capsys.readouterr().err
         assert rc == 2 and "--plot" in err and not (tmp_path / "s.jsonl").exists(), err
+
+
+def test_a_run_stopped_before_any_result_leaves_no_files(tmp_path):
+    """score's progress sink: a run that fails before its first result (the refusal of a model whose forward
+    changes its weights comes from the Ray workers, which load the model only when the run starts) leaves neither
+    its progress file nor an empty output; once a group's results are logged, the progress stays and resumes."""
+    from mergetool.score_run import Progress
+
+    out = tmp_path / "s.jsonl"
+    p = Progress(str(out), "key", resume=False)
+    with pytest.raises(RuntimeError), p.sink():
+        raise RuntimeError("refused on the workers")
+    assert list(tmp_path.iterdir()) == []
+    p = Progress(str(out), "key", resume=False)
+    with pytest.raises(KeyboardInterrupt), p.sink():
+        p.log({"kind": "group", "group": 0, "results": {"0": 1.0}})
+        raise KeyboardInterrupt
+    assert (tmp_path / "s.jsonl.trials").exists()
+    assert Progress(str(out), "key", resume=True).groups == {0: {0: 1.0}}
