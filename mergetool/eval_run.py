@@ -159,14 +159,17 @@ def evaluate_here(model, tok, todo: list[Example], updates: list[Update], dev, n
                   batch_tokens: int | None, write: Callable, bar: Callable) -> None:
     """Evaluate ``todo`` in this process, under every update (or the base alone), in chunks sized so records
     reach ``write`` every few seconds: a crash loses seconds of work, not the run. The adapters go in groups
-    that fit the device (usually one group, applied once for the whole run)."""
+    that fit the device (usually one group, applied once for the whole run). The first chunk holds FIRST_CHUNK
+    (example, adapter) pairs, at least one example: 200 merged adapters on one CPU spend ~7 s on one example, so
+    a first chunk of 32 examples would hold the first records back for minutes; later chunks are sized by the
+    time the last one took."""
     from .adapters import RowAdapters, fitting_groups
     from .evaluate import evaluate
 
     groups = fitting_groups(updates, dev) if updates else [[]]
     with contextlib.ExitStack() as held:
         resident = held.enter_context(RowAdapters(model, updates)) if len(groups) == 1 else None
-        s, size = 0, FIRST_CHUNK
+        s, size = 0, max(1, FIRST_CHUNK // max(1, len(updates)))
         while s < len(todo):
             chunk = todo[s:s + size]
             t0 = time.monotonic()
@@ -178,7 +181,7 @@ def evaluate_here(model, tok, todo: list[Example], updates: list[Update], dev, n
                                         [(k, range(len(chunk))) for k in (range(len(group)) or [-1])])
             write(chunk, results)
             s += len(chunk)
-            size = max(8, min(MAX_CHUNK, int(len(chunk) * FLUSH_SECONDS / max(time.monotonic() - t0, 1e-3))))
+            size = max(1, min(MAX_CHUNK, int(len(chunk) * FLUSH_SECONDS / max(time.monotonic() - t0, 1e-3))))
 
 
 def evaluate_on_ray(address, workers, unordered, b, gguf_file, fp, device, dtype, todo, updates, run, norm,
