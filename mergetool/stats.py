@@ -184,6 +184,64 @@ def spearman_test(x: Sequence, y: Sequence, permutations: int = 9999, seed: int 
     return out
 
 
+def mantel_test(pairs: Sequence[tuple[str, str]], x: Sequence, y: Sequence, permutations: int = 9999,
+                seed: int = 0) -> dict:
+    """Pearson's r and Spearman's ρ of x and y measured on pairs of units (x: a pair metric, y: the pair's merging
+    loss), with two-sided p-values by the Mantel permutation test: the units' labels of x are permuted (x[i, j]
+    becomes x[π(i), π(j)]) while y stays, so every permutation keeps the dependence that comes from pairs sharing
+    a unit. Valid under the null that x's labelling is exchangeable with respect to y's, whatever the unit
+    effects in either (a task that loses in all its pairs, an adapter whose norm enters all its pairs' metric),
+    where the plain p-values, which count the pairs as independent, are not (tests/test_stats.py simulates
+    both). With n ≤ 8 units every permutation is enumerated (exact); above, ``permutations`` random ones
+    (p = (1 + k)/(B + 1), ``floor`` = 1/(B + 1); none asked for: no p). Pairs without both values are dropped;
+    the test needs x on every pair of the units left (pass x on every pair, y None where it is missing), at
+    least three pairs and four units, else its p is None."""
+    import itertools
+
+    import numpy as np
+
+    keep = [(a, b, _clean(u), _clean(v)) for (a, b), u, v in zip(pairs, x, y, strict=True)]
+    xs = {frozenset((a, b)): u for a, b, u, _ in keep if u is not None and a != b}
+    obs = [(a, b, u, v) for a, b, u, v in keep if u is not None and v is not None and a != b]
+    units = sorted({a for a, b, _, _ in obs} | {b for a, b, _, _ in obs})
+    out = {"n": len(obs), "units": len(units), "pearson": None, "spearman": None, "pearson_p": None,
+           "spearman_p": None, "floor": None, "method": None}
+    if len(obs) < 3 or len(units) < 4 or any(frozenset(p) not in xs for p in itertools.combinations(units, 2)) \
+            or (len(units) > 8 and permutations < 1):
+        return out
+    at = {u: i for i, u in enumerate(units)}
+    n = len(units)
+    xm = np.zeros((n, n))
+    for p, u in xs.items():
+        if p <= set(at):
+            i, j = (at[q] for q in p)
+            xm[i, j] = xm[j, i] = u
+    ii = np.array([at[a] for a, _, _, _ in obs])
+    jj = np.array([at[b] for _, b, _, _ in obs])
+    yv = np.array([v for _, _, _, v in obs], dtype=float)
+    if n <= 8:
+        perms = np.array(list(itertools.permutations(range(n))))
+        method, floor = "exact", None
+    else:
+        rng = np.random.default_rng(seed)
+        perms = np.concatenate([np.arange(n)[None], np.argsort(rng.random((permutations, n)), axis=1)])
+        method, floor = "permutation", 1 / (permutations + 1)
+    xv = xm[perms[:, ii], perms[:, jj]]  # (permutations + 1, pairs): row 0 is the identity
+    for name, a, b in (("pearson", xv, yv), ("spearman", _centred_ranks(xv), _centred_ranks(yv))):
+        a = a - a.mean(axis=1, keepdims=True)
+        b = b - b.mean()
+        scale = np.sqrt((a * a).sum(axis=1) * float(b @ b))
+        if scale[0] == 0:
+            continue
+        r = (a @ b) / np.where(scale > 0, scale, 1.0)
+        tol = 1e-9
+        k = int(np.count_nonzero(np.abs(r) >= abs(r[0]) - tol))  # the identity counts itself: (1 + k') / (B + 1)
+        out[name] = _clean(float(r[0]))
+        out[f"{name}_p"] = k / len(perms)
+    out.update(method=method, floor=floor)
+    return out
+
+
 def score_bins(scores: Sequence[float], trials: int | None) -> list[str]:
     """The bin of each score: its exact value when S takes few values (every S a multiple of 1/N with N ≤ 10
     trials, as at example level: 0.0, 0.2, …, 1.0 for N = 5, "Will it Merge?" Table A.1 and Figure 3), else

@@ -533,3 +533,20 @@ def test_theorem1_across_merges_from_records(tmp_path):
     assert any(x["test"] == "correlation" and x["x"] == "mds" for x in out)  # Table 5 from the group records
     assert b"how often each bound holds" in r.stderr
     assert {"theorem1.png", "collapse_limits.png"} <= {p.name for p in (tmp_path / "figs").iterdir()}
+
+
+def test_pair_loss_heat_maps_share_one_colour_scale(tmp_path, monkeypatch):
+    """Every method's pair-loss panel is drawn on the range of all the methods' losses, so one colour is one loss
+    across panels (each panel on its own range made a −5 % pair look like a −60 % one)."""
+    from mergetool import plots
+    from mergetool.diagnose.figures import write_figures
+
+    calls = {}
+    monkeypatch.setattr(plots, "heatmaps", lambda names, panels, path, unit=None: calls.__setitem__(path.name, unit))
+    records = [{"kind": "adapter", "adapter": a} for a in "abc"] + \
+              [{"kind": "pair", "a": a, "b": b} for a, b in (("a", "b"), ("a", "c"), ("b", "c"))]
+    loss = {"mean": {"ab": (-60.0, -40.0), "ac": (-10.0, -10.0)}, "ties": {"ab": (-2.0, -4.0), "bc": (0.0, 2.0)}}
+    losses = [{"group": k, "adapters": list(k), "adapter": x, "task": x, "method": m, "loss": v}
+              for m, per in loss.items() for k, vs in per.items() for x, v in zip(k, vs)]
+    write_figures(records, losses, tmp_path)
+    assert calls["pair_loss.png"] == (-50.0, 1.0)  # pair means: mean −50 and −10, ties −3 and +1

@@ -244,7 +244,14 @@ def test_group_forecasts_hold_out_every_task_of_the_group():
                                         "features": ["f0", "f1"]}, rec, None, losses)
     g = m["groups"]
     assert g["n_groups"] == 5 and g["bootstrap"]["unit"].startswith("group")
-    assert {b["name"] for b in g["baselines"]} == {"f0", "f1", "cosine"}
+    assert {b["name"] for b in g["baselines"]} == {"f0", "f1", "cosine", "group size alone"}
+    # the size baseline: −size against the group's worst normalised accuracy, by hand
+    from scipy import stats
+
+    groups = [names[:3], names[3:6], names[6:9], names[1:4], names[4:8]]
+    worst = [1 + min(-10.0 * i - int(x[1:]) for x in ms) / 100 for i, ms in enumerate(groups)]
+    size = next(b for b in g["baselines"] if b["name"] == "group size alone")
+    assert size["spearman"] == pytest.approx(stats.spearmanr([-len(ms) for ms in groups], worst).statistic)
 
 
 # ----------------------------------------------------------------------------- comparing fits; Theorem 1

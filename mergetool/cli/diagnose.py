@@ -95,7 +95,7 @@ def diagnose_cmd(
     compare_fits: Annotated[bool, Opt("--compare-fits", help="Compare models from --fit (the positional "
                                       "arguments): top-5 metrics, overlap, sign agreement.")] = False,
     resamples: Annotated[int, Opt("--resamples", help="Bootstrap resamples of the intervals.")] = 1000,
-    permutations: Annotated[int, Opt("--permutations", help="Permutations of the ANOVAs' tests.")] = 999,
+    permutations: Annotated[int, Opt("--permutations", help="Permutations of the ANOVAs' and the Mantel tests.")] = 999,
     select: Annotated[Optional[int], Opt("--select", help="Propose a group of this many adapters with the "
                                          "lowest worst MDS.")] = None,
     candidates: Annotated[Optional[list[str]], Opt("--candidates", help="Adapters that may join the group "

@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 from ..errors import MergetoolError
 from ..jsonl import read_jsonl
-from ..stats import anova, binned, correlate
+from ..stats import anova, binned, correlate, mantel_test
 from . import resample
 
 
@@ -229,8 +229,12 @@ def pair_losses(losses: list[dict], method: str | None) -> dict[tuple[str, str],
     return out
 
 
-def pair_stats(losses: list[dict], pairs: dict[tuple[str, str], dict], metrics: Sequence[str]) -> list[dict]:
-    """Each pair metric against the pair's loss (mean of its two members'), per method, over the merged pairs."""
+def pair_stats(losses: list[dict], pairs: dict[tuple[str, str], dict], metrics: Sequence[str], seed: int = 0,
+               permutations: int = 999) -> list[dict]:
+    """Each pair metric against the pair's loss (mean of its two members'), per method, over the merged pairs: the
+    Pearson and Spearman correlations with their plain p-values (which count the pairs as independent), and the
+    Mantel permutation p-values (``stats.mantel_test``: the adapters' labels permuted, so pairs that share an
+    adapter stay dependent as they are; ``*_p_mantel``), the ones to read when the pairs share adapters."""
     out = []
     methods = list(dict.fromkeys(r["method"] for r in losses if len(r["adapters"]) == 2))
     per_method = {m: [(pairs[k], v) for k, v in pair_losses(losses, m).items() if k in pairs] for m in methods}
@@ -244,9 +248,14 @@ def pair_stats(losses: list[dict], pairs: dict[tuple[str, str], dict], metrics: 
         raise MergetoolError("--losses", "no merged pair of the adapters diagnosed has a loss for each of its two "
                              "members (one record per member and method)", "give both members' records")
     for method, xs in per_method.items():
+        loss = pair_losses(losses, method)
+        keys = list(pairs)  # every pair diagnosed: the Mantel test relabels all of them, a pair without a loss too
         for m in metrics:
             c = correlate([p.get(m) for p, _ in xs], [y for _, y in xs])
-            out.append({"kind": "stat", "test": "correlation", "x": m, "y": "pair_loss", "method": method, **c})
+            t = mantel_test(keys, [pairs[k].get(m) for k in keys], [loss.get(k) for k in keys], permutations, seed)
+            out.append({"kind": "stat", "test": "correlation", "x": m, "y": "pair_loss", "method": method, **c,
+                        "units": t["units"], "pearson_p_mantel": t["pearson_p"], "spearman_p_mantel": t["spearman_p"],
+                        "mantel": t["method"], "mantel_floor": t["floor"]})
     return out
 
 

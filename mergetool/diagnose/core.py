@@ -197,7 +197,7 @@ def analyze(rec: Records, scores: dict | None = None, losses: list[dict] | None 
     if losses is not None:
         out += analysis.loss_table(losses) + analysis.anovas(losses, seed, permutations)
         bypair = {tuple(sorted((p["a"], p["b"]))): p for p in rec.pairs}
-        out += analysis.pair_stats(losses, bypair, pair_features(rec.pairs))
+        out += analysis.pair_stats(losses, bypair, pair_features(rec.pairs), seed, permutations)
         out += analysis.mds_stats(losses, rec.groups)
         if rec.merges:
             out += analysis.theorem_stats(losses, rec.merges, rec.groups, rec.pairs, pair_features(rec.pairs),

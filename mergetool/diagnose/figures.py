@@ -4,7 +4,7 @@
 - ``pair_metrics.png``: a heat map per pair metric, adapters × adapters (the weight-space conflicts and the
   "Demystifying Mergeability" family, the hidden and gradient metrics where computed; the strict readings and
   the global cosine, near copies of others, are left out);
-- ``pair_loss.png``: the measured loss of each merged pair, a heat map per method (Table 18 as a picture);
+- ``pair_loss.png``: the measured loss of each merged pair, a heat map per method on one colour scale (Table 18 as a picture);
 - ``metrics_vs_loss.png``: each pair metric against the pair's loss (Figure 2);
 - ``collapse_limits.png``: how many merged groups keep their worst loss within a limit, per method (Figure 6);
 - ``theorem1.png``: each merge's measured distortion against Δ²/4, r² and the paper's bound (y = x dashed);
@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..stats import format_p
@@ -61,8 +62,11 @@ def write_figures(records: list[dict], losses: list[dict] | None, d: Path) -> li
         methods = list(dict.fromkeys(r["method"] for r in losses if len(r["adapters"]) == 2))
         per = {m: pair_losses(losses, m) for m in methods}
         if any(per.values()):
+            every = [x for v in per.values() for x in v.values() if x is not None and math.isfinite(x)]
+            # one colour scale for every method's panel, so that the same colour is the same loss across them
             plots.heatmaps(names, [(f"pair loss (%), {m}", matrix(lambda p, v=v: v.get(tuple(sorted((p["a"], p["b"]))))))
-                                   for m, v in per.items() if v], out("pair_loss.png"))
+                                   for m, v in per.items() if v], out("pair_loss.png"),
+                           unit=(min(every), max(every)) if every else None)
         by = {tuple(sorted((p["a"], p["b"]))): p for p in pairs}
         pts = {k: v for m in per.values() for k, v in m.items() if k in by}
         shown = [k for k in SCATTERED if any(by[x].get(k) is not None for x in pts)]

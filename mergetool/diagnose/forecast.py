@@ -31,7 +31,10 @@ the interval covers which tasks were sampled, not the refitting.
 group is forecast from a model fitted on the pairs that share no task with it (leaving out only one task would
 keep the group's other pairs in the training set), as ``--predict`` forecasts a group: the worst of its pairs'
 forecasts (and their mean); against the group's measured worst member (1 + min L/100), the same for the
-baselines, with intervals from resampling the groups (conditional on the task set: see ``resample``).
+baselines, with intervals from resampling the groups (conditional on the task set: see ``resample``). One more
+baseline knows only the group's size (its forecast: −size): the worst of more pairs' forecasts is lower whatever
+they are, so groups of mixed sizes give every forecast a correlation through the size alone, and a predictor
+is worth something for groups only where it beats that baseline.
 """
 
 from __future__ import annotations
@@ -224,6 +227,11 @@ def _fold_means(entries, rows, tasks, target) -> dict:
     return out
 
 
+# the baseline of a group's worst loss that knows only the group's size: the worst of more pairs' forecasts is
+# lower whatever the forecasts are, so any predictor correlates with the worst loss through the size alone
+SIZE = "group size alone"
+
+
 def _group_forecasts(rows, losses, method, learners: dict[str, Learner], baselines, boot: int, seed: int) -> dict | None:
     """Each group of three or more, forecast from the pairs that share no task with it (module docstring)."""
     task_of = {}
@@ -231,7 +239,7 @@ def _group_forecasts(rows, losses, method, learners: dict[str, Learner], baselin
         task_of[r["a"]], task_of[r["b"]] = r["tasks"]
     by_pair = {tuple(sorted((r["a"], r["b"]))): r for r in rows}
     groups = _group_worst(losses, method)
-    units, forecasts = [], {name: [] for name in learners}
+    units, forecasts = [], {**{name: [] for name in learners}, SIZE: []}
     for g, (members, worst) in groups.items():
         keys = [tuple(sorted((a, b))) for i, a in enumerate(members) for b in members[i + 1:]]
         if not all(k in by_pair for k in keys):
@@ -244,6 +252,7 @@ def _group_forecasts(rows, losses, method, learners: dict[str, Learner], baselin
         for name, learn in learners.items():
             got = learn(train)([by_pair[k] for k in keys])
             forecasts[name].append(min(got) if all(v is not None for v in got) else None)
+        forecasts[SIZE].append(-float(len(members)))
     if len(units) < 3:
         return None
     weights = unit_weights(len(units), boot, seed)
@@ -257,7 +266,8 @@ def _group_forecasts(rows, losses, method, learners: dict[str, Learner], baselin
             "measured": "1 + the group's worst member loss / 100",
             "holdout": "each group from a model fitted on the pairs that share no task with it",
             "bootstrap": {"unit": "group (conditional on the task set)", "resamples": boot},
-            "predictor": res, "baselines": [{"name": k, "features": list(baselines[k]), **others[k]} for k in baselines]}
+            "predictor": res, "baselines": [{"name": k, "features": list(baselines.get(k, ())), **others[k]}
+                                            for k in [*baselines, SIZE]]}
 
 
 def _group_worst(losses: list[dict] | None, method: str | None) -> dict[str, tuple[list[str], float]]:

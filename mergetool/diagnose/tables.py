@@ -85,22 +85,27 @@ def tables(records: list[dict]) -> list[Table | str]:
     stats = by.get("stat", [])
     basic = [s for s in stats if s["test"] in ("correlation", "anova1", "anova2")]
     if basic:
-        t = Table("statistics", ["test", "x", "y", "where", "r / F", "p", "p (perm.)", "ρ", "p(ρ)", "n"])
+        t = Table("statistics", ["test", "x", "y", "where", "r / F", "p", "p (perm.)", "ρ", "p(ρ)", "p(ρ) (perm.)",
+                                 "n"])
         for s in basic:
-            if s["test"] == "correlation":
+            if s["test"] == "correlation":  # perm.: Mantel's, for pair metrics (the pairs share adapters)
                 t.rows.append(["corr", s["x"], s["y"], str(s.get("method") or s.get("group") or ""), fmt(s["pearson"]),
-                               format_p(s["pearson_p"]), "", fmt(s["spearman"]), format_p(s["spearman_p"]), str(s["n"])])
+                               format_p(s["pearson_p"]), format_p(s.get("pearson_p_mantel"), s.get("mantel_floor")),
+                               fmt(s["spearman"]), format_p(s["spearman_p"]),
+                               format_p(s.get("spearman_p_mantel"), s.get("mantel_floor")), str(s["n"])])
                 continue
             floor = 1 / (s["permutations"] + 1) if s.get("permutations") else None
             if s["test"] == "anova1":
                 t.rows.append(["anova", s["factor"], "loss", "", fmt(s["F"]), format_p(s["p_value"]),
-                               format_p(s.get("p_permutation"), floor), "", "", str(s["n"])])
+                               format_p(s.get("p_permutation"), floor), "", "", "", str(s["n"])])
             else:
                 for f in s.get("factors", []):
                     if isinstance(s.get(f), dict):
                         t.rows.append(["anova2", f, "loss", "given the other", fmt(s[f]["F"]), format_p(s[f]["p_value"]),
-                                       format_p(s[f].get("p_permutation"), floor), "", "", str(s.get("n"))])
-        t.note = "p (perm.): labels permuted within each merged group (the cells of a group are not independent)"
+                                       format_p(s[f].get("p_permutation"), floor), "", "", "", str(s.get("n"))])
+        t.note = ("p (perm.): ANOVA, labels permuted within each merged group (the cells of a group are not "
+                  "independent); a pair metric against the pair loss, Mantel's (the adapters' labels permuted: the "
+                  "pairs share adapters)")
         out.append(t)
     bounds = [s for s in stats if s["test"] == "theorem1_bounds"]
     if bounds:
