@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __doc__ as DOC
-from . import datamerge, pool_scores, scores, stages  # noqa: F401  (registers the stages)
+from . import collapse, datamerge, pool_scores, scores, stages  # noqa: F401  (registers the stages)
 from .harness import GLUE, STAGES, Run, run_stages
 
 

@@ -19,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,7 @@ class Run:
         """Run a command; its line goes into the stage's manifest entry, its stderr into the cache's log."""
         args = [str(a) for a in args]
         self.commands.append(self.shown(args))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        env = _env()
         with open(self.log, "ab") as err:
             err.write(f"$ {self.shown(args)}\n".encode())
             err.flush()
@@ -127,6 +128,69 @@ class Run:
         out = self.sh(sys.executable, "-m", "mergetool", *args, stdin=stdin)
         self.commands[-1] = self.commands[-1].replace("python -m mergetool", "mergetool", 1)
         return out
+
+    def mt_many(self, commands: list[list], desc: str) -> None:
+        """Many mergetool commands in one process (``experiments/batch.py``: the CLI's own entry point, once per
+        command), with a progress bar; each goes into the manifest as its own ``mergetool ...`` line. The first
+        that fails stops the batch (the ones before it are done, their outputs whole) and the stage with it."""
+        if not commands:
+            return
+        args = [[str(a) for a in c] for c in commands]
+        env = _env()
+        shown = [self.shown(["mergetool", *a]) for a in args]
+        done = 0
+        with open(self.log, "ab") as err, self.bar_total(len(args), desc) as bar:
+            err.write("".join(f"$ {s}\n" for s in shown).encode())
+            err.flush()
+            p = subprocess.Popen([sys.executable, "-m", "experiments.batch"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=err, env=env, cwd=ROOT)
+            feed = threading.Thread(target=_feed, args=(p.stdin, args), daemon=True)  # no pipe can fill up
+            feed.start()
+            for _ in p.stdout:
+                done += 1
+                bar.update(1)
+            code = p.wait()
+        self.commands += shown[:done]
+        if code or done != len(args):
+            raise SystemExit(f"experiments: {shown[done] if done < len(shown) else 'a batch'} failed with exit "
+                             f"{code} after {done} of {len(args)} commands; see {self.log}")
+
+    def mt_parallel(self, commands: list[list], desc: str, jobs: int, threads: int) -> None:
+        """Independent mergetool commands, ``jobs`` at a time, each with ``threads`` CPU threads (OMP and MKL):
+        on the 2-core machine two one-thread evals do 1.5x the work of one two-thread eval, whose small matrix
+        products and per-adapter Python leave a core idle. Each command's line goes into the manifest; the first
+        that fails stops the others and the stage."""
+        env = _env(threads)
+        todo = [[str(a) for a in c] for c in commands]
+        running: list[tuple[subprocess.Popen, str]] = []
+        failed = None
+        with open(self.log, "ab") as err, self.bar_total(len(todo), desc) as bar:
+            try:
+                while (todo or running) and failed is None:
+                    while todo and len(running) < jobs:
+                        args = [sys.executable, "-m", "mergetool", *todo.pop(0)]
+                        shown = self.shown(args).replace("python -m mergetool", "mergetool", 1)
+                        err.write(f"$ {shown}\n".encode())
+                        err.flush()
+                        running.append((subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                                         cwd=ROOT), shown))
+                    time.sleep(0.5)
+                    for p, shown in list(running):
+                        if p.poll() is None:
+                            continue
+                        running.remove((p, shown))
+                        if p.returncode:
+                            failed = (shown, p.returncode)
+                            break
+                        self.commands.append(shown)
+                        bar.update(1)
+            finally:
+                for p, _ in running:
+                    p.terminate()
+                for p, _ in running:
+                    p.wait()
+        if failed:
+            raise SystemExit(f"experiments: {failed[0]} failed with exit {failed[1]}; see {self.log}")
 
     # ----------------------------------------------------------------------------- records and manifest
 
@@ -144,13 +208,14 @@ class Run:
                                for p, h in e.get("files", {}).items())
 
     def record_stage(self, name: str, started: float, seconds: float, inputs: list[Path], mach: dict,
-                     rev: str) -> None:
+                     rev: str, clock: Clock | None = None) -> None:
         m = self.manifest()
         outs = sorted(p for p in self.records.glob(f"{name}*.jsonl"))
         m["stages"][name] = {
             "revision": rev, "machine": mach, "tasks": self.tasks,
             "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(seconds, 1), "commands": self.commands,
+            **({"seconds_all_runs": round(clock.total, 1), "runs": clock.runs} if clock and clock.runs > 1 else {}),
             "files": {self.shown([p]): sha256(p) for p in inputs},
             "records": {p.name: sha256(p) for p in outs},
         }
@@ -162,6 +227,75 @@ class Run:
         from tqdm import tqdm
 
         return tqdm(items, desc=desc, disable=self.quiet, leave=False, dynamic_ncols=True)
+
+    def bar_total(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, disable=self.quiet, leave=False, dynamic_ncols=True)
+
+
+class Clock:
+    """The time a stage ran over all its attempts since it last finished: a run killed and resumed (``--redo``
+    or not) adds its part. A thread adds the wall time every TICK seconds to ``path`` (at most 2·TICK at a time,
+    so a run stopped with SIGSTOP, or a machine asleep, does not count the pause); a finished stage removes the
+    file, and the manifest keeps ``seconds_all_runs`` and ``runs`` when there was more than one."""
+    TICK = 10.0
+
+    def __init__(self, path: Path):
+        self.path = path
+        old = json.loads(path.read_text()) if path.exists() else {}
+        self.before, self.runs = old.get("seconds", 0.0), old.get("runs", 0) + 1
+        self.total, self._stop = self.before, threading.Event()
+
+    def _save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".part")
+        tmp.write_text(json.dumps({"seconds": round(self.total, 1), "runs": self.runs}))
+        os.replace(tmp, self.path)
+
+    def _tick(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(self.TICK):
+            now = time.monotonic()
+            self.total += min(now - last, 2 * self.TICK)
+            last = now
+            self._save()
+        self.total += min(time.monotonic() - last, 2 * self.TICK)
+
+    def __enter__(self) -> Clock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._save()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop counting (``total`` is final); the file stays until the block ends."""
+        self._stop.set()
+        self._thread.join()
+
+    def __exit__(self, kind, *_) -> None:
+        self.stop()
+        if kind is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            self._save()
+
+
+def _env(threads: int | None = None) -> dict[str, str]:
+    """The environment of every mergetool subprocess: this checkout first on the path; a thread count if given."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if threads is not None:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return env
+
+
+def _feed(pipe, args: list[list[str]]) -> None:
+    try:
+        for a in args:
+            pipe.write((json.dumps(a) + "\n").encode())
+        pipe.close()
+    except BrokenPipeError:  # the batch stopped at a failed command: the caller reports it
+        pass
 
 
 def order(names: list[str]) -> list[str]:
@@ -193,5 +327,7 @@ def run_stages(run: Run, names: list[str], redo: set[str]) -> None:
         run.commands, run.log = [], run.cache / "logs" / f"{name}.log"
         run.log.parent.mkdir(exist_ok=True)
         t0, c0, rev = time.time(), time.perf_counter(), revision()  # the code that runs, as it starts
-        inputs = STAGES[name].fn(run)
-        run.record_stage(name, t0, time.perf_counter() - c0, inputs, mach, rev)
+        with Clock(run.cache / "logs" / f"{name}.clock") as clock:
+            inputs = STAGES[name].fn(run)
+            clock.stop()
+            run.record_stage(name, t0, time.perf_counter() - c0, inputs, mach, rev, clock)

@@ -68,7 +68,9 @@ def timings(records: Path) -> str:
     lines = ["| stage | started (UTC) | wall time | revision | machine |", "|---|---|---|---|---|"]
     for name, e in m["stages"].items():
         mach = e["machine"]
-        lines.append(f"| {name} | {e['started']} | {e['seconds'] / 60:.1f} min | {e['revision'][:10]} | "
+        wall = f"{e['seconds'] / 60:.1f} min" + (f" ({e['seconds_all_runs'] / 60:.1f} min over {e['runs']} runs)"
+                                                 if e.get("runs") else "")
+        lines.append(f"| {name} | {e['started']} | {wall} | {e['revision'][:10]} | "
                      f"{mach['cores']}-core {mach['cpu']}, torch {mach['torch']}, load {mach['load_at_start']} |")
     return "\n".join(lines)
 
@@ -373,3 +375,6 @@ def check(doc: str, built: dict[str, str]) -> list[str]:
     """Names of the marked blocks whose body is not the table built from the records (or has none)."""
     return [m["name"] for m in BLOCK.finditer(doc) if built.get(m["name"]) is None
             or m["body"] != built[m["name"]] + "\n"]
+
+
+from . import report_collapse  # noqa: E402,F401  (registers the collapse section's tables)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -134,9 +135,26 @@ def adapter_meta(path: Path) -> dict:
     return {}
 
 
+_CORRECT: dict[tuple, dict] = {}
+
+
+def _by_adapter(path: Path) -> dict[str | None, dict[str, int]]:
+    """An eval file's correct fields per adapter and id, read once per version of the file (the merges stage
+    asks a task's file for each of its ~200 merges in turn)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _CORRECT:
+        by: dict[str | None, dict[str, int]] = {}
+        for r in read_jsonl(path):
+            by.setdefault(r.get("adapter"), {})[r["id"]] = r["correct"]
+        _CORRECT.clear()  # one file at a time: the stages read a task's file, then the next
+        _CORRECT[key] = by
+    return _CORRECT[key]
+
+
 def correctness(path: Path, ids: list[str], adapter: str | None = None) -> str:
     """The eval records' correct field as a string of 0/1 in the order of ids (one adapter's records)."""
-    got = {r["id"]: r["correct"] for r in read_jsonl(path) if r.get("adapter") == adapter}
+    got = _by_adapter(path).get(adapter, {})
     missing = [i for i in ids if i not in got]
     if missing:
         raise SystemExit(f"experiments: {path} has no record of {missing[0]!r}")
@@ -237,8 +255,20 @@ def pools(run: Run) -> list[Path]:
 TABLE3 = {"mean": [], "task-arithmetic": ["--lambda", "0.4"], "ties": ["--density", "0.2"],
           "dare-ties": ["--density", "0.1", "--seed", "0"], "knots": []}
 SUBSPACE = {"core-space": [], "tsv": [], "iso-c": [], "iso-cts": [], "star": [], "cart": []}
+# every pair is merged with all of these; the groups of 3-8 with TABLE3's only (the groups' cells cost as much
+# eval as the pairs', and every method on both would not fit the 4 hours on the 2-core machine)
 METHODS = {**TABLE3, **SUBSPACE}
 GROUP_SIZES, GROUPS_PER_SIZE, GROUP_SEED = (3, 4, 6, 8), 8, 0
+# the methods whose merge is a dense delta (53 MB a merge in float32 on the testbed): written in float16
+# (rounding of 5e-4 relative, far below any effect measured here) so that the ~250 of them fit the disk
+DENSE = {"ties", "dare-ties"}
+# evals run at once in the merges stage (each with cores // EVAL_JOBS threads; each holds ~7 GB of merges)
+EVAL_JOBS = 2
+
+
+def methods_of(members: list[str]) -> dict[str, list[str]]:
+    """The methods a group is merged with: METHODS for a pair, TABLE3 for a larger group."""
+    return METHODS if len(members) == 2 else {m: o for m, o in METHODS.items() if m in TABLE3}
 
 
 def groups(tasks: list[str]) -> dict[str, list[str]]:
@@ -260,6 +290,15 @@ def groups(tasks: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def fresh_eval(out: Path, names: list[str]) -> None:
+    """Start the eval file ``out`` anew when the adapters it is for are not ``names`` (eval --resume refuses a
+    file of other adapters; a new set of merges is a new file, not an error). The list is kept beside it."""
+    key = out.with_suffix(".adapters")
+    if key.exists() and key.read_text() != "\n".join(names) and out.exists():
+        out.unlink()
+    key.write_text("\n".join(names))
+
+
 def ratio_loss(merged: str, alone: str) -> tuple[float | None, float | None]:
     """Merging loss 100·(acc_merged/acc_alone − 1) on the same examples, and its standard error (the ratio
     estimator's: sd of m_i − R·a_i over √n, divided by the mean of a; the unit is the dev example)."""
@@ -277,7 +316,7 @@ def ratio_loss(merged: str, alone: str) -> tuple[float | None, float | None]:
 
 @stage("merges", needs=("accuracy",))
 def merges(run: Run) -> list[Path]:
-    """Every pair of the kept task experts and groups of 3, 4, 6 and 8, merged with each method of METHODS,
+    """Every pair of the kept task experts merged with each method of METHODS, groups of 3, 4, 6 and 8 with TABLE3's,
     each task evaluated under every merge that holds it in one eval call (many merged updates per pass);
     the merging loss of each (group, method, task) with its standard error."""
     acc = {r["task"]: r for r in read_jsonl(run.records / "accuracy.jsonl")}
@@ -287,28 +326,36 @@ def merges(run: Run) -> list[Path]:
     md = run.cache / "merges"
     md.mkdir(exist_ok=True)
     experts = run.cache / "experts"
-    for g, members in run.bar(list(gs.items()), "merges"):
-        for m, opts in METHODS.items():
+    todo = []
+    for g, members in gs.items():
+        for m, opts in methods_of(members).items():
             f = md / g / f"{m}.safetensors"
             if not f.exists():
                 f.parent.mkdir(exist_ok=True)
-                run.mt("merge", "-q", "-m", m, *opts, *[experts / f"{t}.safetensors" for t in members], "-o", f,
-                       "--name", f"{m}:{g}")
-    rows, ex = [], []
-    for t in run.bar(kept, "merged dev accuracy"):
-        mine = [g for g, members in gs.items() if t in members]
-        names = [f"{m}:{g}" for g in mine for m in METHODS]
+                todo.append(["merge", "-q", "-m", m, *opts, *(["--dtype", "float16"] if m in DENSE else []),
+                             *[experts / f"{t}.safetensors" for t in members], "-o", f, "--name", f"{m}:{g}"])
+    run.mt_many(todo, "merges")  # in one process: the merges are quick, a process's start-up is not
+    holding = {t: [g for g, members in gs.items() if t in members] for t in kept}  # the groups each task is in
+    evals = []
+    for t in kept:
+        mine = holding[t]
+        names = [f"{m}:{g}" for g in mine for m in methods_of(gs[g])]
         out = md / f"eval-{t}.jsonl"
-        key = md / f"eval-{t}.adapters"  # a new set of merges starts the task's eval file anew
-        if key.exists() and key.read_text() != "\n".join(names) and out.exists():
-            out.unlink()
-        key.write_text("\n".join(names))
-        adapters = [x for g in mine for m in METHODS for x in ("--adapter", md / g / f"{m}.safetensors")]
+        fresh_eval(out, names)
+        adapters = [x for g in mine for m in methods_of(gs[g]) for x in ("--adapter", md / g / f"{m}.safetensors")]
+        evals.append(["eval", "-q", "--base", base_dir(run), *adapters, data_dir(run) / "dev" / f"{t}.jsonl",
+                      "-o", out, "--resume"])
+    # each task's eval in a process of its own, EVAL_JOBS at a time (their records do not depend on it; the
+    # thread count moves log-probabilities by up to 1e-5, fp32 sums in another order)
+    cores = os.cpu_count() or 1
+    run.mt_parallel(evals, "merged dev accuracy", jobs=min(EVAL_JOBS, cores), threads=max(1, cores // EVAL_JOBS))
+    rows, ex = [], []
+    for t in kept:
         f = data_dir(run) / "dev" / f"{t}.jsonl"
-        run.mt("eval", "-q", "--base", base_dir(run), *adapters, f, "-o", out, "--resume")
+        out = md / f"eval-{t}.jsonl"
         ids = [r["id"] for r in read_jsonl(f)]
-        for g in mine:
-            for m in METHODS:
+        for g in holding[t]:
+            for m in methods_of(gs[g]):
                 c = correctness(out, ids, f"{m}:{g}")
                 loss, se = ratio_loss(c, bits[(t, "expert")])
                 rows.append({"group": g, "size": len(gs[g]), "members": gs[g], "method": m, "task": t,

@@ -33,7 +33,8 @@ def test_a_changed_record_or_table_is_caught(tmp_path):
     rows = harness.read_jsonl(rec / "accuracy.jsonl")
     rows[0]["expert"] = rows[0]["expert"] + 0.01  # one expert's accuracy one point off
     harness.write_jsonl(rec / "accuracy.jsonl", rows)
-    assert report.check(doc, report.tables(rec)) == ["tasks"]
+    # every table built from accuracy.jsonl: the tasks, and the collapse section's (its "alone" column)
+    assert sorted(report.check(doc, report.tables(rec))) == ["collapse-loss-task", "tasks"]
     edited = doc.replace("| yes |", "| no |", 1)  # a table edited by hand
     assert edited != doc and report.check(edited, report.tables()) == ["tasks"]
     # a marked block whose records are gone is reported, not silently kept
@@ -131,34 +132,39 @@ def test_expert_accuracy_and_merge_stages_on_a_tiny_model(tiny_lm, tmp_path, mon
     (cache / "smollm2-135m").symlink_to(tiny_lm, target_is_directory=True)
     words = [" red", " blue", " green"]
     rows = []
-    for t, task in enumerate(["ta", "tb", "tc"]):
+    tasks = ["ta", "tb", "tc", "td"]
+    for t, task in enumerate(tasks):
         for i in range(12):
             rows.append({"id": f"{task}-{i}", "task": task, "split": "train" if i < 6 else "dev",
                          "prompt": f"Task {task} item {i}: the colour is", "choices": words, "answer": (i + t) % 3})
     harness.write_jsonl(cache / "data" / "tasks-train.jsonl", [r for r in rows if r["split"] == "train"])
-    for task in ("ta", "tb", "tc"):
+    for task in tasks:
         harness.write_jsonl(cache / "data" / "dev" / f"{task}.jsonl",
                             [r for r in rows if r["split"] == "dev" and r["task"] == task])
     harness.write_jsonl(cache / "data" / "tasks-dev.jsonl", [r for r in rows if r["split"] == "dev"])
-    harness.write_jsonl(rec / "data.jsonl", [{"task": t, "chance": 1 / 3, "majority": 1 / 3} for t in ("ta", "tb", "tc")])
+    harness.write_jsonl(rec / "data.jsonl", [{"task": t, "chance": 1 / 3, "majority": 1 / 3} for t in tasks])
     monkeypatch.setattr(stages, "EXPERT", ["--rank", "2", "--alpha", "4", "--epochs", "1"])
     monkeypatch.setattr(stages, "MIN_GAIN", -1.0)  # keep every task: the bar is not what is tested here
     monkeypatch.setattr(stages, "ALPHA", 1.01)
-    monkeypatch.setattr(stages, "METHODS", {"mean": []})
+    monkeypatch.setattr(stages, "METHODS", {"mean": [], "task-arithmetic": ["--lambda", "0.4"]})
+    monkeypatch.setattr(stages, "GROUP_SIZES", (3,))
+    monkeypatch.setattr(stages, "GROUPS_PER_SIZE", 1)
     run = harness.Run(cache=cache, glue=tmp_path, records=rec, quiet=True, log=tmp_path / "log")
     stages.experts(run)
     stages.accuracy(run)
     acc = harness.read_jsonl(rec / "accuracy.jsonl")
-    assert [r["task"] for r in acc] == ["ta", "tb", "tc"] and all(r["n"] == 6 and r["kept"] for r in acc)
+    assert [r["task"] for r in acc] == tasks and all(r["n"] == 6 and r["kept"] for r in acc)
     ex = {(r["task"], r["model"]): r["correct"] for r in harness.read_jsonl(rec / "accuracy-examples.jsonl")}
     assert all(r["expert"] == ex[(r["task"], "expert")].count("1") / 6 for r in acc)
     stages.merges(run)
     merged = harness.read_jsonl(rec / "merges.jsonl")
-    assert {r["group"] for r in merged} == {"ta+tb", "ta+tc", "tb+tc", "g3-0"}
-    assert len(merged) == 2 * 3 + 3
+    pairs = {"ta+tb", "ta+tc", "ta+td", "tb+tc", "tb+td", "tc+td"}
+    assert {r["group"] for r in merged} == pairs | {"g3-0"}
+    assert len(merged) == 2 * (2 * 6 + 3)
     bits = {(r["group"], r["task"]): r["correct"] for r in harness.read_jsonl(rec / "merges-examples.jsonl")}
-    raw = {(r["adapter"], r["id"]): r["correct"] for r in harness.read_jsonl(cache / "merges" / "eval-ta.jsonl")}
-    assert bits[("g3-0", "ta")] == "".join(str(raw[("mean:g3-0", f"ta-{i}")]) for i in range(6, 12))
+    g3 = next(r["members"] for r in merged if r["group"] == "g3-0")
+    raw = {(r["adapter"], r["id"]): r["correct"] for r in harness.read_jsonl(cache / "merges" / f"eval-{g3[0]}.jsonl")}
+    assert bits[("g3-0", g3[0])] == "".join(str(raw[("mean:g3-0", f"{g3[0]}-{i}")]) for i in range(6, 12))
     for r in merged:
         alone = ex[(r["task"], "expert")]
         if alone.count("1"):
@@ -168,6 +174,43 @@ def test_expert_accuracy_and_merge_stages_on_a_tiny_model(tiny_lm, tmp_path, mon
     stages.merges(run)
     assert (cache / "merges" / "eval-ta.jsonl").read_bytes() == before
     assert harness.read_jsonl(rec / "merges.jsonl") == merged
+    # collapse: diagnose on the experts, merges and losses; the selection from the group of three (one candidate).
+    # The tiny random model's experts hardly differ, so the losses are planted (the analyses need some spread)
+    from experiments import collapse
+
+    merged = [{**r, "loss": -5.0 * (i % 7)} for i, r in enumerate(merged)]
+    harness.write_jsonl(rec / "merges.jsonl", merged)
+    monkeypatch.setattr(collapse, "SELECT_SIZE", 3)
+    monkeypatch.setattr(collapse, "SELECT_METHOD", "mean")
+    monkeypatch.setattr(collapse, "DIAG_K", 2)
+    monkeypatch.setattr(collapse, "GRAD_SAMPLES", 2)
+    monkeypatch.setattr(collapse, "FIGURE_DIR", tmp_path / "figures")
+    collapse.collapse(run)
+    diag = harness.read_jsonl(rec / "collapse-diagnose.jsonl")
+    assert {"+".join(sorted((r["a"], r["b"]))) for r in diag if r["kind"] == "pair"} == pairs
+    assert sorted(r["merged"] for r in diag if r["kind"] == "merge") == sorted(
+        f"{m}:{g}" for g in pairs | {"g3-0"} for m in ("mean", "task-arithmetic"))
+    stats = harness.read_jsonl(rec / "collapse-stats.jsonl")
+    assert {r["test"] for r in stats if r["kind"] == "stat"} >= {"anova1", "merging_loss", "theorem1_bounds"}
+    assert {r["fitted_on"] for r in stats if r["kind"] == "model"} == {"all", "mean", "task-arithmetic"}
+    assert harness.read_jsonl(rec / "collapse-compare.jsonl")[0]["kind"] == "comparison"
+    sel = harness.read_jsonl(rec / "collapse-selection.jsonl")
+    assert [r["group"] for r in sel] == ["g3-0"]
+    loss = {(r["group"], r["task"]): r["loss"] for r in merged if r["method"] == "mean"}
+    for r in sel:
+        assert r["worst_loss_before"] == min(loss[(r["group"], t)] for t in r["before"])
+        if r["changed"] and r["worst_loss_after"] is not None:
+            raw = {(x["adapter"], x["id"]): x["correct"] for t in r["after"]
+                   for x in harness.read_jsonl(cache / "collapse" / "select" / f"eval-{t}.jsonl")}
+            t = r["worst_task_after"]
+            c = "".join(str(raw[(f"mean:sel-{r['group']}", x["id"])]) for x in
+                        harness.read_jsonl(cache / "data" / "dev" / f"{t}.jsonl"))
+            assert r["worst_loss_after"] == pytest.approx(stages.ratio_loss(c, ex[(t, "expert")])[0])
+        else:
+            assert r["after"] == r["before"] and r["worst_loss_after"] == r["worst_loss_before"]
+    built = {n: f(rec) for n, f in report.TABLES.items() if n.startswith("collapse")}
+    assert len(built) == 10 and "| 3 | 1 |" in built["collapse-loss-size"] and "| g3-0 |" in built["collapse-selection"]
+    assert "(–)" not in built["collapse-pair-metrics"]  # every cell has its Mantel p (exact: 4 tasks, 24 relabellings)
     # datamerge: the data-aware merges given the first 3 dev examples of each task, judged on the other 3
     # (datamerge, report and scores are imported at the top, before stages.ALPHA was patched above)
 
@@ -179,7 +222,7 @@ def test_expert_accuracy_and_merge_stages_on_a_tiny_model(tiny_lm, tmp_path, mon
                                                                                  "0", "--budget", "4"]})
     datamerge.datamerge(run)
     dm = harness.read_jsonl(rec / "datamerge.jsonl")
-    assert len(dm) == 4 * 3 and {r["kind"] for r in dm} == {"data-free", "data-aware"}
+    assert len(dm) == 4 * 4 and {r["kind"] for r in dm} == {"data-free", "data-aware"}
     raw = {(r["adapter"], r["id"]): r["correct"] for r in
            harness.read_jsonl(cache / "datamerge" / "search3-held3" / "eval-tb.jsonl")}
     r = next(r for r in dm if r["method"] == "regmean" and r["task"] == "tb")
@@ -440,3 +483,45 @@ def test_score_pool_stage_on_a_tiny_model(tiny_lm, tmp_path, monkeypatch):
     built = {n: report.TABLES[n](rec) for n in ("pool-scores", "pool-spearman", "pool-bins", "pool-stability",
                                                  "pool-forecast", "pool-methods", "pool-locality")}
     assert built["pool-scores"].count("\n| prose |") == 2
+
+
+def test_many_mergetool_commands_run_in_one_process_and_stop_at_the_first_failure(tmp_path):
+    """``Run.mt_many``: the commands run in order through the CLI's entry point; the first that fails stops the
+    batch and the stage, and the manifest gets only the commands that ran to the end."""
+    run = harness.Run(cache=tmp_path, glue=tmp_path, records=tmp_path / "records", quiet=True, log=tmp_path / "log")
+    run.mt_many([["merge", "--list-methods"]], "ok")
+    assert run.commands == ["mergetool merge --list-methods"]
+    run.commands = []
+    with pytest.raises(SystemExit, match="nosuch"):
+        run.mt_many([["merge", "--list-methods"], ["merge", "-m", "nosuch", tmp_path / "a.safetensors"],
+                     ["merge", "--list-methods"]], "stops")
+    assert run.commands == ["mergetool merge --list-methods"]
+    assert "nosuch" in (tmp_path / "log").read_text()
+
+
+def test_a_stage_clock_adds_the_runs_a_kill_cut_short(tmp_path, monkeypatch):
+    """``Clock``: an attempt that raises leaves its seconds in the clock file; the next adds to them and, when it
+    finishes, removes the file and reports both runs."""
+    import time
+
+    monkeypatch.setattr(harness.Clock, "TICK", 0.05)
+    p = tmp_path / "s.clock"
+    with pytest.raises(KeyboardInterrupt), harness.Clock(p):
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+    first = harness.json.loads(p.read_text())
+    assert first["runs"] == 1 and 0.1 <= first["seconds"] <= 5
+    with harness.Clock(p) as c:
+        time.sleep(0.1)
+    assert c.runs == 2 and c.total >= first["seconds"] + 0.05 and not p.exists()
+
+
+def test_parallel_mergetool_commands_stop_at_a_failure(tmp_path):
+    """``Run.mt_parallel``: independent commands two at a time; every one that succeeds goes into the manifest,
+    and one that fails stops the others and the stage."""
+    run = harness.Run(cache=tmp_path, glue=tmp_path, records=tmp_path / "records", quiet=True, log=tmp_path / "log")
+    run.mt_parallel([["merge", "--list-methods"], ["merge", "--list-methods"]], "ok", jobs=2, threads=1)
+    assert run.commands == ["mergetool merge --list-methods"] * 2
+    with pytest.raises(SystemExit, match="nosuch"):
+        run.mt_parallel([["merge", "-m", "nosuch", tmp_path / "a.safetensors"], ["merge", "--list-methods"]],
+                        "stops", jobs=1, threads=1)
