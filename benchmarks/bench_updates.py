@@ -44,18 +44,27 @@ from mergetool.scoring import batch_tokens_for  # noqa: E402
 from mergetool.updates import PREFIX, LowRank, Update  # noqa: E402
 
 
-def experts(model, n: int, rank: int = 64, alpha: float = 128.0, seed: int = 0) -> list[Update]:
-    """n random rank-``rank`` LoRAs on mlp.up_proj of the middle layer (the paper's per-example recipe)."""
+def experts(model, n: int, rank: int = 64, alpha: float = 128.0, seed: int = 0, shape: str = "paper") -> list[Update]:
+    """n random LoRAs: ``paper``, rank-``rank`` on mlp.up_proj of the middle layer (the paper's per-example
+    recipe); ``experiment``, rank 16 (alpha 32) on the attention's q, k, v and o of the upper half of the
+    layers (the task experts of ``experiments/``: 60 adapted modules on SmolLM2)."""
     path, layers = decoder_layers(model)
     mid = len(layers) // 2
-    lin = layers[mid].mlp.up_proj
-    name = f"{PREFIX}{path}.{mid}.mlp.up_proj"
+    if shape == "paper":
+        sites = [(f"{path}.{mid}.mlp.up_proj", layers[mid].mlp.up_proj)]
+    else:
+        rank, alpha = 16, 32.0
+        sites = [(f"{path}.{i}.self_attn.{p}", getattr(layers[i].self_attn, p))
+                 for i in range(mid, len(layers)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
     g = torch.Generator().manual_seed(seed)
     out = []
     for e in range(n):
-        A = torch.randn(rank, lin.in_features, generator=g) / lin.in_features ** 0.5
-        B = torch.randn(lin.out_features, rank, generator=g) * 0.01
-        out.append(Update(f"x{e}", {name: LowRank(A, B, alpha / rank)}, {"name": f"x{e}"}))
+        mods = {}
+        for name, lin in sites:
+            A = torch.randn(rank, lin.in_features, generator=g) / lin.in_features ** 0.5
+            B = torch.randn(lin.out_features, rank, generator=g) * (0.01 if shape == "paper" else 0.002)
+            mods[PREFIX + name] = LowRank(A, B, alpha / rank)
+        out.append(Update(f"x{e}", mods, {"name": f"x{e}"}))
     return out
 
 
@@ -84,6 +93,9 @@ def main():
     ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--batch-tokens", type=int, default=None, help="default: mergetool's for the device")
+    ap.add_argument("--shape", choices=("paper", "experiment"), default="paper",
+                    help="the updates: the paper's per-example experts, or the task experts of experiments/")
+    ap.add_argument("--no-loop", action="store_true", help="skip the loop (compare the batched routes only)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -99,8 +111,8 @@ def main():
     else:
         for e in exs:
             e.context = e.rec["prompt"]
-    ups = experts(model, args.updates)
-    info = {"machine": machine(dev), "model": model_dir.name, "device": str(dev), "updates": len(ups),
+    ups = experts(model, args.updates, shape=args.shape)
+    info = {"machine": machine(dev), "model": model_dir.name, "device": str(dev), "updates": len(ups), "shape": args.shape,
             "batch_tokens": batch_tokens_for(dev, args.batch_tokens),
             "items": len(exs), "shots": args.shots, "item_ids": f"the first {len(exs)} records of countries.jsonl"}
     print(f"machine: {json.dumps(info['machine'])}", flush=True)
@@ -114,6 +126,10 @@ def main():
     sync(dev)
     t_batched, c_batched = time.perf_counter() - t, time.process_time() - c
 
+    if args.no_loop:
+        if args.json:
+            Path(args.json).write_text(json.dumps({**info, "batched_s": t_batched}, indent=2))
+        return
     t, c = time.perf_counter(), time.process_time()
     looped = loop(model, tok, exs, ups, args.batch_tokens)
     sync(dev)

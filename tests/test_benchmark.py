@@ -41,7 +41,8 @@ def test_small_eval_train_benchmark(tiny_lm, tmp_path):
 
 
 def test_small_updates_benchmark(tiny_lm, tmp_path):
-    """Many updates batched vs a loop of apply/evaluate/restore, at toy size: identical predictions."""
+    """Many updates batched vs a loop of apply/evaluate/restore, at toy size (both shapes): identical
+    predictions."""
     out = tmp_path / "u.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_updates.py"), "--model", str(tiny_lm),
                         "--updates", "4", "--items", "12", "--device", "cpu", "--json", str(out)],
@@ -49,6 +50,13 @@ def test_small_updates_benchmark(tiny_lm, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["same_prediction"] == res["evaluations"] == 48 and res["max_logprob_diff"] < 1e-4
+    # the experiments' shape (q, k, v, o of the upper layers)
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_updates.py"), "--model", str(tiny_lm),
+                        "--updates", "4", "--items", "12", "--device", "cpu", "--shape", "experiment",
+                        "--json", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["shape"] == "experiment" and res["same_prediction"] == 48 and res["max_logprob_diff"] < 1e-4
 
 
 def test_small_diagnose_benchmark(tmp_path):
