@@ -90,6 +90,10 @@ def measure_command(run: Run) -> tuple[list, str, Path]:
         write_jsonl(dev, rows)
     md = run.cache / "merges"
     merged = [md / g / f"{m}.safetensors" for g, members in gs.items() for m in methods_of(members)]
+    missing = [f for f in merged if not f.exists()]
+    if missing:
+        raise SystemExit(f"experiments: {len(missing)} merges of stage merges are not in {md} (such as "
+                         f"{missing[0].relative_to(run.cache)}): run it again with --redo merges")
     diag = out / "diagnose.jsonl"
     cmd = ["diagnose", "-q", "--base", base_dir(run), "--data", dev, "--k", DIAG_K, "--seed", DIAG_SEED,
            "--gradients", "--grad-samples", GRAD_SAMPLES, *[x for f in merged for x in ("--merged", f)], *experts,

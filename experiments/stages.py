@@ -364,4 +364,6 @@ def merges(run: Run) -> list[Path]:
                 ex.append({"group": g, "method": m, "task": t, "correct": c})
     run.write_records("merges", rows)
     run.write_records("merges-examples", ex)
-    return [run.records / "accuracy.jsonl"]
+    # the eval files too: the stage is finished only where its evaluations are in this cache (a new cache, with
+    # the same accuracy records, has none of them and runs the stage)
+    return [run.records / "accuracy.jsonl", *[md / f"eval-{t}.jsonl" for t in kept]]

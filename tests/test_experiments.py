@@ -171,9 +171,15 @@ def test_expert_accuracy_and_merge_stages_on_a_tiny_model(tiny_lm, tmp_path, mon
             assert r["loss"] == pytest.approx(100 * (r["merged"] / (alone.count("1") / 6) - 1))
     # the stage resumes: nothing is merged or scored again
     before = (cache / "merges" / "eval-ta.jsonl").read_bytes()
-    stages.merges(run)
+    files = stages.merges(run)
     assert (cache / "merges" / "eval-ta.jsonl").read_bytes() == before
     assert harness.read_jsonl(rec / "merges.jsonl") == merged
+    # finished only where its evaluations are in the cache: a new cache with the same accuracy records runs it
+    run.record_stage("merges", 0.0, 0.0, files, {}, "test")
+    assert run.finished("merges")
+    (cache / "merges" / "eval-ta.jsonl").rename(tmp_path / "eval-ta.jsonl")
+    assert not run.finished("merges")
+    (tmp_path / "eval-ta.jsonl").rename(cache / "merges" / "eval-ta.jsonl")
     # collapse: diagnose on the experts, merges and losses; the selection from the group of three (one candidate).
     # The tiny random model's experts hardly differ, so the losses are planted (the analyses need some spread)
     from experiments import collapse
@@ -208,6 +214,11 @@ def test_expert_accuracy_and_merge_stages_on_a_tiny_model(tiny_lm, tmp_path, mon
             assert r["worst_loss_after"] == pytest.approx(stages.ratio_loss(c, ex[(t, "expert")])[0])
         else:
             assert r["after"] == r["before"] and r["worst_loss_after"] == r["worst_loss_before"]
+    gone = cache / "merges" / "ta+tb" / "mean.safetensors"  # a merge missing from the cache: named, not a traceback
+    gone.rename(tmp_path / "gone.safetensors")
+    with pytest.raises(SystemExit, match=r"1 merges of stage merges are not in .*ta\+tb/mean.safetensors.*--redo merges"):
+        collapse.measure_command(run)
+    (tmp_path / "gone.safetensors").rename(gone)
     built = {n: f(rec) for n, f in report.TABLES.items() if n.startswith("collapse")}
     assert len(built) == 10 and "| 3 | 1 |" in built["collapse-loss-size"] and "| g3-0 |" in built["collapse-selection"]
     assert "(–)" not in built["collapse-pair-metrics"]  # every cell has its Mantel p (exact: 4 tasks, 24 relabellings)
