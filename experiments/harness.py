@@ -201,11 +201,18 @@ class Run:
         p = self.records / "manifest.json"
         return json.loads(p.read_text()) if p.exists() else {"stages": {}}
 
+    def _done(self, name: str) -> Path:
+        return self.cache / "logs" / f"{name}.done"
+
     def finished(self, name: str) -> bool:
+        """Whether the stage's run that the manifest records finished in this cache (``CACHE/logs/NAME.done``
+        holds that entry's digest: the committed manifest, or a run in another cache, is not this cache's work,
+        whose outputs later stages read) with the tasks asked for, and the files it read or made are unchanged."""
         e = self.manifest()["stages"].get(name)
-        return bool(e) and e.get("tasks") == self.tasks and all(Path(p.replace("$CACHE", str(self.cache))).exists() and
-                               sha256(Path(p.replace("$CACHE", str(self.cache)))) == h
-                               for p, h in e.get("files", {}).items())
+        done = self._done(name)
+        return bool(e) and e.get("tasks") == self.tasks and done.exists() and done.read_text() == _entry_key(e) \
+            and all(Path(p.replace("$CACHE", str(self.cache))).exists() and
+                    sha256(Path(p.replace("$CACHE", str(self.cache)))) == h for p, h in e.get("files", {}).items())
 
     def record_stage(self, name: str, started: float, seconds: float, inputs: list[Path], mach: dict,
                      rev: str, clock: Clock | None = None) -> None:
@@ -220,6 +227,8 @@ class Run:
             "records": {p.name: sha256(p) for p in outs},
         }
         (self.records / "manifest.json").write_text(json.dumps(m, indent=1, sort_keys=True) + "\n")
+        self._done(name).parent.mkdir(parents=True, exist_ok=True)
+        self._done(name).write_text(_entry_key(m["stages"][name]))
 
     # ----------------------------------------------------------------------------- progress
 
@@ -279,6 +288,11 @@ class Clock:
             self.path.unlink(missing_ok=True)
         else:
             self._save()
+
+
+def _entry_key(entry: dict) -> str:
+    """The digest of a stage's manifest entry, which its cache keeps once the stage finished there."""
+    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()
 
 
 def _env(threads: int | None = None) -> dict[str, str]:
