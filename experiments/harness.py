@@ -139,7 +139,7 @@ class Run:
         env = _env()
         shown = [self.shown(["mergetool", *a]) for a in args]
         done = 0
-        with open(self.log, "ab") as err, self.bar_total(len(args), desc) as bar:
+        with open(self.log, "ab") as err, self.bar(None, desc, len(args)) as bar:
             err.write("".join(f"$ {s}\n" for s in shown).encode())
             err.flush()
             p = subprocess.Popen([sys.executable, "-m", "experiments.batch"], stdin=subprocess.PIPE,
@@ -164,7 +164,7 @@ class Run:
         todo = [[str(a) for a in c] for c in commands]
         running: list[tuple[subprocess.Popen, str]] = []
         failed = None
-        with open(self.log, "ab") as err, self.bar_total(len(todo), desc) as bar:
+        with open(self.log, "ab") as err, self.bar(None, desc, len(todo)) as bar:
             try:
                 while (todo or running) and failed is None:
                     while todo and len(running) < jobs:
@@ -210,9 +210,10 @@ class Run:
         whose outputs later stages read) with the tasks asked for, and the files it read or made are unchanged."""
         e = self.manifest()["stages"].get(name)
         done = self._done(name)
-        return bool(e) and e.get("tasks") == self.tasks and done.exists() and done.read_text() == _entry_key(e) \
-            and all(Path(p.replace("$CACHE", str(self.cache))).exists() and
-                    sha256(Path(p.replace("$CACHE", str(self.cache)))) == h for p, h in e.get("files", {}).items())
+        if not (e and e.get("tasks") == self.tasks and done.exists() and done.read_text() == _entry_key(e)):
+            return False
+        files = {Path(p.replace("$CACHE", str(self.cache))): h for p, h in e.get("files", {}).items()}
+        return all(f.exists() and sha256(f) == h for f, h in files.items())
 
     def record_stage(self, name: str, started: float, seconds: float, inputs: list[Path], mach: dict,
                      rev: str, clock: Clock | None = None) -> None:
@@ -232,15 +233,11 @@ class Run:
 
     # ----------------------------------------------------------------------------- progress
 
-    def bar(self, items, desc: str):
+    def bar(self, items, desc: str, total: int | None = None):
+        """A progress bar over ``items``, or (``items`` None) one that the caller moves on up to ``total``."""
         from tqdm import tqdm
 
-        return tqdm(items, desc=desc, disable=self.quiet, leave=False, dynamic_ncols=True)
-
-    def bar_total(self, total: int, desc: str):
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, disable=self.quiet, leave=False, dynamic_ncols=True)
+        return tqdm(items, desc=desc, total=total, disable=self.quiet, leave=False, dynamic_ncols=True)
 
 
 class Clock:
