@@ -7,7 +7,7 @@ mergetool commands; EXPERIMENTS.md has the commands and what they found.
     python benchmarks/experiments.py methods --out exp/            # every method on the eight task experts
 
 Every mergetool call is printed (``$ mergetool ...``) with its stderr, so the log is the exact sequence of
-commands. The GLUE data is read from ../shared/testbed (``--glue DIR``); the country facts are rebuilt from
+commands. The GLUE data is read from ``--glue DIR`` (GLUE's tsv folders); the country facts are rebuilt from
 the installed packages (examples/make_countries.py). "Will it Merge?" at example level (sections 2-5) is the
 stage ``score-pool`` of ``python -m experiments`` (experiments/README.md), with its records committed.
 """
@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GLUE = ROOT.parent / "shared" / "testbed" / "glue"
 TASKS8 = ["sst2", "rte", "mrpc", "cola", "wnli", "country-capital", "country-currency", "country-region"]
 EXTRA = ["country-language", "country-tld"]  # candidates for task selection
 METHODS = {"mean": [], "task-arithmetic": ["--lambda", "0.4"], "ties": ["--density", "0.2"],
@@ -246,7 +245,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["tasks", "weighted", "collapse", "methods"])
     ap.add_argument("--out", type=Path, default=Path("exp"))
-    ap.add_argument("--glue", type=Path, default=GLUE)
+    ap.add_argument("--glue", type=Path, required=True, help="the GLUE tasks' tsv folders (SST-2, RTE, MRPC, CoLA, WNLI)")
     ap.add_argument("--per-split", type=int, default=200, help="training examples per task")
     ap.add_argument("--dev", type=int, default=40, help="evaluated examples per task")
     ap.add_argument("--extra", type=int, default=0, help="collapse: candidate tasks trained beyond the 8 (0-2)")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import __doc__ as DOC
 from . import collapse, datamerge, pool_scores, scores, stages  # noqa: F401  (registers the stages)
-from .harness import GLUE, STAGES, Run, run_stages
+from .harness import STAGES, Run, run_stages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run stages (and the stages they need) that are not finished")
     r.add_argument("stages", nargs="+", help="stage names, or all: " + ", ".join(STAGES))
     r.add_argument("--cache", type=Path, required=True, help="weights and raw records (never committed)")
-    r.add_argument("--glue", type=Path, default=GLUE, help="the testbed's GLUE folder")
+    r.add_argument("--glue", type=Path, default=None,
+                   help="the GLUE tasks' folder (SST-2, RTE, MRPC, CoLA, WNLI, each with its train.tsv and dev.tsv as "
+                        "GLUE's download has them); stage data needs it")
     r.add_argument("--redo", default="", help="comma-separated stages to run again even if finished")
     r.add_argument("--tasks", default=None,
                    help="comma-separated candidate tasks: the task-level stages on these only (default: all)")

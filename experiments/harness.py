@@ -27,7 +27,6 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "experiments" / "records"
-GLUE = ROOT.parent / "shared" / "testbed" / "glue"  # the testbed's GLUE data (--glue elsewhere)
 
 
 @dataclass
@@ -94,7 +93,7 @@ def revision() -> str:
 @dataclass
 class Run:
     cache: Path
-    glue: Path
+    glue: Path | None = None  # --glue: the GLUE tasks' tsv folders, which only the data stage reads
     records: Path = RECORDS
     quiet: bool = False
     tasks: list[str] | None = None  # --tasks: the task-level stages on these candidates only (None: all)

@@ -52,6 +52,10 @@ def source(task: str) -> str:
 @stage("data")
 def data(run: Run) -> list[Path]:
     """Build every candidate task (train and dev splits) and check it against the committed manifest."""
+    if run.glue is None or not run.glue.is_dir():
+        why = "not given" if run.glue is None else f"{run.glue} is not a folder"
+        raise SystemExit(f"experiments: stage data builds the GLUE tasks from --glue DIR, a folder with GLUE's SST-2, "
+                         f"RTE, MRPC, CoLA and WNLI tsv files ({why})")
     d = data_dir(run)
     d.mkdir(parents=True, exist_ok=True)
     built = d / "tasks.manifest.json"

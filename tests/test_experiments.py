@@ -49,6 +49,20 @@ def test_fill_replaces_only_marked_blocks():
     assert report.check(out, {"t": "| new |"}) == ["u"]
 
 
+def test_the_data_stage_asks_for_the_glue_folder_in_one_line(tmp_path):
+    """The GLUE tsv files are not in the repository: without --glue, or with a path that is not a folder, the
+    data stage stops before it runs anything and says what to pass; the cache gets no data."""
+    import subprocess
+    import sys
+
+    for extra, why in (([], "not given"), (["--glue", str(tmp_path / "nope")], "nope is not a folder")):
+        p = subprocess.run([sys.executable, "-m", "experiments", "run", "data", "-q", "--cache", str(tmp_path / "c"),
+                            *extra], capture_output=True, text=True, cwd=harness.ROOT)
+        assert p.returncode == 1 and p.stdout == ""
+        assert p.stderr.count("\n") == 1 and "--glue DIR" in p.stderr and why in p.stderr
+        assert not (tmp_path / "c" / "data").exists()
+
+
 def test_stages_run_in_order_once_and_again_when_inputs_change(tmp_path, monkeypatch):
     calls = []
     src = tmp_path / "input.txt"
